@@ -1,0 +1,315 @@
+"""The ``kdcache`` command line: each command parses its flags and calls one function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    name="kdcache",
+    help=(
+        "Offline LLaVA-KD: dump a multimodal teacher's sparse targets to a Zarr cache once "
+        "(big GPU box), then distil students from the cache (small GPUs) without the teacher.\n\n"
+        "Typical flow:\n\n"
+        "  kdcache make-data --out data\n\n"
+        "  kdcache init-model --preset tiny-teacher --tokenizer data/tokenizer --out models/teacher\n\n"
+        "  kdcache dump --teacher runs/teacher-sft --data data/instruct.json --images data --out caches/t.zarr\n\n"
+        "  kdcache train --stage dft --student runs/student-sft --data data/instruct.json --images data "
+        "--cache caches/t.zarr --out runs/student-dft\n\n"
+        "  kdcache run pipelines/llava_kd.yaml      (a whole recipe)\n\n"
+        "  kdcache demo --quick                     (everything, end to end, on CPU)"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"kdcache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """kdcache: offline LLaVA-KD."""
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command("make-data")
+def make_data(
+    out: Path = typer.Option(..., help="Output directory (images/, *.json, tokenizer/)."),
+    num_images: int = typer.Option(2000, help="Training images (captions + instructions)."),
+    qa_per_image: int = typer.Option(5, help="Question-answer pairs per training image."),
+    num_val: int = typer.Option(300, help="Validation questions (held-out images; choose settings here)."),
+    num_eval: int = typer.Option(500, help="Evaluation questions (held-out images; report only)."),
+    student_images: int = typer.Option(0, help="Also write *_small.json with the first N images (0: none)."),
+    image_size: int = typer.Option(64, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives byte-identical files."),
+):
+    """Write the synthetic shapes dataset (LLaVA format) and its BPE tokenizer.
+
+    Example: kdcache make-data --out data --num-images 2000
+    """
+    from .data.synthetic import make_synthetic
+
+    paths = make_synthetic(out, num_images=num_images, qa_per_image=qa_per_image, num_val=num_val,
+                           num_eval=num_eval, image_size=image_size, seed=seed, student_images=student_images)
+    for k, v in paths.items():
+        typer.echo(f"{k:>16}: {v}")
+
+
+@app.command("init-model")
+def init_model(
+    out: Path = typer.Option(..., help="Where to save the assembled LLaVA checkpoint directory."),
+    preset: Optional[str] = typer.Option(None, help="tiny-teacher | tiny-assistant | tiny-student (random, CPU "
+                                                    "seconds) | random:qwen2.5-3b etc. (real shapes, random)."),
+    llm: Optional[str] = typer.Option(None, help="Pretrained LLM: alias (qwen2.5-0.5b), hub id or directory."),
+    vision: Optional[str] = typer.Option(None, help="SigLIP tower: hub id or directory "
+                                                    "(default google/siglip-so400m-patch14-384)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory (tiny presets: the one make-data wrote)."),
+    seed: int = typer.Option(0, help="Seed of the fresh projector / random weights."),
+):
+    """Assemble a LLaVA model TinyLLaVA-style (LLM + SigLIP + fresh GELU projector) and save it.
+
+    Examples:
+      kdcache init-model --preset tiny-teacher --tokenizer data/tokenizer --out models/teacher
+      kdcache init-model --llm qwen2.5-0.5b --out models/qwen2.5-0.5b-siglip
+    """
+    from .models import ModelLoadError
+    from .models import init_model as _init
+
+    try:
+        p = _init(out, preset=preset, llm=llm, vision=vision, tokenizer=tokenizer, seed=seed)
+    except ModelLoadError as e:
+        _fail(e)
+    typer.echo(f"saved {p}")
+
+
+@app.command()
+def forward(
+    model: str = typer.Option(..., help="LLaVA directory, hub id or path."),
+    data: Path = typer.Option(..., help="LLaVA JSON."),
+    images: Path = typer.Option(..., help="Image root directory."),
+    batch_size: int = typer.Option(4, help="Samples in the batch."),
+    template: str = typer.Option("chat", help="chat | qwen2_base | pretrain"),
+):
+    """Run one forward pass on the first batch and print shapes and the loss (a smoke test).
+
+    Example: kdcache forward --model models/teacher --data data/instruct.json --images data
+    """
+    from .evaluate import forward_smoke
+
+    for line in forward_smoke(model, str(data), str(images), batch_size=batch_size, template=template):
+        typer.echo(line)
+
+
+@app.command()
+def dump(
+    teacher: str = typer.Option(..., help="Teacher: LLaVA directory, hub id, or alias (aliases are refused "
+                                          "until a projector is trained)."),
+    data: Path = typer.Option(..., help="LLaVA JSON (558k captions or 665k conversations format)."),
+    images: Path = typer.Option(..., help="Directory the JSON's image paths are relative to."),
+    out: Path = typer.Option(..., help="Cache to write or finish (a Zarr v3 directory, e.g. cache.zarr)."),
+    top_k: int = typer.Option(64, help="Top-k ids kept per position (k = vocabulary size: exact)."),
+    positions: str = typer.Option("visual,response", help="Position kinds: visual,response[,prompt]."),
+    hidden: str = typer.Option("bf16", help="Visual hidden states for L_rel: bf16 | fp16 | float32 | none."),
+    logprob_dtype: str = typer.Option("float16", help="float16 | float32"),
+    temperature: float = typer.Option(1.0, help="Dump softmax temperature (recorded; KD temperature is train's)."),
+    batch_size: int = typer.Option(8, help="Samples per teacher forward."),
+    max_length: int = typer.Option(2048, help="Longest sample in tokens (image expanded)."),
+    on_too_long: str = typer.Option("skip", help="skip (counted) | error"),
+    template: str = typer.Option("chat", help="chat (the tokenizer's) | qwen2_base | pretrain"),
+    num_workers: int = typer.Option(2, help="Data-loading processes."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+):
+    """Dump the teacher's top-k log-probs, tail mass and visual hidden states into a Zarr cache.
+
+    Resumable: run the same command again after a crash. Multi-GPU: torchrun/accelerate launch,
+    one part per rank.
+
+    Example: kdcache dump --teacher runs/teacher --data data/instruct.json --images data --out caches/t.zarr
+    """
+    from .config import ConfigError, DumpConfig
+    from .dump import DumpError
+    from .dump import dump as _dump
+    from .positions import parse_kinds
+
+    try:
+        cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
+                         positions=parse_kinds(positions), hidden=hidden, logprob_dtype=logprob_dtype,
+                         temperature=temperature, batch_size=batch_size, max_length=max_length,
+                         on_too_long=on_too_long, template=template, num_workers=num_workers, device=device)
+        _dump(cfg)
+    except (ConfigError, DumpError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@app.command()
+def verify(
+    cache: Path = typer.Argument(..., help="Cache directory."),
+    vocab_size: Optional[int] = typer.Option(None, help="Expected vocabulary size (default: the cache's)."),
+):
+    """Check every committed sample of a cache; exit 1 naming what is wrong and where.
+
+    Example: kdcache verify caches/t.zarr
+    """
+    from .cache.verify import verify_cache
+
+    rep = verify_cache(cache, vocab_size=vocab_size)
+    typer.echo(rep.summary())
+    raise typer.Exit(code=0 if rep.ok else 1)
+
+
+@app.command()
+def inspect(
+    cache: Path = typer.Argument(..., help="Cache directory."),
+    sample: Optional[str] = typer.Option(None, help="Show the top tokens per position of this sample id."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer to decode ids (default: the teacher's)."),
+    top: int = typer.Option(5, help="Tokens per position in --sample tables."),
+):
+    """Summarise a cache: samples, tokens, positions per kind, bytes, kept mass, teacher accuracy.
+
+    Example: kdcache inspect caches/t.zarr --sample 000123
+    """
+    from .inspect_cache import inspect_cache
+
+    for line in inspect_cache(cache, sample=sample, tokenizer=tokenizer, top=top):
+        typer.echo(line)
+
+
+@app.command()
+def export(
+    cache: Path = typer.Argument(..., help="Cache directory."),
+    parquet: Path = typer.Option(..., help="Parquet file to write (one row per distilled position)."),
+):
+    """Export a cache to Parquet for pandas / DuckDB / Polars.
+
+    Example: kdcache export caches/t.zarr --parquet t.parquet
+    """
+    from .cache.arrow import export_parquet
+
+    n = export_parquet(cache, parquet)
+    typer.echo(f"wrote {parquet} ({n} rows)")
+
+
+@app.command()
+def train(
+    stage: str = typer.Option(..., help="pt | dpt | sft | dft"),
+    student: str = typer.Option(..., help="Student LLaVA directory or hub id."),
+    data: Path = typer.Option(..., help="LLaVA JSON."),
+    images: Path = typer.Option(..., help="Image root directory."),
+    out: Path = typer.Option(..., help="Output directory (checkpoint, metrics.jsonl)."),
+    cache: Optional[Path] = typer.Option(None, help="Teacher cache (dpt/dft, offline: the teacher is never loaded)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model for online KD (reference / baseline)."),
+    config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig keys; flags given here win."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs (default 1)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Per-device batch size (default 8)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default 1)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 pt/dpt, 2e-5 sft/dft)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (data order, init)."),
+    template: Optional[str] = typer.Option(None, help="chat | qwen2_base | pretrain"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations to save memory."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
+):
+    """Train one stage. Loss: L_reg + a L_res + b L_vis + g L_rel (weights in --config's loss: block).
+
+    Example: kdcache train --stage dft --student runs/s-sft --data data/instruct.json --images data
+             --cache caches/t.zarr --out runs/s-dft
+    """
+    from .config import ConfigError, TrainConfig, from_dict
+    from .train import train as _train
+
+    flags = dict(stage=stage, student=student, data=str(data), images=str(images), out=str(out),
+                 cache=str(cache) if cache else None, teacher=teacher, epochs=epochs, max_steps=max_steps,
+                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, template=template,
+                 gradient_checkpointing=gradient_checkpointing, num_workers=num_workers)
+    try:
+        base = {}
+        if config is not None:
+            import yaml
+
+            base = yaml.safe_load(config.read_text()) or {}
+        base.update({k: v for k, v in flags.items() if v is not None})
+        cfg = from_dict(TrainConfig, base)
+        _train(cfg)
+    except ConfigError as e:
+        _fail(e)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="A pipelines/*.yaml recipe."),
+    workdir: Optional[Path] = typer.Option(None, help="Where runs and caches go (default: the recipe's)."),
+    dry_run: bool = typer.Option(False, help="Print the stages and exit."),
+):
+    """Run a whole multi-stage recipe, skipping stages already done and dumping the caches it needs.
+
+    Example: kdcache run pipelines/llava_kd.yaml
+    """
+    from .config import ConfigError
+    from .recipes import run_recipe
+
+    try:
+        run_recipe(recipe, workdir=workdir, dry_run=dry_run)
+    except ConfigError as e:
+        _fail(e)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., help="Model directory or hub id."),
+    data: Path = typer.Option(..., help="LLaVA JSON with reference answers (gpt turns; question_type)."),
+    images: Path = typer.Option(..., help="Image root directory."),
+    out: Optional[Path] = typer.Option(None, help="JSON report path."),
+    teacher_cache: Optional[Path] = typer.Option(None, help="Cache of the same data: agreement and KL."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model: agreement and KL, online."),
+    batch_size: int = typer.Option(16, help="Generation batch size."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N samples only."),
+    template: str = typer.Option("chat", help="chat | qwen2_base | pretrain"),
+):
+    """Answer each question by greedy generation and score it per question type.
+
+    Example: kdcache eval --model runs/s-dft --data data/eval.json --images data --out eval.json
+    """
+    from .config import EvalConfig
+    from .evaluate import evaluate, format_report
+
+    cfg = EvalConfig(model=model, data=str(data), images=str(images), out=str(out) if out else None,
+                     teacher_cache=str(teacher_cache) if teacher_cache else None, teacher=teacher,
+                     batch_size=batch_size, limit=limit, template=template)
+    typer.echo(format_report(evaluate(cfg)))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), help="Artefacts directory."),
+    quick: bool = typer.Option(False, help="Smoke-test sizes (under 3 minutes)."),
+    seeds: Optional[int] = typer.Option(None, help="Student seeds (default 3; --quick 1)."),
+):
+    """Distil a tiny teacher into a tiny student on the synthetic task, against two baselines.
+
+    Example: kdcache demo --quick
+    """
+    from .demo import run_demo
+
+    run_demo(out, quick=quick, seeds=seeds)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

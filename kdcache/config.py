@@ -1,0 +1,190 @@
+"""Typed configs: every default of every job lives here, once.
+
+The CLI fills these from flags, a recipe (``pipelines/*.yaml``) from YAML; nothing else holds a
+default. ``from_dict`` refuses unknown keys and wrong types with the key's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+STAGES = ("pt", "dpt", "sft", "dft")
+DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "tvd")
+# Paper settings (LLaVA-KD, section 4.1): projector-only stages at 1e-3, full stages at 2e-5.
+STAGE_LR = {"pt": 1e-3, "dpt": 1e-3, "sft": 2e-5, "dft": 2e-5}
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    teacher: str
+    data: str
+    images: str
+    out: str
+    top_k: int = 64
+    positions: tuple[str, ...] = ("visual", "response")
+    hidden: str = "bf16"  # bf16 | fp16 | float32 | none  (dtype of the stored visual hidden states)
+    logprob_dtype: str = "float16"  # float16 | float32
+    temperature: float = 1.0  # the dump's softmax temperature (KD temperature is the trainer's)
+    batch_size: int = 8
+    max_length: int = 2048
+    on_too_long: str = "skip"  # skip | error
+    template: str = "chat"  # chat | qwen2_base | pretrain
+    chunk_size: int = 2048  # LM-head rows per chunk
+    num_workers: int = 2  # data-loading processes (tokenise + decode images)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """L = L_reg + alpha_res L_res + beta_vis L_vis + prompt_weight L_prompt + gamma_rel L_rel."""
+
+    alpha_res: float = 1.0
+    beta_vis: float = 1.0
+    gamma_rel: float = 0.5
+    prompt_weight: float = 0.0
+    divergence: str = "fkl"
+    kd_temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skl_alpha: float = 0.1
+    tail: bool = True  # False: renormalised top-k (no tail bucket)
+    relation_features: str = "logits"  # logits | hidden
+    relation_normalize: bool = False
+    chunk_size: int = 1024  # positions per chunk in the fused LM-head + loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str
+    student: str
+    data: str
+    images: str
+    out: str
+    cache: str | None = None  # offline KD from a cache (the product)
+    teacher: str | None = None  # online KD: the teacher runs beside the student (reference)
+    template: str = "chat"
+    max_length: int = 2048
+    on_too_long: str = "skip"
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    lr: float | None = None  # None: the stage's paper rate (STAGE_LR)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    num_workers: int = 2
+    block_size: int = 64  # samples per shuffle block (a whole-chunk read)
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    on_nan: str = "skip"  # skip | stop
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else STAGE_LR[self.stage]
+
+    @property
+    def distills(self) -> bool:
+        return self.stage in ("dpt", "dft")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    data: str
+    images: str
+    out: str | None = None  # JSON report path
+    teacher_cache: str | None = None
+    teacher: str | None = None
+    template: str = "chat"
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    max_length: int = 2048
+    limit: int | None = None
+
+
+def validate(cfg) -> None:
+    """Value checks shared by CLI and recipes; errors name the key."""
+    if isinstance(cfg, TrainConfig):
+        if cfg.stage not in STAGES:
+            raise ConfigError(f"stage: {cfg.stage!r} is not one of {', '.join(STAGES)}")
+        if cfg.distills and (cfg.cache is None) == (cfg.teacher is None):
+            raise ConfigError(f"stage {cfg.stage} distils: give exactly one of cache (offline) or teacher (online)")
+        if not cfg.distills and (cfg.cache or cfg.teacher):
+            raise ConfigError(f"stage {cfg.stage} does not distil: drop cache/teacher (use dpt or dft)")
+        if cfg.loss.divergence not in DIVERGENCES:
+            raise ConfigError(f"loss.divergence: {cfg.loss.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        if cfg.loss.relation_features not in ("logits", "hidden"):
+            raise ConfigError("loss.relation_features must be logits or hidden")
+        if cfg.on_nan not in ("skip", "stop"):
+            raise ConfigError("on_nan must be skip or stop")
+        if cfg.batch_size < 1 or cfg.grad_accum < 1:
+            raise ConfigError("batch_size and grad_accum must be >= 1")
+    if isinstance(cfg, DumpConfig):
+        if cfg.hidden not in ("bf16", "fp16", "float32", "none"):
+            raise ConfigError(f"hidden: {cfg.hidden!r} is not one of bf16, fp16, float32, none")
+        if cfg.logprob_dtype not in ("float16", "float32"):
+            raise ConfigError(f"logprob_dtype: {cfg.logprob_dtype!r} is not float16 or float32")
+        if cfg.top_k < 1:
+            raise ConfigError("top_k must be >= 1")
+
+
+def _check_type(key: str, value, tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _check_type(key, value, a)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{key}.")
+    raise ConfigError(f"{key}: {value!r} is not a {getattr(tp, '__name__', tp)}")
+
+
+def from_dict(cls, d: dict, prefix: str = ""):
+    """Build a config dataclass from a plain dict; unknown keys and wrong types are errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"allowed: {', '.join(sorted(names))}")
+    kw = {k: _check_type(prefix + k, v, hints[k]) for k, v in d.items()}
+    missing = [f.name for f in fields(cls) if f.name not in kw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(prefix + m for m in missing)}")
+    return cls(**kw)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
