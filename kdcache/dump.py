@@ -47,7 +47,7 @@ def file_hash(path: str | Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def fingerprints(cfg: DumpConfig, model, processor, n_image: int, num_rows: int, world_size: int):
@@ -65,15 +65,17 @@ def fingerprints(cfg: DumpConfig, model, processor, n_image: int, num_rows: int,
     settings = {"top_k": int(cfg.top_k), "positions": list(cfg.positions), "logprob_dtype": cfg.logprob_dtype,
                 "hidden": cfg.hidden, "temperature": float(cfg.temperature),
                 "relation": "none" if cfg.hidden == "none" else "hidden", "max_length": int(cfg.max_length),
-                "template": cfg.template, "world_size": int(world_size), "targets": "topk"}
+                "world_size": int(world_size), "targets": "topk"}
     return teacher, tokenizer, dataset, settings
 
 
 def check_output(out: Path) -> None:
     """Fail before any teacher work if the output cannot be written."""
     parent = out if out.exists() else out.parent
-    if not parent.exists():
-        raise DumpError(f"output directory {parent} does not exist: create it or choose another --out")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DumpError(f"cannot create the output directory {parent} ({e.strerror}): choose another --out") from e
     if not os.access(parent, os.W_OK):
         raise DumpError(f"output {parent} is not writable: choose another --out")
 
@@ -84,9 +86,8 @@ def dump(cfg: DumpConfig) -> Path:
 
     from .cache.format import make_attrs
     from .cache.writer import CacheWriter
-    from .data.collate import LlavaTorchDataset, collate
+    from .data.collate import LlavaTorchDataset, collate, prepare_samples
     from .data.llava import read_llava_json
-    from .data.templates import prepare_samples
     from .models import image_token_id, load_model, model_dir, num_image_tokens, projector_trained
     from .teacher import teacher_records
 
@@ -120,18 +121,16 @@ def dump(cfg: DumpConfig) -> Path:
         W = model.lm_head.weight.detach().float()
         writer.write_gram((W.T @ W).cpu().numpy())  # M_t = W^T W [D, D]: relation targets in logit space
     done = set(writer.committed_rows())
-    kept, skipped = prepare_samples(
+    kept, toks, skipped = prepare_samples(
         [s for s in mine if s.row not in done], tok, images_root=cfg.images, template=cfg.template,
         image_token_id=image_token_id(model.config), num_image_tokens=n_image, max_length=cfg.max_length,
         on_too_long=cfg.on_too_long)
-    ds = LlavaTorchDataset(kept, tok, processor.image_processor, cfg.images, template=cfg.template,
-                           image_token_id=image_token_id(model.config), num_image_tokens=n_image,
-                           max_length=cfg.max_length)
+    ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          collate_fn=lambda items: collate(items, tok.pad_token_id),
                                          prefetch_factor=4 if cfg.num_workers else None)
     # Skips are committed in row order with the data so that a resumed run ends identical.
-    skip_at = {sk["row"]: sk for sk in skipped.records()}
+    skip_at = {row: (row, sid, why) for row, sid, why in skipped.items}
     order = sorted([s.row for s in kept] + list(skip_at))
     # ---- loop ------------------------------------------------------------------------------
     bar = tqdm(total=len(mine), initial=len(done), desc=f"dump rank {rank}", unit="sample", dynamic_ncols=True)
@@ -142,8 +141,7 @@ def dump(cfg: DumpConfig) -> Path:
                                with_hidden=cfg.hidden != "none", chunk_size=cfg.chunk_size)
         for r in recs:
             while order[cursor] != r.row:  # skipped rows that come before this one
-                sk = skip_at[order[cursor]]
-                writer.skip(sk["row"], sk["sample_id"], sk["reason"])
+                writer.skip(*skip_at[order[cursor]])
                 cursor += 1
             writer.add(r)
             cursor += 1
@@ -153,8 +151,7 @@ def dump(cfg: DumpConfig) -> Path:
         dt = time.perf_counter() - t0
         bar.set_postfix({"tok/s": f"{n_tok / dt:.0f}", "pos/s": f"{n_pos / dt:.0f}"}, refresh=False)
     for row in order[cursor:]:
-        sk = skip_at[row]
-        writer.skip(sk["row"], sk["sample_id"], sk["reason"])
+        writer.skip(*skip_at[row])
     bar.update(len(skip_at))
     # ---- save ------------------------------------------------------------------------------
     writer.close(finished=True)

@@ -47,38 +47,52 @@ class CacheMismatchError(RuntimeError):
 class SampleJoin:
     """Worker-side transform: a cache record (or a bare row) -> a training item.
 
-    Re-tokenises the LLaVA sample with the student's tokenizer and template and checks the
-    token ids against the cache, so a cache from another tokenizer/template never trains.
+    The item comes from the student's own tokenisation (done once, up front); against a cache
+    its token ids must equal the cached ones, so a cache from another tokenizer, template or
+    data file never trains.
     """
 
-    def __init__(self, samples, tokenizer, image_processor, images_root, *, template, image_token_id,
-                 num_image_tokens, max_length):
-        self.samples = {s.row: s for s in samples}
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.images_root = images_root
-        self.kw = dict(template=template, image_token_id=image_token_id,
-                       num_image_tokens=num_image_tokens, max_length=max_length)
+    def __init__(self, dataset):
+        self.dataset = dataset  # kdcache.data.collate.LlavaTorchDataset over the kept samples
+        self.index = {s.row: i for i, s in enumerate(dataset.samples)}
 
     def __call__(self, rec):
-        from .data.collate import load_pixels
-        from .data.templates import tokenize_sample
-
         row = rec.row if isinstance(rec, TeacherRecord) else int(rec)
-        s = self.samples[row]
-        tok = tokenize_sample(s, self.tokenizer, **self.kw)
-        item = {"sample_id": s.id, "row": row, "input_ids": torch.from_numpy(tok.input_ids),
-                "labels": torch.from_numpy(tok.labels), "roles": torch.from_numpy(tok.roles),
-                "pixel_values": load_pixels(s, self.images_root, self.image_processor) if s.image else None}
+        if row not in self.index:
+            raise CacheMismatchError(f"row {row} of the cache is not a usable sample of this data file "
+                                     "(missing, or skipped as bad input): pass the data file the cache was dumped from")
+        item = self.dataset[self.index[row]]
         if isinstance(rec, TeacherRecord):
-            if rec.sample_id != s.id or not torch.equal(rec.input_ids.long(), item["input_ids"]):
+            if rec.sample_id != item["sample_id"] or not torch.equal(rec.input_ids.long(), item["input_ids"]):
                 raise CacheMismatchError(
-                    f"sample {s.id!r} (row {row}): the cache's token ids differ from this tokenisation "
-                    f"({rec.num_tokens} cached vs {len(tok.input_ids)} now). The cache was dumped with "
-                    "another tokenizer, template, image-token count or data file: dump it again for this student."
+                    f"sample {item['sample_id']!r} (row {row}): the cache's token ids differ from this "
+                    f"tokenisation ({rec.num_tokens} cached vs {len(item['input_ids'])} now). The cache was "
+                    "dumped with another tokenizer, template, image-token count or data file: dump it again "
+                    "for this student."
                 )
             item["record"] = rec
         return item
+
+
+class RowDataset(torch.utils.data.IterableDataset):
+    """Samples without a cache (pt/sft, online KD) in the same order a one-part cache would
+    give: ``kdcache.cache.reader.rank_order`` over one part of the kept rows."""
+
+    def __init__(self, rows, *, seed, epoch, block_size, rank, world_size, start_sample, transform, batch_size):
+        super().__init__()
+        self.rows, self.transform, self.batch_size = list(rows), transform, batch_size
+        self.args = (seed, epoch, block_size, rank, world_size)
+        self.start_sample = start_sample
+
+    def __iter__(self):
+        from .cache.reader import rank_order, worker_slice
+
+        info = torch.utils.data.get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        seed, epoch, block, rank, world = self.args
+        seq = rank_order([len(self.rows)], seed, epoch, block, rank, world)[self.start_sample:]
+        for j in worker_slice(len(seq), worker, nw, self.batch_size):
+            yield self.transform(self.rows[seq[j][1]])
 
 
 def _collate(items, pad_token_id):
@@ -281,7 +295,7 @@ def train(cfg: TrainConfig) -> Path:
 
     from .cache.reader import CacheDataset, CacheReader
     from .data.llava import read_llava_json
-    from .data.templates import prepare_samples
+    from .data.collate import LlavaTorchDataset, prepare_samples
     from .models import image_token_id, load_model, num_image_tokens, projector_trained, read_meta
     from .teacher import teacher_records
 
@@ -302,12 +316,10 @@ def train(cfg: TrainConfig) -> Path:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     samples = read_llava_json(cfg.data)
-    kept, skipped = prepare_samples(samples, tokenizer, images_root=cfg.images, template=cfg.template,
-                                    image_token_id=image_token_id(student.config), num_image_tokens=n_image,
-                                    max_length=cfg.max_length, on_too_long=cfg.on_too_long)
-    join = SampleJoin(kept, tokenizer, processor.image_processor, cfg.images, template=cfg.template,
-                      image_token_id=image_token_id(student.config), num_image_tokens=n_image,
-                      max_length=cfg.max_length)
+    kept, toks, skipped = prepare_samples(samples, tokenizer, images_root=cfg.images, template=cfg.template,
+                                          image_token_id=image_token_id(student.config), num_image_tokens=n_image,
+                                          max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+    join = SampleJoin(LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images))
     teacher = teacher_gram = None
     if cfg.cache:
         reader = CacheReader(cfg.cache)
@@ -316,7 +328,7 @@ def train(cfg: TrainConfig) -> Path:
         if missing:
             raise CacheMismatchError(f"the cache holds rows the data file {cfg.data} does not: "
                                      f"{sorted(missing)[:5]}... Pass the data file the cache was dumped from.")
-        teacher_gram = reader.gram()
+        teacher_gram = torch.as_tensor(reader.gram())  # M_t = W_t^T W_t [D_t, D_t]
         source = cfg.cache
         _say_temperature(reader.attrs, cfg, acc)
     else:
@@ -352,9 +364,9 @@ def train(cfg: TrainConfig) -> Path:
                 parent=cfg.student)
 
     def loader(ep, start):
-        ds = CacheDataset(source, seed=cfg.seed, epoch=ep, block_size=cfg.block_size,
-                          rank=acc.process_index, world_size=acc.num_processes, start_sample=start,
-                          transform=join)
+        kw = dict(seed=cfg.seed, epoch=ep, block_size=cfg.block_size, rank=acc.process_index,
+                  world_size=acc.num_processes, start_sample=start, transform=join, batch_size=cfg.batch_size)
+        ds = CacheDataset(source, **kw) if isinstance(source, str) else RowDataset(source, **kw)
         return torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
             collate_fn=lambda items: _collate(items, tokenizer.pad_token_id),

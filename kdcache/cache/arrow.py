@@ -1,0 +1,105 @@
+"""The cache as an Arrow table (one row per distilled position) and as Parquet.
+
+Columns: sample_id string, row int64, position int32, kind dictionary<int8, string>,
+target_token int32 (= input_ids[position + 1], the token the output at ``position`` predicts),
+topk_ids fixed_size_list<int32>[k], topk_logprobs fixed_size_list<float16|float32>[k],
+tail_logmass float32. The cache's root attributes travel as schema metadata ``kdcache_attrs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from kdcache.cache.reader import CacheReader
+from kdcache.positions import KIND_NAMES
+
+KIND_DICTIONARY = pa.array([KIND_NAMES[i] for i in range(len(KIND_NAMES))], type=pa.string())
+
+
+def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None) -> pa.Schema:
+    lp_type = pa.float16() if logprob_dtype == "float16" else pa.float32()
+    fields = [
+        pa.field("sample_id", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("position", pa.int32()),
+        pa.field("kind", pa.dictionary(pa.int8(), pa.string())),
+        pa.field("target_token", pa.int32()),
+        pa.field("topk_ids", pa.list_(pa.int32(), k)),
+        pa.field("topk_logprobs", pa.list_(lp_type, k)),
+        pa.field("tail_logmass", pa.float32()),
+    ]
+    meta = {"kdcache_attrs": json.dumps(attrs, sort_keys=True)} if attrs is not None else None
+    return pa.schema(fields, metadata=meta)
+
+
+def _batch(records, schema: pa.Schema, k: int) -> pa.RecordBatch:
+    n = [int(r.positions.shape[0]) for r in records]
+    pos = np.concatenate([r.positions.numpy() for r in records]).astype(np.int32)  # [P]
+    kinds = np.concatenate([r.kinds.numpy() for r in records]).astype(np.int8)  # [P]
+    target = np.concatenate([r.input_ids.numpy()[r.positions.numpy() + 1] for r in records])
+    tid = np.concatenate([r.topk_ids.numpy() for r in records]).reshape(-1)  # [P * k]
+    tlp = np.concatenate([r.topk_logprobs.numpy() for r in records]).reshape(-1)  # [P * k]
+    tail = np.concatenate([r.tail_logmass.numpy() for r in records]).astype(np.float32)  # [P]
+    sids = np.repeat(np.array([r.sample_id for r in records], dtype=object), n)
+    rows = np.repeat(np.array([r.row for r in records], dtype=np.int64), n)
+    lp_type = schema.field("topk_logprobs").type.value_type
+    cols = [
+        pa.array(sids, type=pa.string()),
+        pa.array(rows, type=pa.int64()),
+        pa.array(pos, type=pa.int32()),
+        pa.DictionaryArray.from_arrays(pa.array(kinds, type=pa.int8()), KIND_DICTIONARY),
+        pa.array(target.astype(np.int32), type=pa.int32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(tid.astype(np.int32), type=pa.int32()), k),
+        pa.FixedSizeListArray.from_arrays(pa.array(tlp, type=lp_type), k),
+        pa.array(tail, type=pa.float32()),
+    ]
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = None,
+                 block: int = 256) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
+    """(schema, record batches of ``block`` samples) of the committed ok samples."""
+    reader = CacheReader(path)
+    k = reader.k
+    schema = arrow_schema(k, reader.attrs["settings"]["logprob_dtype"], reader.attrs)
+    wanted = set(sample_ids) if sample_ids is not None else None
+
+    def gen():
+        for p in reader.parts.values():
+            idx = p.ok
+            if wanted is not None and len(idx):
+                ids = reader.sample_ids(p, idx)
+                idx = idx[np.array([s in wanted for s in ids], dtype=bool)]
+            for s in range(0, len(idx), block):
+                recs = reader.read_rows(p, idx[s : s + block])
+                if recs:
+                    yield _batch(recs, schema, k)
+
+    return schema, gen()
+
+
+def to_arrow(path: str | os.PathLike, sample_ids: Iterable[str] | None = None) -> pa.Table:
+    """One row per distilled position of the committed ok samples (optionally only
+    ``sample_ids``), in part then commit order."""
+    schema, batches = iter_batches(path, sample_ids)
+    return pa.Table.from_batches(list(batches), schema=schema)
+
+
+def export_parquet(path: str | os.PathLike, out_path: str | os.PathLike,
+                   sample_ids: Iterable[str] | None = None) -> int:
+    """Write the table of ``to_arrow`` to Parquet batch by batch (float16 log-probs are stored
+    with Parquet's Float16 logical type, pyarrow >= 15). Returns the number of rows written."""
+    import pyarrow.parquet as pq
+
+    schema, batches = iter_batches(path, sample_ids)
+    n = 0
+    with pq.ParquetWriter(str(out_path), schema, compression="zstd") as w:
+        for b in batches:
+            w.write_batch(b)
+            n += b.num_rows
+    return n

@@ -1,0 +1,330 @@
+"""The cache format: names, dtypes, codecs, attributes, checksums. No I/O beyond reading the schema.
+
+One cache is one Zarr v3 group (see ``kdcache/cache/README.md``)::
+
+    <cache>/zarr.json                      root attributes (validated by the JSON Schema)
+    <cache>/teacher_gram                   float32 [D, D]  M_t = W^T W of the teacher's LM head
+    <cache>/parts/<rank>/<data array>      ragged, flat, no padding (DATA_ARRAYS)
+    <cache>/parts/<rank>/index/<name>      one row per sample, committed or skipped (INDEX_ARRAYS)
+
+Everything here is a pure function of its arguments so the writer, reader, verifier and tests
+share one definition of the layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from kdcache import __version__
+from kdcache.positions import parse_kinds
+
+FORMAT_VERSION = 1
+SCHEMA_RESOURCE = "schemas/cache_attrs.schema.json"
+
+# Root attribute keys that may change between runs of one cache without changing its meaning.
+# ``codecs`` is informational: on resume the existing arrays keep their own codecs.
+VOLATILE_KEYS = frozenset({"kdcache_version", "codecs"})
+
+# ---- per-sample status codes (index/status) --------------------------------------------------
+STATUS_OK = 0
+REASON_CODES = {
+    "missing_image": 1,
+    "corrupt_image": 2,
+    "no_image_token": 3,
+    "repeated_image_token": 4,
+    "no_response": 5,
+    "empty_response": 6,
+    "too_long": 7,
+    "other": 255,
+}
+REASON_NAMES = {v: k for k, v in REASON_CODES.items()}
+
+# ---- arrays ----------------------------------------------------------------------------------
+# Data arrays of a part; the first axis is the ragged one ("T" tokens, "P" distilled positions,
+# "V" visual rows, "B" sample-id bytes). Width: None = 1-D, "k" = top-k, "D" = hidden size.
+TOKEN_ARRAYS = ("input_ids", "roles")
+POSITION_ARRAYS = ("positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass")
+VISUAL_ARRAYS = ("visual_hidden",)
+ID_ARRAYS = ("sample_id_bytes",)
+DATA_ARRAYS = TOKEN_ARRAYS + POSITION_ARRAYS + VISUAL_ARRAYS + ID_ARRAYS
+AXIS_OF = {
+    **{a: "tokens" for a in TOKEN_ARRAYS},
+    **{a: "positions" for a in POSITION_ARRAYS},
+    **{a: "visual" for a in VISUAL_ARRAYS},
+    **{a: "id_bytes" for a in ID_ARRAYS},
+}
+TOTAL_KEYS = ("tokens", "positions", "visual", "id_bytes")
+
+# Index arrays (under parts/<rank>/index/): name -> (dtype, width or None).
+INDEX_ARRAYS: dict[str, tuple[str, int | None]] = {
+    "row": ("int64", None),
+    "status": ("uint8", None),
+    "token_offset": ("int64", None),
+    "num_tokens": ("int32", None),
+    "pos_offset": ("int64", None),
+    "counts": ("int32", 3),  # positions per kind: prompt, visual, response
+    "vis_offset": ("int64", None),
+    "num_visual": ("int32", None),
+    "id_offset": ("int64", None),
+    "id_len": ("int32", None),
+    "checksum": ("uint32", None),
+}
+
+HIDDEN_STORAGE = {"bf16": "uint16", "fp16": "float16", "float32": "float32"}
+HIDDEN_LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "float32": "float32"}
+
+
+class CacheMismatch(ValueError):
+    """An existing cache was made with different settings/fingerprints than this run asks for."""
+
+
+class CacheFormatError(ValueError):
+    """The cache on disk does not follow the format (bad attributes, missing arrays, version)."""
+
+
+class CacheCorrupt(ValueError):
+    """Stored bytes fail a check (checksum, decode error) for a named part/sample/array."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chunking of the arrays: rows per chunk/shard are derived from byte targets per array.
+
+    A chunk is the unit of compression and of a read (~1-4 MB suits streaming); a shard is one
+    file holding many chunks (~16-64 MB keeps the file count low). ``shard_bytes`` is rounded to
+    a whole number of chunks. Index arrays are small and rewritten at every commit, so they are
+    chunked by rows and not sharded.
+    """
+
+    chunk_bytes: int = 2 << 20
+    shard_bytes: int = 32 << 20
+    index_chunk_rows: int = 16384
+
+    def rows(self, row_bytes: int) -> tuple[int, int]:
+        """(chunk_rows, shard_rows) for an array whose rows are ``row_bytes`` long."""
+        chunk_rows = max(1, self.chunk_bytes // max(1, row_bytes))
+        per_shard = max(1, self.shard_bytes // (chunk_rows * max(1, row_bytes)))
+        return chunk_rows, chunk_rows * per_shard
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """How one data array is stored: dtype on disk, width of a row, chunking, compressor."""
+
+    name: str
+    dtype: str  # storage dtype
+    width: int | None  # None = 1-D
+    chunk_rows: int
+    shard_rows: int | None
+    compressor: str  # "bitshuffle" (integers) or "byteshuffle" (floats)
+    logical_dtype: str | None = None  # e.g. "bfloat16" stored as uint16 bit patterns
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return () if self.width is None else (self.width,)
+
+
+def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, ArraySpec]:
+    """Specs of the data arrays of a part, from the cache settings. Visual hidden states are
+    absent when ``settings['hidden'] == 'none'``."""
+    k = int(settings["top_k"])
+    lp = settings["logprob_dtype"]
+    table: list[tuple[str, str, int | None, str, str | None]] = [
+        ("input_ids", "int32", None, "bitshuffle", None),
+        ("roles", "uint8", None, "bitshuffle", None),
+        ("positions", "int32", None, "bitshuffle", None),
+        ("kinds", "uint8", None, "bitshuffle", None),
+        ("topk_ids", "int32", k, "bitshuffle", None),
+        ("topk_logprobs", lp, k, "byteshuffle", None),
+        ("tail_logmass", "float32", None, "byteshuffle", None),
+        ("sample_id_bytes", "uint8", None, "bitshuffle", None),
+    ]
+    if settings["hidden"] != "none":
+        h = settings["hidden"]
+        logical = HIDDEN_LOGICAL[h] if h == "bf16" else None
+        table.append(("visual_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle", logical))
+    specs = {}
+    for name, dtype, width, comp, logical in table:
+        row_bytes = np.dtype(dtype).itemsize * (width or 1)
+        chunk_rows, shard_rows = layout.rows(row_bytes)
+        specs[name] = ArraySpec(name, dtype, width, chunk_rows, shard_rows, comp, logical)
+    return specs
+
+
+def index_specs(layout: Layout) -> dict[str, ArraySpec]:
+    """Specs of the per-sample index arrays (chunked by rows, not sharded)."""
+    return {
+        name: ArraySpec(name, dtype, width, layout.index_chunk_rows, None, "byteshuffle")
+        for name, (dtype, width) in INDEX_ARRAYS.items()
+    }
+
+
+def zarr_compressors(spec: ArraySpec) -> list:
+    """Blosc zstd with bit-shuffle for integers (ids ~1.9x), byte-shuffle for floats (sorted fp16
+    log-probs ~1.7x), then crc32c so a flipped byte fails the read instead of returning garbage."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    shuffle = "bitshuffle" if spec.compressor == "bitshuffle" else "shuffle"
+    return [BloscCodec(cname="zstd", clevel=3, shuffle=shuffle), Crc32cCodec()]
+
+
+def codec_table(settings: dict, hidden_size: int, layout: Layout) -> dict[str, dict]:
+    """The ``codecs`` root attribute: one entry per array path under ``parts/<rank>/``."""
+    out = {}
+    specs = {**data_specs(settings, hidden_size, layout)}
+    specs.update({f"index/{n}": s for n, s in index_specs(layout).items()})
+    for path, s in specs.items():
+        entry = {
+            "dtype": s.dtype,
+            "chunk_rows": s.chunk_rows,
+            "shard_rows": s.shard_rows,
+            "compressor": f"blosc-zstd-3-{s.compressor}",
+            "crc32c": True,
+        }
+        if s.logical_dtype:
+            entry["logical_dtype"] = s.logical_dtype
+        out[path] = entry
+    return out
+
+
+# ---- attributes ------------------------------------------------------------------------------
+def load_schema() -> dict:
+    """The JSON Schema of the root attributes, shipped in the wheel under ``kdcache/schemas``."""
+    text = resources.files("kdcache").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def validate_attrs(attrs: dict, *, where: str = "cache attributes") -> None:
+    """Raise CacheFormatError naming the offending key if ``attrs`` breaks the schema or the
+    format version is not one this code reads."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(attrs), key=lambda e: list(e.absolute_path))
+    if errors:
+        msgs = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+        raise CacheFormatError(f"{where} do not match the cache schema: " + "; ".join(msgs))
+    if attrs["kdcache_format"] != FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{where}: cache format {attrs['kdcache_format']} is not supported by this kdcache "
+            f"({__version__}, format {FORMAT_VERSION}); use a matching kdcache or re-dump the cache"
+        )
+    if list(attrs["settings"]["positions"]) != list(parse_kinds(attrs["settings"]["positions"])):
+        raise CacheFormatError(
+            f"{where}: settings.positions {attrs['settings']['positions']} must be in canonical "
+            "order prompt, visual, response"
+        )
+
+
+def make_attrs(
+    teacher: dict, tokenizer: dict, dataset: dict, settings: dict, *, layout: Layout | None = None
+) -> dict:
+    """Root attributes of a new cache from the caller's fingerprints and settings, validated.
+
+    ``settings['positions']`` may be any spelling ``parse_kinds`` accepts; it is stored as a
+    canonical list. ``layout`` (default ``Layout()``) only fills the informational ``codecs``.
+    """
+    settings = copy.deepcopy(dict(settings))
+    settings["positions"] = list(parse_kinds(settings["positions"]))
+    attrs = {
+        "kdcache_format": FORMAT_VERSION,
+        "kdcache_version": __version__,
+        "teacher": copy.deepcopy(dict(teacher)),
+        "tokenizer": copy.deepcopy(dict(tokenizer)),
+        "dataset": copy.deepcopy(dict(dataset)),
+        "settings": settings,
+        "codecs": {},
+    }
+    # validate before codec_table so a missing hidden_size/top_k is a schema error, not a KeyError
+    validate_attrs(attrs, where="new cache attributes")
+    attrs["codecs"] = codec_table(settings, int(teacher["hidden_size"]), layout or Layout())
+    validate_attrs(attrs, where="new cache attributes")
+    return attrs
+
+
+def attr_differences(existing: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences ``"settings.top_k: cache has 64, this run asks 32"``, skipping
+    VOLATILE_KEYS at the top level."""
+    missing = "<missing>"
+    if isinstance(existing, dict) and isinstance(new, dict):
+        diffs = []
+        for key in sorted(set(existing) | set(new)):
+            if not prefix and key in VOLATILE_KEYS:
+                continue
+            path = f"{prefix}.{key}" if prefix else key
+            if key not in existing or key not in new:
+                a = existing.get(key, missing)
+                b = new.get(key, missing)
+                diffs.append(f"{path}: cache has {a!r}, this run asks {b!r}")
+            else:
+                diffs += attr_differences(existing[key], new[key], path)
+        return diffs
+    if isinstance(existing, (list, tuple)) and isinstance(new, (list, tuple)):
+        existing, new = list(existing), list(new)
+    if existing != new:
+        return [f"{prefix}: cache has {existing!r}, this run asks {new!r}"]
+    return []
+
+
+def check_compatible(existing_attrs: dict, new_attrs: dict) -> None:
+    """Raise CacheMismatch naming every differing key unless the two attribute sets describe the
+    same cache (volatile keys such as ``kdcache_version`` ignored)."""
+    diffs = attr_differences(existing_attrs, new_attrs)
+    if diffs:
+        raise CacheMismatch(
+            "the existing cache was made with different settings: "
+            + "; ".join(diffs)
+            + " (use a new cache path, or rerun with the cache's settings)"
+        )
+
+
+# ---- per-sample encoding ---------------------------------------------------------------------
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact): the bits are the top half of a float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def sample_checksum(arrays: list[np.ndarray]) -> int:
+    """crc32 (zlib) over the little-endian bytes of the sample's arrays as stored, in the order
+    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail_logmass[, visual_hidden]."""
+    crc = 0
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        crc = zlib.crc32(memoryview(a).cast("B"), crc)
+    return crc & 0xFFFFFFFF
+
+
+def checksum_arrays(
+    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail, hidden
+) -> list[np.ndarray]:
+    """The arrays covered by the checksum, in order (hidden omitted when None)."""
+    out = [input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail]
+    if hidden is not None:
+        out.append(hidden)
+    return out
+
+
+def logprob_tolerance(p: np.ndarray, lp: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Allowed |sum(exp(topk)) + exp(tail) - 1| per position for log-probs stored in ``dtype``.
+
+    Rounding a log-prob l to a float with unit roundoff u moves exp(l) by about
+    exp(l) * |l| * u, so the sum moves by at most u * sum_i p_i |l_i|; the 1e-4 floor covers the
+    teacher's own float32 softmax and the float32 tail.
+    p, lp: [P, k] -> [P]
+    """
+    u = float(np.finfo(dtype).eps) / 2
+    return 2.0 * u * np.sum(p * np.abs(lp), axis=-1) + 1e-4 + 4 * u
+
+
+def ceil_to(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)

@@ -1,0 +1,388 @@
+"""Read a cache: committed samples only, whole slabs per zarr call, lazily opened per process.
+
+``CacheReader`` gives ``TeacherRecord`` s back; ``CacheDataset`` streams them in a deterministic
+shuffled order (``global_order``) split over ranks and DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from kdcache.cache.format import (
+    AXIS_OF,
+    INDEX_ARRAYS,
+    REASON_NAMES,
+    STATUS_OK,
+    CacheCorrupt,
+    CacheFormatError,
+    checksum_arrays,
+    sample_checksum,
+    validate_attrs,
+)
+from kdcache.cache.writer import GRAM_ARRAY, read_json_attrs
+from kdcache.records import TeacherRecord
+
+# index column -> (offset column, length column) of each ragged axis
+AXIS_INDEX = {
+    "tokens": ("token_offset", "num_tokens"),
+    "positions": ("pos_offset", None),  # length = counts.sum(1)
+    "visual": ("vis_offset", "num_visual"),
+    "id_bytes": ("id_offset", "id_len"),
+}
+
+
+@dataclass
+class PartIndex:
+    """Committed index of one part, in memory (~60 bytes per sample).
+
+    ``ok`` holds the index rows of committed ok samples: sample ``i`` of the part (as counted by
+    ``read_range`` and ``global_order``) is index row ``ok[i]``.
+    """
+
+    rank: int
+    num_committed: int
+    totals: dict[str, int]
+    finished: bool
+    cols: dict[str, np.ndarray]
+    ok: np.ndarray  # int64 [S_ok]
+
+    def __post_init__(self):
+        self._len = {}
+        for axis, (_off, ln) in AXIS_INDEX.items():
+            if axis == "positions":
+                self._len[axis] = self.cols["counts"].sum(axis=1, dtype=np.int64)
+            else:
+                self._len[axis] = self.cols[ln].astype(np.int64)
+
+    def length(self, axis: str) -> np.ndarray:
+        """[S] rows of each sample on ``axis``."""
+        return self._len[axis]
+
+    def offset(self, axis: str) -> np.ndarray:
+        """[S] first row of each sample on ``axis``."""
+        return self.cols[AXIS_INDEX[axis][0]]
+
+
+def load_part_index(zarr, store, root: Path, rank: int) -> PartIndex:
+    """Read the committed index rows of ``parts/<rank>`` (one zarr read per index column)."""
+    attrs = read_json_attrs(root / "parts" / str(rank))
+    if attrs is None or "committed" not in attrs:
+        raise CacheFormatError(f"{root}/parts/{rank}: missing part attributes")
+    n = int(attrs["committed"]["samples"])
+    cols = {}
+    for name in INDEX_ARRAYS:
+        arr = zarr.open_array(store, path=f"parts/{rank}/index/{name}", mode="r")
+        if arr.shape[0] < n:
+            raise CacheFormatError(
+                f"parts/{rank}/index/{name} has {arr.shape[0]} rows but {n} are committed"
+            )
+        cols[name] = arr[:n] if n else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+    ok = np.nonzero(cols["status"] == STATUS_OK)[0].astype(np.int64)
+    totals = {k: int(v) for k, v in attrs["committed"].items() if k != "samples"}
+    return PartIndex(rank, n, totals, bool(attrs.get("finished", False)), cols, ok)
+
+
+def list_parts(root: Path) -> list[int]:
+    parts_dir = Path(root) / "parts"
+    if not parts_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in parts_dir.iterdir()
+                  if p.name.isdigit() and (p / "zarr.json").exists())
+
+
+def hidden_from_storage(a: np.ndarray, logical: str | None) -> torch.Tensor:
+    """Stored hidden rows -> tensor; uint16 with logical_dtype bfloat16 -> torch.bfloat16."""
+    if logical == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+class CacheReader:
+    """Read-only view of the committed samples of a cache (a snapshot taken when first used;
+    ``refresh()`` takes a new one).
+
+    Picklable: only the path travels; zarr arrays are opened lazily in each process, so it can be
+    handed to DataLoader workers. ``check=True`` verifies each sample's crc32 on read and raises
+    CacheCorrupt naming the sample.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, check: bool = True):
+        self.path = Path(path)
+        self.check = check
+        if not (self.path / "zarr.json").exists():
+            raise FileNotFoundError(f"no cache at {self.path} (no zarr.json)")
+        attrs = read_json_attrs(self.path)
+        validate_attrs(attrs, where=f"cache {self.path}")
+        self.attrs: dict = attrs
+        self._state = None
+
+    def __getstate__(self):
+        return {"path": self.path, "check": self.check, "attrs": self.attrs, "_state": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    # ---- lazy per-process state ----------------------------------------------------------------
+    def _st(self) -> dict:
+        if self._state is None or self._state["pid"] != os.getpid():
+            import zarr
+            from zarr.storage import LocalStore
+
+            store = LocalStore(self.path, read_only=True)
+            parts = {r: load_part_index(zarr, store, self.path, r) for r in list_parts(self.path)}
+            self._state = {"pid": os.getpid(), "zarr": zarr, "store": store, "parts": parts,
+                           "arrays": {}, "by_row": None}
+        return self._state
+
+    def refresh(self) -> None:
+        """Re-read the part attributes and indices (see newly committed samples)."""
+        self._state = None
+
+    def _array(self, rank: int, name: str):
+        st = self._st()
+        key = (rank, name)
+        if key not in st["arrays"]:
+            st["arrays"][key] = st["zarr"].open_array(st["store"], path=f"parts/{rank}/{name}",
+                                                      mode="r")
+        return st["arrays"][key]
+
+    # ---- metadata ----------------------------------------------------------------------------
+    @property
+    def parts(self) -> dict[int, PartIndex]:
+        return self._st()["parts"]
+
+    @property
+    def part_sizes(self) -> list[int]:
+        """Committed ok samples per part, in rank order (the input of ``global_order``)."""
+        return [len(p.ok) for p in self.parts.values()]
+
+    @property
+    def part_ranks(self) -> list[int]:
+        return list(self.parts)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.part_sizes)
+
+    @property
+    def k(self) -> int:
+        return int(self.attrs["settings"]["top_k"])
+
+    def rows(self) -> list[int]:
+        """Dataset rows of the committed ok samples, part by part."""
+        return [int(r) for p in self.parts.values() for r in p.cols["row"][p.ok]]
+
+    def skipped(self) -> list[tuple[int, str, str]]:
+        """(row, sample_id, reason) of skipped samples."""
+        out = []
+        for p in self.parts.values():
+            bad = np.nonzero(p.cols["status"] != STATUS_OK)[0]
+            if len(bad):
+                ids = self.sample_ids(p, bad)
+                out += [(int(p.cols["row"][i]), s,
+                         REASON_NAMES.get(int(p.cols["status"][i]), "unknown"))
+                        for i, s in zip(bad, ids)]
+        return out
+
+    def gram(self) -> np.ndarray:
+        """M_t = W^T W of the teacher's LM head: float32 [D, D]."""
+        st = self._st()
+        if not (self.path / GRAM_ARRAY / "zarr.json").exists():
+            raise FileNotFoundError(f"cache {self.path} has no {GRAM_ARRAY} (rank 0 writes it "
+                                    "with writer.write_gram)")
+        return st["zarr"].open_array(st["store"], path=GRAM_ARRAY, mode="r")[...]
+
+    # ---- data --------------------------------------------------------------------------------
+    def sample_ids(self, p: PartIndex, idx: np.ndarray) -> list[str]:
+        """Sample ids of index rows ``idx`` (ascending) of part ``p`` (one zarr read)."""
+        if len(idx) == 0:
+            return []
+        off, ln = p.cols["id_offset"][idx], p.cols["id_len"][idx]
+        lo, hi = int(off.min()), int((off + ln).max())
+        raw = self._array(p.rank, "sample_id_bytes")[lo:hi]
+        return [bytes(raw[o - lo : o - lo + n]).decode("utf-8") for o, n in zip(off, ln)]
+
+    def read_slab(self, rank: int, idx: np.ndarray, arrays) -> dict[str, tuple[np.ndarray, int]]:
+        """One zarr read per array covering index rows ``idx`` (ascending): name -> (slab, first
+        offset). Raises CacheCorrupt naming the array on a decode error."""
+        p = self.parts[rank]
+        out = {}
+        for name in arrays:
+            axis = AXIS_OF[name]
+            off = p.offset(axis)[idx]
+            ln = p.length(axis)[idx]
+            lo, hi = int(off[0]), int(off[-1] + ln[-1])
+            try:
+                slab = self._array(rank, name)[lo:hi]
+            except Exception as e:  # zarr raises assorted errors for corrupt/truncated chunks
+                raise CacheCorrupt(
+                    f"parts/{rank}/{name} rows {lo}:{hi}: cannot decode ({type(e).__name__}: {e}); "
+                    "run `kdcache verify` and re-dump the damaged part"
+                ) from e
+            out[name] = (slab, lo)
+        return out
+
+    def read_range(self, part: int, start: int, stop: int) -> list[TeacherRecord]:
+        """Committed ok samples ``start:stop`` of part ``part`` (one zarr read per array)."""
+        p = self.parts[part]
+        idx = p.ok[start:stop]
+        if len(idx) == 0:
+            return []
+        return self.read_rows(p, idx)
+
+    def read_rows(self, p: PartIndex, idx: np.ndarray) -> list[TeacherRecord]:
+        """Records of index rows ``idx`` (ascending, ok samples) of part ``p``: one zarr read
+        per array spanning ``idx[0]..idx[-1]``, then numpy slices."""
+        hidden_on = self.attrs["settings"]["hidden"] != "none"
+        names = ["input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs",
+                 "tail_logmass"] + (["visual_hidden"] if hidden_on else [])
+        slabs = self.read_slab(p.rank, idx, names)
+        logical = None
+        if hidden_on:
+            logical = self._array(p.rank, "visual_hidden").attrs.get("logical_dtype")
+        sids = self.sample_ids(p, idx)
+        recs = []
+        for j, i in enumerate(idx):
+            parts = {}
+            for name, (slab, lo) in slabs.items():
+                axis = AXIS_OF[name]
+                o = int(p.offset(axis)[i]) - lo
+                parts[name] = slab[o : o + int(p.length(axis)[i])]
+            if self.check:
+                crc = sample_checksum(checksum_arrays(*(parts[n] for n in names[:7]),
+                                                      parts.get("visual_hidden")))
+                if crc != int(p.cols["checksum"][i]):
+                    raise CacheCorrupt(
+                        f"sample {sids[j]!r} (row {int(p.cols['row'][i])}, part {p.rank}): "
+                        "checksum mismatch; run `kdcache verify` and re-dump the damaged part"
+                    )
+            recs.append(TeacherRecord(
+                sample_id=sids[j],
+                row=int(p.cols["row"][i]),
+                input_ids=torch.from_numpy(parts["input_ids"]),
+                roles=torch.from_numpy(parts["roles"]),
+                positions=torch.from_numpy(parts["positions"]),
+                kinds=torch.from_numpy(parts["kinds"]),
+                topk_ids=torch.from_numpy(parts["topk_ids"]),
+                topk_logprobs=torch.from_numpy(parts["topk_logprobs"]),
+                tail_logmass=torch.from_numpy(parts["tail_logmass"]),
+                visual_hidden=(hidden_from_storage(parts["visual_hidden"], logical)
+                               if hidden_on else None),
+            ))
+        return recs
+
+    def get_by_row(self, row: int) -> TeacherRecord:
+        """The committed ok sample of dataset row ``row`` (KeyError if absent or skipped)."""
+        st = self._st()
+        if st["by_row"] is None:
+            st["by_row"] = {int(r): (rank, i) for rank, p in self.parts.items()
+                            for i, r in enumerate(p.cols["row"])}
+        if row not in st["by_row"]:
+            raise KeyError(f"row {row} is not committed in cache {self.path}")
+        rank, i = st["by_row"][row]
+        p = self.parts[rank]
+        status = int(p.cols["status"][i])
+        if status != STATUS_OK:
+            raise KeyError(f"row {row} was skipped by the dump: {REASON_NAMES.get(status, status)}")
+        return self.read_rows(p, np.array([i]))[0]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# ---- order -----------------------------------------------------------------------------------
+def global_order(part_sizes: list[int], seed: int, epoch: int, block_size: int
+                 ) -> list[tuple[int, int]]:
+    """The epoch's sample order: a pure function of (part sizes, seed, epoch, block_size).
+
+    Blocks are contiguous ranges of ``block_size`` samples within a part (so a block is one slab
+    read); blocks are permuted with a generator seeded by (seed, epoch), then the samples inside
+    each block, in the permuted block order. Returns (part position in ``part_sizes``, sample
+    index within the part) pairs, a permutation of all samples.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    blocks = [(p, s, min(s + block_size, n)) for p, n in enumerate(part_sizes)
+              for s in range(0, n, block_size)]
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    out: list[tuple[int, int]] = []
+    for b in rng.permutation(len(blocks)):
+        p, s, e = blocks[b]
+        out += [(p, s + int(j)) for j in rng.permutation(e - s)]
+    return out
+
+
+def rank_order(part_sizes, seed, epoch, block_size, rank, world_size) -> list[tuple[int, int]]:
+    """This rank's sequence: every ``world_size``-th sample of ``global_order`` from ``rank``."""
+    return global_order(part_sizes, seed, epoch, block_size)[rank::world_size]
+
+
+def worker_slice(n: int, worker: int, num_workers: int, group: int) -> list[int]:
+    """Positions of a rank's sequence (length n) served by ``worker``: groups of ``group``
+    consecutive items dealt round-robin, so a DataLoader with ``batch_size=group`` (which yields
+    the workers' batches round-robin, in order) reproduces the rank's sequence exactly."""
+    return [i for g in range(worker * group, n, num_workers * group)
+            for i in range(g, min(g + group, n))]
+
+
+class CacheDataset(torch.utils.data.IterableDataset):
+    """Stream committed samples in ``global_order``, split over (rank, DataLoader worker).
+
+    Rank ``rank`` takes every ``world_size``-th sample of the global order; ``start_sample``
+    skips the first N of that rank's sequence (mid-epoch resume: resume state is just
+    (epoch, samples consumed)). The rest is dealt to workers in groups of ``batch_size`` (set it
+    to the DataLoader's batch_size) so the order seen through a DataLoader is the same for any
+    ``num_workers``. Each worker reads whole blocks with ``read_range`` and yields
+    ``transform(record)`` (or the record).
+
+    Note: every (rank, worker) reads each block it has a sample in, i.e. about every block, so
+    the bytes read per epoch grow with world_size * num_workers; keep block_size modest.
+    """
+
+    def __init__(self, path, *, seed: int, epoch: int = 0, block_size: int = 64, rank: int = 0,
+                 world_size: int = 1, start_sample: int = 0,
+                 transform: Callable[[TeacherRecord], object] | None = None,
+                 batch_size: int = 1, check: bool = True):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.reader = CacheReader(path, check=check)
+        self.seed, self.epoch, self.block_size = seed, epoch, block_size
+        self.rank, self.world_size = rank, world_size
+        self.start_sample = start_sample
+        self.transform = transform
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Move to ``epoch`` (from ``start_sample`` of this rank's sequence)."""
+        self.epoch, self.start_sample = epoch, start_sample
+
+    def order(self) -> list[tuple[int, int]]:
+        """(part rank, sample index) pairs this rank yields from ``start_sample`` on."""
+        ranks = self.reader.part_ranks
+        seq = rank_order(self.reader.part_sizes, self.seed, self.epoch, self.block_size,
+                         self.rank, self.world_size)[self.start_sample:]
+        return [(ranks[p], i) for p, i in seq]
+
+    def __len__(self) -> int:
+        return len(self.order())
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        seq = self.order()
+        cache_key, cache = None, []
+        for j in worker_slice(len(seq), worker, nw, self.batch_size):
+            part, i = seq[j]
+            b0 = (i // self.block_size) * self.block_size
+            if cache_key != (part, b0):
+                cache_key = (part, b0)
+                cache = self.reader.read_range(part, b0, b0 + self.block_size)
+            rec = cache[i - b0]
+            yield self.transform(rec) if self.transform is not None else rec

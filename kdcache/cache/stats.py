@@ -1,0 +1,104 @@
+"""Summary statistics of a cache (``kdcache inspect``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.cache.format import DATA_ARRAYS, INDEX_ARRAYS, REASON_NAMES, STATUS_OK
+from kdcache.cache.reader import CacheReader
+from kdcache.cache.writer import GRAM_ARRAY
+from kdcache.positions import KIND_NAMES, KIND_RESPONSE
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
+
+
+def disk_bytes(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes on disk per array, summed over parts (index arrays as ``index/<name>``)."""
+    path = Path(path)
+    parts = [p for p in (path / "parts").iterdir() if p.is_dir()] if (path / "parts").is_dir() else []
+    out = {}
+    for name in DATA_ARRAYS:
+        b = sum(_dir_bytes(p / name) for p in parts)
+        if b:
+            out[name] = b
+    for name in INDEX_ARRAYS:
+        out[f"index/{name}"] = sum(_dir_bytes(p / "index" / name) for p in parts)
+    out[GRAM_ARRAY] = _dir_bytes(path / GRAM_ARRAY)
+    return out
+
+
+def _summary(x: np.ndarray) -> dict:
+    if x.size == 0:
+        return {"n": 0}
+    p5, p50, p95 = np.percentile(x, [5, 50, 95])
+    return {"n": int(x.size), "mean": float(x.mean()), "p5": float(p5), "p50": float(p50),
+            "p95": float(p95)}
+
+
+def cache_stats(path: str | os.PathLike, *, block: int = 256) -> dict:
+    """Counts, sizes and teacher-quality figures of the committed samples.
+
+    kept mass per kind = 1 - exp(tail) (how much of the teacher's distribution the top-k keeps);
+    top-1 accuracy on response positions = mean(topk_ids[:, 0] == input_ids[pos + 1]);
+    entropy over the k + 1 buckets = -sum_i p_i log p_i - p_tail * tail (nats; 0 for the tail
+    bucket when tail = -inf).
+    """
+    reader = CacheReader(path)
+    attrs = reader.attrs
+    skipped: dict[str, int] = {}
+    tokens = 0
+    kept = {k: [] for k in KIND_NAMES}
+    entropy_sum, entropy_n = 0.0, 0
+    top1_hit, top1_n = 0, 0
+    for p in reader.parts.values():
+        for code, n in zip(*np.unique(p.cols["status"], return_counts=True)):
+            if code != STATUS_OK:
+                name = REASON_NAMES.get(int(code), f"code_{int(code)}")
+                skipped[name] = skipped.get(name, 0) + int(n)
+        for s in range(0, len(p.ok), block):
+            for r in reader.read_rows(p, p.ok[s : s + block]):
+                tokens += r.num_tokens
+                lp = r.topk_logprobs.numpy().astype(np.float64)  # [P, k]
+                tail = r.tail_logmass.numpy().astype(np.float64)  # [P]
+                kinds = r.kinds.numpy()
+                pt = np.exp(tail)
+                for code in KIND_NAMES:
+                    kept[code].append(1.0 - pt[kinds == code])
+                tail_term = np.where(pt > 0, pt * tail, 0.0)
+                ent = -(np.exp(lp) * lp).sum(axis=1) - tail_term  # [P]
+                entropy_sum += float(ent.sum())
+                entropy_n += int(ent.size)
+                resp = kinds == KIND_RESPONSE
+                pos = r.positions.numpy()[resp]
+                target = r.input_ids.numpy()[pos + 1]
+                top1_hit += int((r.topk_ids.numpy()[resp, 0] == target).sum())
+                top1_n += int(resp.sum())
+    sizes = disk_bytes(path)
+    total_bytes = sum(sizes.values())
+    num_pos = {KIND_NAMES[c]: int(sum(len(x) for x in kept[c])) for c in KIND_NAMES}
+    P = sum(num_pos.values())
+    S = reader.num_samples
+    return {
+        "path": str(path),
+        "teacher": attrs["teacher"]["name_or_path"],
+        "k": int(attrs["settings"]["top_k"]),
+        "settings": attrs["settings"],
+        "parts": len(reader.parts),
+        "samples": S,
+        "skipped": skipped,
+        "tokens": tokens,
+        "positions": num_pos,
+        "bytes": sizes,
+        "bytes_total": total_bytes,
+        "bytes_per_position": total_bytes / P if P else None,
+        "bytes_per_sample": total_bytes / S if S else None,
+        "kept_mass": {KIND_NAMES[c]: _summary(np.concatenate(kept[c]) if kept[c] else np.zeros(0))
+                      for c in KIND_NAMES},
+        "top1_accuracy_response": top1_hit / top1_n if top1_n else None,
+        "mean_entropy_k1": entropy_sum / entropy_n if entropy_n else None,
+    }

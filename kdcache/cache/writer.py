@@ -1,0 +1,427 @@
+"""Write one rank's part of a cache: buffered, crash-safe, resumable.
+
+Commit protocol (per flush): (1) data slabs of every array at the committed offsets, (2) index
+rows, (3) the part's ``committed`` attribute (one atomic ``zarr.json`` rewrite). A sample exists
+for readers only once (3) is on disk. Zarr >= 3.1.3's LocalStore writes each key to a
+``*.partial`` temp file and renames it into place, so a SIGKILL leaves every key either old or
+new: what can survive a crash is committed data, data past the commit point (overwritten by the
+next run), and ``*.partial`` files (swept on open).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.cache.format import (
+    AXIS_OF,
+    DATA_ARRAYS,
+    INDEX_ARRAYS,
+    REASON_CODES,
+    STATUS_OK,
+    TOTAL_KEYS,
+    ArraySpec,
+    CacheFormatError,
+    Layout,
+    ceil_to,
+    check_compatible,
+    checksum_arrays,
+    data_specs,
+    index_specs,
+    sample_checksum,
+    validate_attrs,
+    zarr_compressors,
+)
+from kdcache.positions import ROLE_VISUAL, select_positions
+from kdcache.records import TeacherRecord
+
+GRAM_ARRAY = "teacher_gram"
+
+
+def sweep_partials(root: Path) -> list[Path]:
+    """Delete leftover ``*.partial`` temp files under ``root`` (a killed zarr write); returns them."""
+    found = [p for p in Path(root).rglob("*.partial") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def read_json_attrs(node_dir: Path) -> dict | None:
+    """Attributes of a zarr v3 node straight from its ``zarr.json``, or None if not there yet."""
+    meta = Path(node_dir) / "zarr.json"
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+    except FileNotFoundError:
+        return None
+
+
+def _tensor_np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _hidden_to_storage(h: torch.Tensor, mode: str) -> np.ndarray:
+    """[N, D] tensor -> stored numpy array: bf16 as its uint16 bit pattern, else native."""
+    h = h.detach().cpu().contiguous()
+    if mode == "bf16":
+        return h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return h.to(torch.float16 if mode == "fp16" else torch.float32).numpy()
+
+
+class CacheWriter:
+    """Writer of ``parts/<rank>/`` of the cache at ``path``.
+
+    Rank 0 creates the root group with ``attrs`` (from ``make_attrs``); other ranks wait up to
+    ``wait_timeout_s`` for it. An existing cache with different attributes raises CacheMismatch.
+    Samples are buffered and written in slabs of at least one shard of some array (or at
+    ``flush``/``close``); never one zarr call per sample.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        attrs: dict,
+        rank: int = 0,
+        world_size: int = 1,
+        layout: Layout = Layout(),
+        *,
+        wait_timeout_s: float = 600.0,
+    ):
+        import zarr
+        from zarr.storage import LocalStore
+
+        validate_attrs(attrs, where="new cache attributes")
+        if attrs["settings"]["world_size"] != world_size:
+            raise ValueError(
+                f"settings.world_size is {attrs['settings']['world_size']} but the writer was "
+                f"given world_size={world_size}: build the attributes with the run's world size"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.path = Path(path)
+        self.rank = rank
+        self.world_size = world_size
+        self.layout = layout
+        self.settings = attrs["settings"]
+        self.hidden_size = int(attrs["teacher"]["hidden_size"])
+        self.kinds = tuple(self.settings["positions"])
+        self.k = int(self.settings["top_k"])
+        self.lp_dtype = np.dtype(self.settings["logprob_dtype"])
+        self.hidden_mode = self.settings["hidden"]
+        self.store = LocalStore(self.path)
+        self.part_dir = self.path / "parts" / str(rank)
+
+        if rank == 0:
+            self.attrs = self._create_or_check_root(zarr, attrs)
+        else:
+            self.attrs = self._wait_for_root(attrs, wait_timeout_s)
+        sweep_partials(self.part_dir)
+        self.part = self._open_part(zarr)
+
+        self.dspecs = data_specs(self.settings, self.hidden_size, layout)
+        self.ispecs = index_specs(layout)
+        self.data = {n: self._require_array(zarr, n, s) for n, s in self.dspecs.items()}
+        self.index = {n: self._require_array(zarr, f"index/{n}", s) for n, s in self.ispecs.items()}
+
+        c = self.part.attrs["committed"]
+        self.num_committed = int(c["samples"])
+        self.totals = {key: int(c[key]) for key in TOTAL_KEYS}
+        rows = self.index["row"][: self.num_committed] if self.num_committed else np.zeros(0)
+        self._rows: list[int] = [int(r) for r in rows]
+        self._row_set = set(self._rows)
+        self._reset_buffers()
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _create_or_check_root(self, zarr, attrs: dict) -> dict:
+        existing = read_json_attrs(self.path)
+        if existing is None:
+            zarr.create_group(self.store, attributes=attrs)
+            existing = attrs
+        else:
+            sweep_partials_root(self.path)
+            validate_attrs(existing, where=f"existing cache {self.path}")
+            check_compatible(existing, attrs)
+        if read_json_attrs(self.path / "parts") is None:
+            zarr.create_group(self.store, path="parts")
+        return existing
+
+    def _wait_for_root(self, attrs: dict, timeout_s: float) -> dict:
+        # Creating parts/<rank> before rank 0 wrote the root would make zarr write an attribute-
+        # less root zarr.json that rank 0 would then refuse, so wait for rank 0 to finish.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            existing = read_json_attrs(self.path)
+            if existing and "kdcache_format" in existing and (self.path / "parts/zarr.json").exists():
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"rank {self.rank}: rank 0 did not create the cache root at {self.path} within "
+                    f"{timeout_s:.0f} s; start rank 0 too, or raise wait_timeout_s"
+                )
+            time.sleep(0.05)
+        validate_attrs(existing, where=f"existing cache {self.path}")
+        check_compatible(existing, attrs)
+        return existing
+
+    def _open_part(self, zarr):
+        part_attrs = read_json_attrs(self.part_dir)
+        if part_attrs is None:
+            zero = {"samples": 0, **{key: 0 for key in TOTAL_KEYS}}
+            return zarr.create_group(
+                self.store,
+                path=f"parts/{self.rank}",
+                attributes={
+                    "rank": self.rank,
+                    "world_size": self.world_size,
+                    "committed": zero,
+                    "finished": False,
+                },
+            )
+        if part_attrs.get("rank") != self.rank or "committed" not in part_attrs:
+            raise CacheFormatError(f"{self.part_dir}: not a kdcache part of rank {self.rank}")
+        return zarr.open_group(self.store, path=f"parts/{self.rank}", mode="r+")
+
+    def _require_array(self, zarr, name: str, spec: ArraySpec):
+        key = f"parts/{self.rank}/{name}"
+        if (self.path / key / "zarr.json").exists():
+            arr = zarr.open_array(self.store, path=key, mode="r+")
+            if arr.shape[1:] != spec.row_shape or str(arr.dtype) != spec.dtype:
+                raise CacheFormatError(
+                    f"{key}: stored as {arr.dtype} {arr.shape}, expected {spec.dtype} rows of "
+                    f"{spec.row_shape}; the cache was written with other settings"
+                )
+            return arr
+        if self.part.attrs["committed"]["samples"] > 0:
+            raise CacheFormatError(f"{key} is missing although samples were committed: corrupt part")
+        attributes = {"logical_dtype": spec.logical_dtype} if spec.logical_dtype else None
+        return zarr.create_array(
+            self.store,
+            name=key,
+            shape=(0, *spec.row_shape),
+            chunks=(spec.chunk_rows, *spec.row_shape),
+            shards=(spec.shard_rows, *spec.row_shape) if spec.shard_rows else None,
+            dtype=spec.dtype,
+            compressors=zarr_compressors(spec),
+            fill_value=0,
+            attributes=attributes,
+        )
+
+    def _reset_buffers(self) -> None:
+        self._buf: dict[str, list[np.ndarray]] = {n: [] for n in self.dspecs}
+        self._buf_rows = {n: 0 for n in self.dspecs}
+        self._ibuf: dict[str, list] = {n: [] for n in INDEX_ARRAYS}
+        # offsets of the next buffered sample = committed totals + buffered rows per axis
+        self._next = dict(self.totals)
+
+    # ---- public API --------------------------------------------------------------------------
+    def committed_rows(self) -> list[int]:
+        """Dataset rows already committed (ok or skipped) in this part, in commit order."""
+        return list(self._rows[: self.num_committed])
+
+    def buffered(self) -> int:
+        """Samples added or skipped since the last flush."""
+        return len(self._ibuf["row"])
+
+    def add(self, record: TeacherRecord) -> None:
+        """Buffer one sample (flushes when a shard's worth is buffered). Log-probs are cast to
+        ``settings.logprob_dtype`` and hidden states to ``settings.hidden``."""
+        sid = record.sample_id
+        self._check_new_row(record.row, sid)
+        ids = _tensor_np(record.input_ids).astype(np.int32, copy=False)  # [T]
+        roles = _tensor_np(record.roles).astype(np.uint8, copy=False)  # [T]
+        pos = _tensor_np(record.positions).astype(np.int32, copy=False)  # [P]
+        kinds = _tensor_np(record.kinds).astype(np.uint8, copy=False)  # [P]
+        tid = _tensor_np(record.topk_ids).astype(np.int32, copy=False)  # [P, k]
+        tlp = _tensor_np(record.topk_logprobs.float()).astype(self.lp_dtype)  # [P, k]
+        tail = _tensor_np(record.tail_logmass.float()).astype(np.float32, copy=False)  # [P]
+        where = f"sample {sid!r} (row {record.row})"
+        T, P = ids.shape[0], pos.shape[0]
+        if ids.ndim != 1 or roles.shape != (T,):
+            raise ValueError(f"{where}: input_ids {ids.shape} and roles {roles.shape} must be [T]")
+        if tid.shape != (P, self.k) or tlp.shape != (P, self.k) or tail.shape != (P,):
+            raise ValueError(
+                f"{where}: expected topk_ids/topk_logprobs [P={P}, k={self.k}] and tail [P], got "
+                f"{tuple(tid.shape)}, {tuple(tlp.shape)}, {tuple(tail.shape)}"
+            )
+        want_pos, want_kinds = select_positions(roles, self.kinds)
+        if not (np.array_equal(pos, want_pos) and np.array_equal(kinds, want_kinds)):
+            raise ValueError(
+                f"{where}: positions/kinds are not select_positions(roles, {self.kinds}) "
+                f"({P} given, {want_pos.shape[0]} expected); the cache settings' positions must "
+                "match the teacher's"
+            )
+        n_vis = int(np.count_nonzero(roles == ROLE_VISUAL))
+        hidden = None
+        if self.hidden_mode != "none":
+            if record.visual_hidden is None:
+                raise ValueError(f"{where}: visual_hidden is None but settings.hidden is "
+                                 f"{self.hidden_mode!r}")
+            hidden = _hidden_to_storage(record.visual_hidden, self.hidden_mode)  # [N_vis, D]
+            if hidden.shape != (n_vis, self.hidden_size):
+                raise ValueError(
+                    f"{where}: visual_hidden {tuple(hidden.shape)} should be [{n_vis} visual "
+                    f"tokens, hidden_size {self.hidden_size}]"
+                )
+        sid_bytes = np.frombuffer(sid.encode("utf-8"), dtype=np.uint8)
+        crc = sample_checksum(checksum_arrays(ids, roles, pos, kinds, tid, tlp, tail, hidden))
+        counts = np.bincount(kinds, minlength=3)[:3].astype(np.int32)
+
+        for name, a in (("input_ids", ids), ("roles", roles), ("positions", pos),
+                        ("kinds", kinds), ("topk_ids", tid), ("topk_logprobs", tlp),
+                        ("tail_logmass", tail), ("sample_id_bytes", sid_bytes)):
+            self._buf[name].append(a)
+            self._buf_rows[name] += a.shape[0]
+        if hidden is not None:
+            self._buf["visual_hidden"].append(hidden)
+            self._buf_rows["visual_hidden"] += hidden.shape[0]
+        self._append_index(record.row, STATUS_OK, T, P, counts,
+                           n_vis if hidden is not None else 0, len(sid_bytes), crc)
+        self._maybe_flush()
+
+    def skip(self, row: int, sample_id: str, reason: int | str) -> None:
+        """Record that dataset ``row`` was skipped for ``reason`` (a name or code of
+        ``REASON_CODES``), so a resumed dump does not retry it."""
+        code = REASON_CODES.get(reason) if isinstance(reason, str) else int(reason)
+        if code is None or code == STATUS_OK or not 0 < code < 256:
+            raise ValueError(f"unknown skip reason {reason!r}: choose from {sorted(REASON_CODES)}")
+        self._check_new_row(row, sample_id)
+        sid_bytes = np.frombuffer(sample_id.encode("utf-8"), dtype=np.uint8)
+        self._buf["sample_id_bytes"].append(sid_bytes)
+        self._buf_rows["sample_id_bytes"] += sid_bytes.shape[0]
+        self._append_index(row, code, 0, 0, np.zeros(3, np.int32), 0, len(sid_bytes), 0)
+        self._maybe_flush()
+
+    def flush(self) -> None:
+        """Write and commit everything buffered (data, then index rows, then the commit attr)."""
+        if not self.buffered():
+            return
+        new_totals = self._write_data()
+        self._write_index()
+        self._commit(new_totals)
+
+    def close(self, finished: bool = True) -> None:
+        """Flush, trim every array to its committed length, and mark the part finished (or not,
+        so that a later writer resumes it)."""
+        self.flush()
+        for name, arr in self.data.items():
+            n = self.totals[AXIS_OF[name]]
+            if arr.shape[0] != n:
+                arr.resize((n, *arr.shape[1:]))
+        for arr in self.index.values():
+            if arr.shape[0] != self.num_committed:
+                arr.resize((self.num_committed, *arr.shape[1:]))
+        self.part.attrs.update({"finished": bool(finished)})
+
+    def is_finished(self) -> bool:
+        return bool(self.part.attrs["finished"])
+
+    def write_gram(self, gram: np.ndarray) -> None:
+        """Store M_t = W^T W (float32 [D, D]) of the teacher's LM head once at the root (rank 0)."""
+        import zarr
+
+        if self.rank != 0:
+            raise ValueError("only rank 0 writes teacher_gram")
+        g = np.asarray(gram, dtype=np.float32)
+        if g.shape != (self.hidden_size, self.hidden_size):
+            raise ValueError(f"teacher_gram must be [D, D] with D={self.hidden_size}, got {g.shape}")
+        zarr.create_array(self.store, name=GRAM_ARRAY, data=g, chunks=g.shape, overwrite=True,
+                          compressors=zarr_compressors(ArraySpec(GRAM_ARRAY, "float32", None, 1,
+                                                                 None, "byteshuffle")))
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # on an exception keep what was committed but do not mark the part finished
+        self.close(finished=exc_type is None)
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _check_new_row(self, row: int, sample_id: str) -> None:
+        if row in self._row_set:
+            raise ValueError(
+                f"row {row} (sample {sample_id!r}) is already in part {self.rank}; skip rows "
+                "listed by committed_rows() when resuming"
+            )
+
+    def _append_index(self, row, status, T, P, counts, n_vis, id_len, crc) -> None:
+        self._row_set.add(int(row))
+        self._rows.append(int(row))
+        b, nx = self._ibuf, self._next
+        b["row"].append(row)
+        b["status"].append(status)
+        b["token_offset"].append(nx["tokens"])
+        b["num_tokens"].append(T)
+        b["pos_offset"].append(nx["positions"])
+        b["counts"].append(counts)
+        b["vis_offset"].append(nx["visual"])
+        b["num_visual"].append(n_vis)
+        b["id_offset"].append(nx["id_bytes"])
+        b["id_len"].append(id_len)
+        b["checksum"].append(crc)
+        nx["tokens"] += T
+        nx["positions"] += P
+        nx["visual"] += n_vis
+        nx["id_bytes"] += id_len
+
+    def _maybe_flush(self) -> None:
+        if any(self._buf_rows[n] >= s.shard_rows for n, s in self.dspecs.items()):
+            self.flush()
+
+    def _grow(self, arr, needed: int, step: int) -> None:
+        # whole shards at a time: a resize is a metadata rewrite, so keep them rare
+        if arr.shape[0] < needed:
+            arr.resize((ceil_to(needed, step), *arr.shape[1:]))
+
+    def _write_data(self) -> dict[str, int]:
+        """Step 1: data slabs at the committed offsets (one zarr write per array)."""
+        for name, spec in self.dspecs.items():
+            if not self._buf_rows[name]:
+                continue
+            slab = np.concatenate(self._buf[name], axis=0)
+            start = self.totals[AXIS_OF[name]]
+            arr = self.data[name]
+            self._grow(arr, start + slab.shape[0], spec.shard_rows)
+            arr[start : start + slab.shape[0]] = slab
+        return dict(self._next)
+
+    def _write_index(self) -> None:
+        """Step 2: index rows after the committed ones."""
+        n = self.buffered()
+        start = self.num_committed
+        for name, (dtype, _w) in INDEX_ARRAYS.items():
+            slab = np.asarray(self._ibuf[name], dtype=dtype)
+            arr = self.index[name]
+            self._grow(arr, start + n, self.layout.index_chunk_rows)
+            arr[start : start + n] = slab
+
+    def _commit(self, new_totals: dict[str, int]) -> None:
+        """Step 3: one atomic rewrite of the part's zarr.json makes the samples visible."""
+        n = self.num_committed + self.buffered()
+        self.part.attrs.update({"committed": {"samples": n, **new_totals}, "finished": False})
+        self.num_committed = n
+        self.totals = {key: new_totals[key] for key in TOTAL_KEYS}
+        self._reset_buffers()
+
+
+def sweep_partials_root(path: Path) -> list[Path]:
+    """Sweep ``*.partial`` files of root-level nodes (zarr.json, teacher_gram), not other parts."""
+    found = [p for p in Path(path).glob("*.partial") if p.is_file()]
+    gram = Path(path) / GRAM_ARRAY
+    if gram.is_dir():
+        found += [p for p in gram.rglob("*.partial") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def open_writer(path, attrs, rank: int = 0, world_size: int = 1, layout: Layout = Layout(),
+                **kw) -> CacheWriter:
+    """Same as ``CacheWriter(...)``."""
+    return CacheWriter(path, attrs, rank=rank, world_size=world_size, layout=layout, **kw)
+
+
+__all__ = ["CacheWriter", "open_writer", "sweep_partials", "GRAM_ARRAY", "DATA_ARRAYS"]

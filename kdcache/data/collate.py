@@ -1,0 +1,202 @@
+"""Torch dataset and collation for LLaVA samples.
+
+``prepare`` tokenises every sample once up front and checks its image file, so bad samples are
+counted and dropped before any DataLoader sees them; ``LlavaTorchDataset`` then only loads and
+preprocesses images. ``collate`` right-pads a batch for ``LlavaForConditionalGeneration``, which
+takes ``pixel_values`` only for the samples that have an image, in batch order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from kdcache.data.llava import LlavaSample, SampleError, SkipCounter, check_image, load_image
+from kdcache.data.templates import IGNORE_INDEX, Tokenized, tokenize_sample
+
+ROLE_PAD = 255  # roles value on padding: matches no kdcache.positions.ROLE_*
+
+
+def prepare(
+    samples: Sequence[LlavaSample],
+    tokenizer,
+    *,
+    template: str,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int | None,
+    images_root: str | os.PathLike | None,
+    on_error: Literal["skip", "raise"] = "skip",
+    on_too_long: Literal["error", "truncate"] = "error",
+    check_images: Literal["none", "header", "decode"] = "header",
+) -> tuple[list[LlavaSample], list[Tokenized], SkipCounter]:
+    """Tokenise all samples and pre-check their images -> (kept samples, their Tokenized, skips).
+
+    ``on_error="skip"`` counts each SampleError in the SkipCounter and drops the sample;
+    ``"raise"`` re-raises the first. ``check_images``: "header" opens each image's header (cheap),
+    "decode" decodes it fully (catches truncated files, reads every pixel once), "none" skips it.
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if check_images not in ("none", "header", "decode"):
+        raise ValueError(f"check_images must be 'none', 'header' or 'decode', got {check_images!r}")
+    kept: list[LlavaSample] = []
+    toks: list[Tokenized] = []
+    skipped = SkipCounter()
+    for s in samples:
+        try:
+            tok = tokenize_sample(
+                s,
+                tokenizer,
+                template=template,
+                image_token_id=image_token_id,
+                num_image_tokens=num_image_tokens,
+                max_length=max_length,
+                on_too_long=on_too_long,
+            )
+            if s.has_image and check_images != "none":
+                if images_root is None:
+                    raise ValueError(f"sample {s.id!r} has an image but images_root is None: pass the image folder")
+                check_image(Path(images_root) / s.image, s, decode=check_images == "decode")
+        except SampleError as e:
+            if on_error == "raise":
+                raise
+            skipped.add(e)
+            continue
+        kept.append(s)
+        toks.append(tok)
+    return kept, toks, skipped
+
+
+def prepare_samples(
+    samples: Sequence[LlavaSample],
+    tokenizer,
+    *,
+    images_root: str | os.PathLike | None,
+    template: str,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int | None,
+    on_too_long: Literal["skip", "error"],
+) -> tuple[list[LlavaSample], list[Tokenized], SkipCounter]:
+    """``prepare`` with the run policy of dump and train: every bad sample is skipped and
+    counted, except that ``on_too_long="error"`` makes an over-long sample stop the run."""
+    if on_too_long not in ("skip", "error"):
+        raise ValueError(f"on_too_long must be 'skip' or 'error', got {on_too_long!r}")
+    kept, toks, skipped = prepare(samples, tokenizer, template=template, image_token_id=image_token_id,
+                                  num_image_tokens=num_image_tokens, max_length=max_length,
+                                  images_root=images_root, on_error="skip", on_too_long="error")
+    if on_too_long == "error" and skipped.counts.get("too_long"):
+        raise ValueError(f"{skipped.counts['too_long']} sample(s) exceed max_length {max_length}, e.g. "
+                         f"{skipped.examples['too_long'][0]} (or pass --on-too-long skip to count and skip them)")
+    return kept, toks, skipped
+
+
+class LlavaTorchDataset(torch.utils.data.Dataset):
+    """Map-style dataset of tokenised LLaVA samples with preprocessed images.
+
+    Item: dict(sample_id str, row int, input_ids int64 [T], labels int64 [T], roles uint8 [T],
+    pixel_values float [3, H, W] or None). Bad samples are dropped at construction (``skipped``
+    counts them, and the summary is printed to stderr) unless ``on_error="raise"``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[LlavaSample],
+        tokenizer,
+        image_processor,
+        images_root: str | os.PathLike | None,
+        *,
+        template: str,
+        image_token_id: int,
+        num_image_tokens: int,
+        max_length: int | None,
+        on_error: Literal["skip", "raise"] = "skip",
+        on_too_long: Literal["error", "truncate"] = "error",
+        check_images: Literal["none", "header", "decode"] = "header",
+        verbose: bool = True,
+    ):
+        self.image_processor = image_processor
+        self.images_root = Path(images_root) if images_root is not None else None
+        self.samples, self.tokenized, self.skipped = prepare(
+            samples,
+            tokenizer,
+            template=template,
+            image_token_id=image_token_id,
+            num_image_tokens=num_image_tokens,
+            max_length=max_length,
+            images_root=images_root,
+            on_error=on_error,
+            on_too_long=on_too_long,
+            check_images=check_images,
+        )
+        if verbose and self.skipped.total:
+            self.skipped.report()
+
+    @classmethod
+    def from_prepared(cls, samples, tokenized, image_processor, images_root) -> "LlavaTorchDataset":
+        """A dataset over samples ``prepare`` already tokenised and checked (no second pass)."""
+        self = cls.__new__(cls)
+        self.image_processor = image_processor
+        self.images_root = Path(images_root) if images_root is not None else None
+        self.samples, self.tokenized, self.skipped = list(samples), list(tokenized), SkipCounter()
+        return self
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pixel_values(self, sample: LlavaSample) -> torch.Tensor:
+        """[3, H, W] float: the image as the processor prepares it (resize, rescale, normalise)."""
+        if self.images_root is None:
+            raise ValueError(f"sample {sample.id!r} has an image but images_root is None: pass the image folder")
+        img = load_image(self.images_root / sample.image, sample)
+        return self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s, t = self.samples[i], self.tokenized[i]
+        return {
+            "sample_id": t.sample_id,
+            "row": t.row,
+            "input_ids": torch.from_numpy(t.input_ids),
+            "labels": torch.from_numpy(t.labels),
+            "roles": torch.from_numpy(t.roles),
+            "pixel_values": self.pixel_values(s) if s.has_image else None,
+        }
+
+
+def collate(items: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad a batch.
+
+    Returns input_ids int64 [B, T] (pad_token_id on padding), attention_mask int64 [B, T],
+    labels int64 [B, T] (-100 on padding), roles uint8 [B, T] (255 on padding),
+    pixel_values [n_img, 3, H, W] for the samples with an image, in batch order (None if none),
+    has_image bool [B], sample_ids list[str], rows list[int]. T = longest sample.
+    """
+    if not items:
+        raise ValueError("collate got an empty batch")
+    B = len(items)
+    lengths = [int(it["input_ids"].shape[0]) for it in items]
+    T = max(lengths)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    roles = torch.full((B, T), ROLE_PAD, dtype=torch.uint8)
+    for b, (it, n) in enumerate(zip(items, lengths)):
+        input_ids[b, :n] = torch.as_tensor(it["input_ids"])
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.as_tensor(it["labels"])
+        roles[b, :n] = torch.as_tensor(it["roles"])
+    pix = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "roles": roles,
+        "pixel_values": torch.stack(pix) if pix else None,  # [n_img, 3, H, W]
+        "has_image": torch.tensor([it["pixel_values"] is not None for it in items], dtype=torch.bool),
+        "sample_ids": [it["sample_id"] for it in items],
+        "rows": [int(it["row"]) for it in items],
+    }

@@ -1,0 +1,97 @@
+"""Arrow table / Parquet export, and cache_stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdcache.cache.arrow import export_parquet, to_arrow
+from kdcache.cache.stats import cache_stats
+from kdcache.positions import KIND_NAMES
+
+from .helpers import make_attrs_for, make_record, write_cache
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, records):
+    path = tmp_path_factory.mktemp("arrow") / "c"
+    write_cache(path, records[:12], skips=[(50, "skipped-1", "too_long")])
+    return path
+
+
+def test_table_rows_and_values(cache, records):
+    t = to_arrow(cache)
+    recs = records[:12]
+    assert t.num_rows == sum(int(r.positions.shape[0]) for r in recs)
+    assert t.schema.field("topk_ids").type == pa.list_(pa.int32(), 8)
+    assert t.schema.field("topk_logprobs").type == pa.list_(pa.float16(), 8)
+    assert t.schema.field("kind").type == pa.dictionary(pa.int8(), pa.string())
+    assert b"kdcache_attrs" in t.schema.metadata
+    sid = t.column("sample_id").to_pylist()
+    assert sid == [r.sample_id for r in recs for _ in range(int(r.positions.shape[0]))]
+    rows = t.column("row").to_numpy()
+    pos = t.column("position").to_numpy()
+    kind = t.column("kind").to_pylist()
+    target = t.column("target_token").to_numpy()
+    tid = np.stack(t.column("topk_ids").to_numpy(zero_copy_only=False))
+    tlp = np.stack(t.column("topk_logprobs").to_numpy(zero_copy_only=False))
+    tail = t.column("tail_logmass").to_numpy()
+    ids = np.concatenate([r.input_ids.numpy()[r.positions.numpy() + 1] for r in recs])
+    assert np.array_equal(rows, np.repeat([r.row for r in recs], [len(r.positions) for r in recs]))
+    assert np.array_equal(pos, np.concatenate([r.positions.numpy() for r in recs]))
+    assert kind == [KIND_NAMES[int(k)] for r in recs for k in r.kinds]
+    assert np.array_equal(target, ids)
+    assert np.array_equal(tid, np.concatenate([r.topk_ids.numpy() for r in recs]))
+    assert tlp.dtype == np.float16
+    assert np.array_equal(tlp, np.concatenate([r.topk_logprobs.numpy() for r in recs]))
+    assert np.array_equal(tail, np.concatenate([r.tail_logmass.numpy() for r in recs]))
+
+
+def test_table_for_selected_samples(cache, records):
+    t = to_arrow(cache, sample_ids=["s00003", "s00007", "nope"])
+    assert set(t.column("sample_id").to_pylist()) == {"s00003", "s00007"}
+    assert t.num_rows == len(records[3].positions) + len(records[7].positions)
+
+
+def test_parquet_round_trip_keeps_float16(cache, tmp_path):
+    out = tmp_path / "c.parquet"
+    n = export_parquet(cache, out)
+    t = to_arrow(cache)
+    back = pq.read_table(out)
+    assert n == t.num_rows == back.num_rows
+    assert back.schema.field("topk_logprobs").type == pa.list_(pa.float16(), 8)
+    leaves = pq.ParquetFile(out).schema
+    lp = [leaves.column(i) for i in range(len(leaves))
+          if leaves.column(i).path.startswith("topk_logprobs")]
+    assert [c.logical_type.type for c in lp] == ["FLOAT16"]
+    for name in t.column_names:
+        assert back.column(name).to_pylist() == t.column(name).to_pylist(), name
+
+
+def test_float32_logprobs_table(tmp_path):
+    recs = [make_record(i) for i in range(3)]
+    write_cache(tmp_path / "c", recs, attrs=make_attrs_for(logprob_dtype="float32"))
+    t = to_arrow(tmp_path / "c")
+    assert t.schema.field("topk_logprobs").type == pa.list_(pa.float32(), 8)
+
+
+def test_cache_stats(cache, records):
+    s = cache_stats(cache)
+    recs = records[:12]
+    assert s["samples"] == 12 and s["skipped"] == {"too_long": 1} and s["k"] == 8
+    assert s["teacher"] == "tiny-teacher"
+    assert s["tokens"] == sum(r.num_tokens for r in recs)
+    kinds = np.concatenate([r.kinds.numpy() for r in recs])
+    assert s["positions"] == {KIND_NAMES[c]: int((kinds == c).sum()) for c in KIND_NAMES}
+    assert s["bytes"]["topk_logprobs"] > 0 and s["bytes_per_sample"] > s["bytes_per_position"]
+    tail = np.concatenate([r.tail_logmass.numpy() for r in recs]).astype(np.float64)
+    vis = kinds == 1
+    assert s["kept_mass"]["visual"]["mean"] == pytest.approx(np.mean(1 - np.exp(tail[vis])))
+    assert 0 <= s["kept_mass"]["response"]["p5"] <= s["kept_mass"]["response"]["p95"] <= 1
+    resp = [(r.topk_ids.numpy()[r.kinds.numpy() == 2, 0],
+             r.input_ids.numpy()[r.positions.numpy()[r.kinds.numpy() == 2] + 1]) for r in recs]
+    acc = np.concatenate([a == b for a, b in resp]).mean()
+    assert s["top1_accuracy_response"] == pytest.approx(acc)
+    assert 0 < s["mean_entropy_k1"] <= np.log(9) + 1e-6
