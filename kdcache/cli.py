@@ -171,7 +171,7 @@ def verify(
     from .cache.verify import verify_cache
 
     rep = verify_cache(cache, vocab_size=vocab_size)
-    typer.echo(rep.summary())
+    typer.echo(str(rep))
     raise typer.Exit(code=0 if rep.ok else 1)
 
 

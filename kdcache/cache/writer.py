@@ -77,8 +77,14 @@ class CacheWriter:
 
     Rank 0 creates the root group with ``attrs`` (from ``make_attrs``); other ranks wait up to
     ``wait_timeout_s`` for it. An existing cache with different attributes raises CacheMismatch.
-    Samples are buffered and written in slabs of at least one shard of some array (or at
-    ``flush``/``close``); never one zarr call per sample.
+
+    Samples are buffered in memory. Big arrays (top-k ids/log-probs, hidden states) are written
+    only in whole shards, as they fill (a partial shard would be read, merged and rewritten by
+    every later write: small appends cost ~20x); the narrow arrays share the top-k arrays' shard
+    rows, so their shards are one small chunk. Whenever the big arrays have written every row of
+    some buffered samples, those samples are committed. Memory is about one shard per big array;
+    a crash loses at most the samples of one top-k shard (plus whatever was added since the last
+    commit). ``flush``/``close`` write and commit everything. Never one zarr call per sample.
     """
 
     def __init__(
@@ -211,10 +217,13 @@ class CacheWriter:
         )
 
     def _reset_buffers(self) -> None:
+        # rows not yet written, per data array (a list of slabs, concatenated lazily)
         self._buf: dict[str, list[np.ndarray]] = {n: [] for n in self.dspecs}
         self._buf_rows = {n: 0 for n in self.dspecs}
-        self._ibuf: dict[str, list] = {n: [] for n in INDEX_ARRAYS}
-        # offsets of the next buffered sample = committed totals + buffered rows per axis
+        # rows on disk per data array (>= the committed total of its axis)
+        self._written = {n: self.totals[AXIS_OF[n]] for n in self.dspecs}
+        # index rows of samples added but not committed, and each one's end offset per axis
+        self._pending: list[dict] = []
         self._next = dict(self.totals)
 
     # ---- public API --------------------------------------------------------------------------
@@ -223,12 +232,12 @@ class CacheWriter:
         return list(self._rows[: self.num_committed])
 
     def buffered(self) -> int:
-        """Samples added or skipped since the last flush."""
-        return len(self._ibuf["row"])
+        """Samples added or skipped and not yet committed."""
+        return len(self._pending)
 
     def add(self, record: TeacherRecord) -> None:
-        """Buffer one sample (flushes when a shard's worth is buffered). Log-probs are cast to
-        ``settings.logprob_dtype`` and hidden states to ``settings.hidden``."""
+        """Buffer one sample (writes whole shards and commits as they fill). Log-probs are cast
+        to ``settings.logprob_dtype`` and hidden states to ``settings.hidden``."""
         sid = record.sample_id
         self._check_new_row(record.row, sid)
         ids = _tensor_np(record.input_ids).astype(np.int32, copy=False)  # [T]
@@ -270,17 +279,13 @@ class CacheWriter:
         crc = sample_checksum(checksum_arrays(ids, roles, pos, kinds, tid, tlp, tail, hidden))
         counts = np.bincount(kinds, minlength=3)[:3].astype(np.int32)
 
-        for name, a in (("input_ids", ids), ("roles", roles), ("positions", pos),
-                        ("kinds", kinds), ("topk_ids", tid), ("topk_logprobs", tlp),
-                        ("tail_logmass", tail), ("sample_id_bytes", sid_bytes)):
-            self._buf[name].append(a)
-            self._buf_rows[name] += a.shape[0]
+        slabs = {"input_ids": ids, "roles": roles, "positions": pos, "kinds": kinds,
+                 "topk_ids": tid, "topk_logprobs": tlp, "tail_logmass": tail,
+                 "sample_id_bytes": sid_bytes}
         if hidden is not None:
-            self._buf["visual_hidden"].append(hidden)
-            self._buf_rows["visual_hidden"] += hidden.shape[0]
-        self._append_index(record.row, STATUS_OK, T, P, counts,
-                           n_vis if hidden is not None else 0, len(sid_bytes), crc)
-        self._maybe_flush()
+            slabs["visual_hidden"] = hidden
+        self._append(slabs, record.row, STATUS_OK, counts, crc)
+        self._drain(force=False)
 
     def skip(self, row: int, sample_id: str, reason: int | str) -> None:
         """Record that dataset ``row`` was skipped for ``reason`` (a name or code of
@@ -290,18 +295,14 @@ class CacheWriter:
             raise ValueError(f"unknown skip reason {reason!r}: choose from {sorted(REASON_CODES)}")
         self._check_new_row(row, sample_id)
         sid_bytes = np.frombuffer(sample_id.encode("utf-8"), dtype=np.uint8)
-        self._buf["sample_id_bytes"].append(sid_bytes)
-        self._buf_rows["sample_id_bytes"] += sid_bytes.shape[0]
-        self._append_index(row, code, 0, 0, np.zeros(3, np.int32), 0, len(sid_bytes), 0)
-        self._maybe_flush()
+        self._append({"sample_id_bytes": sid_bytes}, row, code, np.zeros(3, np.int32), 0)
+        self._drain(force=False)
 
     def flush(self) -> None:
-        """Write and commit everything buffered (data, then index rows, then the commit attr)."""
-        if not self.buffered():
-            return
-        new_totals = self._write_data()
-        self._write_index()
-        self._commit(new_totals)
+        """Write and commit everything buffered (data, then index rows, then the commit attr),
+        including partial shards (which later writes rewrite: call it rarely, e.g. every few
+        minutes of a dump; ``add`` commits by itself whenever whole shards are written)."""
+        self._drain(force=True)
 
     def close(self, finished: bool = True) -> None:
         """Flush, trim every array to its committed length, and mark the part finished (or not,
@@ -347,64 +348,104 @@ class CacheWriter:
                 "listed by committed_rows() when resuming"
             )
 
-    def _append_index(self, row, status, T, P, counts, n_vis, id_len, crc) -> None:
+    def _append(self, slabs: dict[str, np.ndarray], row, status, counts, crc) -> None:
+        """Buffer a sample's rows and its (not yet committed) index row."""
+        nx = self._next
+        lens = {axis: 0 for axis in TOTAL_KEYS}
+        for name, a in slabs.items():
+            self._buf[name].append(a)
+            self._buf_rows[name] += a.shape[0]
+            lens[AXIS_OF[name]] = a.shape[0]
+        self._pending.append({
+            "row": row, "status": status, "token_offset": nx["tokens"],
+            "num_tokens": lens["tokens"], "pos_offset": nx["positions"], "counts": counts,
+            "vis_offset": nx["visual"], "num_visual": lens["visual"],
+            "id_offset": nx["id_bytes"], "id_len": lens["id_bytes"], "checksum": crc,
+        })
+        for axis in TOTAL_KEYS:
+            nx[axis] += lens[axis]
+        self._pending[-1]["_end"] = dict(nx)
         self._row_set.add(int(row))
         self._rows.append(int(row))
-        b, nx = self._ibuf, self._next
-        b["row"].append(row)
-        b["status"].append(status)
-        b["token_offset"].append(nx["tokens"])
-        b["num_tokens"].append(T)
-        b["pos_offset"].append(nx["positions"])
-        b["counts"].append(counts)
-        b["vis_offset"].append(nx["visual"])
-        b["num_visual"].append(n_vis)
-        b["id_offset"].append(nx["id_bytes"])
-        b["id_len"].append(id_len)
-        b["checksum"].append(crc)
-        nx["tokens"] += T
-        nx["positions"] += P
-        nx["visual"] += n_vis
-        nx["id_bytes"] += id_len
 
-    def _maybe_flush(self) -> None:
-        if any(self._buf_rows[n] >= s.shard_rows for n, s in self.dspecs.items()):
-            self.flush()
+    def _take(self, name: str, n: int) -> np.ndarray:
+        """Pop the first ``n`` buffered rows of array ``name`` as one slab."""
+        slab = np.concatenate(self._buf[name], axis=0) if self._buf[name] else None
+        if slab is None or slab.shape[0] < n:
+            have = 0 if slab is None else slab.shape[0]
+            raise AssertionError(f"{name}: {n} rows requested, {have} buffered")
+        self._buf[name] = [slab[n:]] if slab.shape[0] > n else []
+        self._buf_rows[name] -= n
+        return slab[:n]
+
+    def _write_rows(self, name: str, n: int) -> None:
+        """Write the next ``n`` buffered rows of ``name`` at its on-disk end (one zarr call)."""
+        if n <= 0:
+            return
+        slab = self._take(name, n)
+        start = self._written[name]
+        arr = self.data[name]
+        self._grow(arr, start + n, self.dspecs[name].shard_rows)
+        arr[start : start + n] = slab
+        self._written[name] = start + n
+
+    def _write_big(self, force: bool) -> None:
+        """Step 1a: big arrays, in whole shards (everything if ``force``)."""
+        for name, spec in self.dspecs.items():
+            if not spec.aligned:
+                continue
+            end = self._written[name] + self._buf_rows[name]
+            stop = end if force else (end // spec.shard_rows) * spec.shard_rows
+            self._write_rows(name, stop - self._written[name])
+
+    def _drain(self, force: bool) -> None:
+        """Write what fills whole shards and commit every sample whose rows are all on disk."""
+        if not self._pending:
+            return
+        self._write_big(force)
+        extent = {axis: float("inf") for axis in TOTAL_KEYS}
+        for name, spec in self.dspecs.items():
+            if spec.aligned:
+                extent[AXIS_OF[name]] = min(extent[AXIS_OF[name]], self._written[name])
+        j = 0
+        while j < len(self._pending) and all(
+            self._pending[j]["_end"][a] <= extent[a] for a in TOTAL_KEYS
+        ):
+            j += 1
+        if j == 0:
+            return
+        ends = self._pending[j - 1]["_end"]
+        # step 1b: small arrays (one-chunk shards, cheap to rewrite) up to the commit point
+        for name, spec in self.dspecs.items():
+            if not spec.aligned:
+                self._write_rows(name, ends[AXIS_OF[name]] - self._written[name])
+        self._write_index(self._pending[:j])
+        self._commit(j, ends)
 
     def _grow(self, arr, needed: int, step: int) -> None:
         # whole shards at a time: a resize is a metadata rewrite, so keep them rare
         if arr.shape[0] < needed:
             arr.resize((ceil_to(needed, step), *arr.shape[1:]))
 
-    def _write_data(self) -> dict[str, int]:
-        """Step 1: data slabs at the committed offsets (one zarr write per array)."""
-        for name, spec in self.dspecs.items():
-            if not self._buf_rows[name]:
-                continue
-            slab = np.concatenate(self._buf[name], axis=0)
-            start = self.totals[AXIS_OF[name]]
-            arr = self.data[name]
-            self._grow(arr, start + slab.shape[0], spec.shard_rows)
-            arr[start : start + slab.shape[0]] = slab
-        return dict(self._next)
-
-    def _write_index(self) -> None:
-        """Step 2: index rows after the committed ones."""
-        n = self.buffered()
+    def _write_index(self, rows: list[dict]) -> None:
+        """Step 2: index rows after the committed ones (one zarr write per index array)."""
+        n = len(rows)
         start = self.num_committed
         for name, (dtype, _w) in INDEX_ARRAYS.items():
-            slab = np.asarray(self._ibuf[name], dtype=dtype)
+            slab = np.asarray([r[name] for r in rows], dtype=dtype)
             arr = self.index[name]
             self._grow(arr, start + n, self.layout.index_chunk_rows)
             arr[start : start + n] = slab
 
-    def _commit(self, new_totals: dict[str, int]) -> None:
-        """Step 3: one atomic rewrite of the part's zarr.json makes the samples visible."""
-        n = self.num_committed + self.buffered()
-        self.part.attrs.update({"committed": {"samples": n, **new_totals}, "finished": False})
+    def _commit(self, j: int, ends: dict[str, int]) -> None:
+        """Step 3: one atomic rewrite of the part's zarr.json makes the first ``j`` pending
+        samples visible."""
+        n = self.num_committed + j
+        totals = {key: int(ends[key]) for key in TOTAL_KEYS}
+        self.part.attrs.update({"committed": {"samples": n, **totals}, "finished": False})
         self.num_committed = n
-        self.totals = {key: new_totals[key] for key in TOTAL_KEYS}
-        self._reset_buffers()
+        self.totals = totals
+        del self._pending[:j]
 
 
 def sweep_partials_root(path: Path) -> list[Path]:
