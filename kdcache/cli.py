@@ -42,6 +42,19 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """kdcache: offline LLaVA-KD."""
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as one line, exit code 2, no traceback."""
+    from .cache.format import CacheCorrupt, CacheFormatError, CacheMismatch
+    from .config import ConfigError
+    from .data.llava import DataError, SampleError
+    from .dump import DumpError
+    from .models import ModelLoadError
+    from .train import CacheMismatchError
+
+    return (ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError,
+            CacheMismatchError, DataError, SampleError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def _fail(e: Exception) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -68,7 +81,8 @@ def make_data(
     from .data.synthetic import make_synthetic
 
     paths = make_synthetic(out, num_images=num_images, qa_per_image=qa_per_image, num_val=num_val,
-                           num_eval=num_eval, image_size=image_size, seed=seed, student_images=student_images)
+                           num_eval=num_eval, image_size=image_size, seed=seed,
+                           student_images=student_images or None)
     for k, v in paths.items():
         typer.echo(f"{k:>16}: {v}")
 
@@ -144,8 +158,7 @@ def dump(
 
     Example: kdcache dump --teacher runs/teacher --data data/instruct.json --images data --out caches/t.zarr
     """
-    from .config import ConfigError, DumpConfig
-    from .dump import DumpError
+    from .config import DumpConfig
     from .dump import dump as _dump
     from .positions import parse_kinds
 
@@ -155,7 +168,7 @@ def dump(
                          temperature=temperature, batch_size=batch_size, max_length=max_length,
                          on_too_long=on_too_long, template=template, num_workers=num_workers, device=device)
         _dump(cfg)
-    except (ConfigError, DumpError, ValueError, FileNotFoundError) as e:
+    except (ValueError, *_user_errors()) as e:
         _fail(e)
 
 
@@ -203,7 +216,10 @@ def export(
     """
     from .cache.arrow import export_parquet
 
-    n = export_parquet(cache, parquet)
+    try:
+        n = export_parquet(cache, parquet)
+    except _user_errors() as e:
+        _fail(e)
     typer.echo(f"wrote {parquet} ({n} rows)")
 
 
@@ -232,7 +248,7 @@ def train(
     Example: kdcache train --stage dft --student runs/s-sft --data data/instruct.json --images data
              --cache caches/t.zarr --out runs/s-dft
     """
-    from .config import ConfigError, TrainConfig, from_dict
+    from .config import TrainConfig, from_dict
     from .train import train as _train
 
     flags = dict(stage=stage, student=student, data=str(data), images=str(images), out=str(out),
@@ -248,7 +264,7 @@ def train(
         base.update({k: v for k, v in flags.items() if v is not None})
         cfg = from_dict(TrainConfig, base)
         _train(cfg)
-    except ConfigError as e:
+    except _user_errors() as e:
         _fail(e)
 
 
@@ -262,12 +278,11 @@ def run(
 
     Example: kdcache run pipelines/llava_kd.yaml
     """
-    from .config import ConfigError
     from .recipes import run_recipe
 
     try:
         run_recipe(recipe, workdir=workdir, dry_run=dry_run)
-    except ConfigError as e:
+    except _user_errors() as e:
         _fail(e)
 
 
@@ -293,7 +308,10 @@ def eval_(
     cfg = EvalConfig(model=model, data=str(data), images=str(images), out=str(out) if out else None,
                      teacher_cache=str(teacher_cache) if teacher_cache else None, teacher=teacher,
                      batch_size=batch_size, limit=limit, template=template)
-    typer.echo(format_report(evaluate(cfg)))
+    try:
+        typer.echo(format_report(evaluate(cfg)))
+    except (ValueError, *_user_errors()) as e:
+        _fail(e)
 
 
 @app.command()

@@ -20,7 +20,8 @@ def _dir_bytes(d: Path) -> int:
 def disk_bytes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes on disk per array, summed over parts (index arrays as ``index/<name>``)."""
     path = Path(path)
-    parts = [p for p in (path / "parts").iterdir() if p.is_dir()] if (path / "parts").is_dir() else []
+    parts_dir = path / "parts"
+    parts = [p for p in parts_dir.iterdir() if p.is_dir()] if parts_dir.is_dir() else []
     out = {}
     for name in DATA_ARRAYS:
         b = sum(_dir_bytes(p / name) for p in parts)

@@ -54,7 +54,8 @@ class VerifyReport:
 
     def __str__(self) -> str:
         head = (f"{self.path}: {'OK' if self.ok else 'FAILED'} - {self.parts} part(s), "
-                f"{self.samples_checked} samples checked, {self.samples_skipped} skipped by the dump")
+                f"{self.samples_checked} samples checked, "
+                f"{self.samples_skipped} skipped by the dump")
         lines = [head] + [f"  - {p}" for p in self.problems]
         if self.dropped:
             lines.append(f"  ... and {self.dropped} more problems")
@@ -152,11 +153,13 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
         if len(bad):
             i = int(bad[0])
             rep.add(f"{where}: index {axis} offsets not contiguous from index row {i} "
-                    f"(row {int(p.cols['row'][i])}): offset {int(off[i])}, expected {int(expect[i])}")
+                    f"(row {int(p.cols['row'][i])}): offset {int(off[i])}, "
+                    f"expected {int(expect[i])}")
             good = False
         total = int(ln.sum())
         if total != p.totals.get(axis):
-            rep.add(f"{where}: index says {total} {axis} rows, commit record says {p.totals.get(axis)}")
+            rep.add(f"{where}: index says {total} {axis} rows, "
+                    f"commit record says {p.totals.get(axis)}")
             good = False
     for name, arr in arrays.items():
         need = p.totals.get(AXIS_OF[name], 0)
@@ -167,7 +170,8 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
     k = int(attrs["settings"]["top_k"])
     for name in ("topk_ids", "topk_logprobs"):
         if arrays[name].shape[1:] != (k,):
-            rep.add(f"{where}: array {name} rows are {arrays[name].shape[1:]}, expected top_k = {k}")
+            rep.add(f"{where}: array {name} rows are {arrays[name].shape[1:]}, "
+                    f"expected top_k = {k}")
             good = False
     if "visual_hidden" in arrays:
         D = int(attrs["teacher"]["hidden_size"])

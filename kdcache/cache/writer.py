@@ -43,8 +43,20 @@ from kdcache.records import TeacherRecord
 GRAM_ARRAY = "teacher_gram"
 
 
+def _check_zarr_version(version: str) -> None:
+    # crash safety rests on LocalStore's temp-file + rename writes, added in zarr 3.1.3 (#3412)
+    from packaging.version import Version
+
+    if Version(version) < Version("3.1.3"):
+        raise RuntimeError(
+            f"zarr {version} writes chunks in place, so a killed dump can leave torn chunks; "
+            "kdcache needs zarr >= 3.1.3 (pip install 'zarr>=3.1.5,<4')"
+        )
+
+
 def sweep_partials(root: Path) -> list[Path]:
-    """Delete leftover ``*.partial`` temp files under ``root`` (a killed zarr write); returns them."""
+    """Delete leftover ``*.partial`` temp files (killed zarr writes) under ``root``; returns
+    the paths deleted."""
     found = [p for p in Path(root).rglob("*.partial") if p.is_file()]
     for p in found:
         p.unlink(missing_ok=True)
@@ -100,6 +112,7 @@ class CacheWriter:
         import zarr
         from zarr.storage import LocalStore
 
+        _check_zarr_version(zarr.__version__)
         validate_attrs(attrs, where="new cache attributes")
         if attrs["settings"]["world_size"] != world_size:
             raise ValueError(
@@ -161,7 +174,8 @@ class CacheWriter:
         deadline = time.monotonic() + timeout_s
         while True:
             existing = read_json_attrs(self.path)
-            if existing and "kdcache_format" in existing and (self.path / "parts/zarr.json").exists():
+            parts_ready = (self.path / "parts" / "zarr.json").exists()
+            if existing and "kdcache_format" in existing and parts_ready:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -202,7 +216,10 @@ class CacheWriter:
                 )
             return arr
         if self.part.attrs["committed"]["samples"] > 0:
-            raise CacheFormatError(f"{key} is missing although samples were committed: corrupt part")
+            raise CacheFormatError(
+                f"{key} is missing although samples were committed: corrupt part; delete "
+                f"parts/{self.rank} and rerun that rank"
+            )
         attributes = {"logical_dtype": spec.logical_dtype} if spec.logical_dtype else None
         return zarr.create_array(
             self.store,
@@ -328,7 +345,9 @@ class CacheWriter:
             raise ValueError("only rank 0 writes teacher_gram")
         g = np.asarray(gram, dtype=np.float32)
         if g.shape != (self.hidden_size, self.hidden_size):
-            raise ValueError(f"teacher_gram must be [D, D] with D={self.hidden_size}, got {g.shape}")
+            raise ValueError(
+                f"teacher_gram must be [D, D] with D={self.hidden_size}, got {g.shape}"
+            )
         zarr.create_array(self.store, name=GRAM_ARRAY, data=g, chunks=g.shape, overwrite=True,
                           compressors=zarr_compressors(ArraySpec(GRAM_ARRAY, "float32", None, 1,
                                                                  None, "byteshuffle")))

@@ -31,8 +31,8 @@ def make_attrs_for(*, k=K, vocab=VOCAB, hidden_size=HIDDEN, hidden="bf16", world
 
 def make_roles(rng: np.random.Generator, n_vis: int) -> np.ndarray:
     """[prompt, visual, prompt, response, (prompt, response)] with random lengths."""
-    segs = [(ROLE_PROMPT, rng.integers(2, 6)), (ROLE_VISUAL, n_vis), (ROLE_PROMPT, rng.integers(1, 4)),
-            (ROLE_RESPONSE, rng.integers(2, 9))]
+    segs = [(ROLE_PROMPT, rng.integers(2, 6)), (ROLE_VISUAL, n_vis),
+            (ROLE_PROMPT, rng.integers(1, 4)), (ROLE_RESPONSE, rng.integers(2, 9))]
     if rng.random() < 0.5:
         segs += [(ROLE_PROMPT, rng.integers(1, 4)), (ROLE_RESPONSE, rng.integers(1, 6))]
     return np.concatenate([np.full(int(n), r, dtype=np.uint8) for r, n in segs])
@@ -82,10 +82,9 @@ def records_equal(a: TeacherRecord, b: TeacherRecord) -> None:
     else:
         assert a.visual_hidden.dtype == b.visual_hidden.dtype
         assert a.visual_hidden.shape == b.visual_hidden.shape
-        assert torch.equal(a.visual_hidden.view(torch.int16) if a.visual_hidden.dtype == torch.bfloat16
-                           else a.visual_hidden,
-                           b.visual_hidden.view(torch.int16) if b.visual_hidden.dtype == torch.bfloat16
-                           else b.visual_hidden)
+        bits = [h.view(torch.int16) if h.dtype == torch.bfloat16 else h
+                for h in (a.visual_hidden, b.visual_hidden)]
+        assert torch.equal(*bits)
 
 
 def write_cache(path, records, *, attrs=None, rank=0, world_size=1, layout=SMALL, skips=(),
