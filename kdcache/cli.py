@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,10 @@ from typing import Optional
 import typer
 
 from . import __version__
+
+# OpenMP threads that spin while waiting make a contended CPU (data-loader workers, other jobs)
+# 10-20x slower; passive waiting costs nothing measurable. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="kdcache",
