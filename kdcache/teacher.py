@@ -11,6 +11,12 @@ and, inside the image span, the final-normed hidden states H (the LM head's inpu
 logits are Z = H W^T and the relation target R = Z Z^T = H (W^T W) H^T.
 
 The LM head runs over chunks of positions: a batch's full [B, T, V] logits never exist.
+
+H is ``LlavaModel``'s ``last_hidden_state``, i.e. after the LLM's final RMSNorm. In transformers 5
+this is also what ``LlavaForConditionalGeneration(..., output_hidden_states=True).hidden_states[-1]``
+returns (the output capture overwrites the last entry with the normed state), which
+``tests/test_teacher.py`` checks with a hook on the norm. Logits are computed in the model's dtype
+(bf16 on GPU, like ``model(...).logits``) and soft-maxed in float32.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ def topk_from_hidden(hidden: torch.Tensor, lm_weight: torch.Tensor, k: int, *, t
     V = lm_weight.shape[0]
     if not 1 <= k <= V:
         raise ValueError(f"top-k must be in [1, vocabulary size {V}], got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     ids = torch.empty(P, k, dtype=torch.int64, device=hidden.device)
     lps = torch.empty(P, k, dtype=torch.float32, device=hidden.device)
     tail = torch.empty(P, dtype=torch.float32, device=hidden.device)

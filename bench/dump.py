@@ -1,0 +1,276 @@
+"""Benchmark the teacher dump: tokens/s and bytes per distilled position, chunked vs naive.
+
+    python bench/dump.py                                   # CPU: tiny teacher, reduced shapes (~10-30 s)
+    python bench/dump.py --compare-naive                   # + the naive full-logits path, side by side
+    python bench/dump.py --preset random:qwen2.5-3b --batch-size 16 --num-samples 256 --compare-naive
+                                                           # GPU: SigLIP-so400m + Qwen2.5-3B, 729 + 128 tokens
+    python bench/dump.py --teacher runs/teacher-sft        # a real LLaVA directory
+
+What is timed: exactly the dump's inner loop, teacher forward -> records -> ``CacheWriter.add``,
+plus the final flush/close, over pre-built batches already on the device (data loading and image
+decoding are not the teacher's cost). One untimed warm-up batch goes first; CUDA is synchronised
+before the clock is read (and ``writer.add`` copies each record to the host anyway).
+
+- ``kdcache``: ``kdcache.teacher.teacher_records``: hidden states from the LLM, the LM head only at
+  the distilled positions, in chunks (the [B, T, V] logits never exist), exact log-sum-exp tail.
+- ``naive`` (``--compare-naive``): a plain ``model(...).logits`` over every position, then
+  ``log_softmax`` + ``topk`` on the whole [B, T, V] and the tail as ``log(1 - sum p)`` (cheaper
+  than the exact tail, so the comparison is, if anything, generous to the naive path).
+
+Both write through the same writer into their own cache, so bytes/position is measured on disk
+(all arrays, visual hidden states included; ``hidden B/vis-row`` shows that part alone).
+
+Samples are synthetic token ids: ``--prompt-tokens`` before and after the image (an eighth
+before), the image span (the model's visual token count: 729 for SigLIP-so400m/14@384), then
+response tokens up to ``--text-tokens``; random pixels. Every sample has the same length, so
+batches carry no padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.cache.format import make_attrs
+from kdcache.cache.reader import CacheReader
+from kdcache.cache.writer import CacheWriter
+from kdcache.config import DumpConfig
+from kdcache.dump import dump_settings
+from kdcache.models import config_hash, image_token_id, load_model, num_image_tokens
+from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL, select_positions, visual_span
+from kdcache.records import TeacherRecord
+from kdcache.teacher import teacher_records
+
+KINDS = ("visual", "response")
+
+
+# ---- the model -------------------------------------------------------------------------------
+def build_preset(preset: str, vocab_size: int | None, device: torch.device, dtype: torch.dtype):
+    """A random-init LLaVA of a kdcache preset's shapes, built in memory on ``device`` (nothing is
+    written to disk; no tokenizer needed). ``vocab_size`` overrides the preset's."""
+    from transformers import LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    from kdcache import models
+
+    if preset in models.TINY_LLM:
+        V = vocab_size or 32768
+        tc = Qwen2Config(vocab_size=V, tie_word_embeddings=False, **models.TINY_LLM[preset])
+        vc = SiglipVisionConfig(**models.TINY_VISION)
+    elif preset.startswith("random:") and preset[7:] in models._QWEN_SHAPES:
+        shape = dict(models._QWEN_SHAPES[preset[7:]])
+        if vocab_size:
+            shape["vocab_size"] = vocab_size
+        tc = Qwen2Config(**shape)
+        vc = SiglipVisionConfig(**models._SIGLIP_SO400M)
+    else:
+        raise SystemExit(f"unknown preset {preset!r}: choose from {', '.join(models.PRESETS)}")
+    config = models._llava_config(tc, vc, tc.vocab_size - 1)  # last id stands for <image>
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: seconds for 3B on a GPU
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def synthetic_batches(model, n_image: int, num_samples: int, batch_size: int, text_tokens: int,
+                      prompt_tokens: int, device, seed: int = 0) -> list[dict]:
+    """Collated batches like ``kdcache.data.collate`` makes, on ``device``."""
+    cfg = model.config
+    V = model.lm_head.weight.shape[0]
+    img = image_token_id(cfg)
+    size = cfg.vision_config.image_size
+    before = max(1, prompt_tokens // 8)
+    response = text_tokens - prompt_tokens
+    if response < 1:
+        raise SystemExit(f"--text-tokens {text_tokens} must exceed --prompt-tokens {prompt_tokens}")
+    roles = np.concatenate([np.full(before, ROLE_PROMPT), np.full(n_image, ROLE_VISUAL),
+                            np.full(prompt_tokens - before, ROLE_PROMPT), np.full(response, ROLE_RESPONSE)]
+                           ).astype(np.uint8)  # [T]
+    T = roles.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for s in range(0, num_samples, batch_size):
+        B = min(batch_size, num_samples - s)
+        ids = torch.randint(0, V - 1, (B, T), generator=g)
+        ids[ids == img] = 0
+        ids[:, torch.from_numpy(roles == ROLE_VISUAL)] = img
+        pix = torch.randn(B, 3, size, size, generator=g)
+        batches.append({
+            "input_ids": ids.to(device), "attention_mask": torch.ones(B, T, dtype=torch.long, device=device),
+            "roles": torch.from_numpy(roles).expand(B, T).clone(),
+            "pixel_values": pix.to(device=device, dtype=model.dtype),
+            "sample_ids": [f"bench-{s + b:06d}" for b in range(B)], "rows": list(range(s, s + B)),
+        })
+    return batches
+
+
+# ---- the naive path --------------------------------------------------------------------------
+@torch.no_grad()
+def naive_records(model, batch: dict, *, kinds, top_k: int, with_hidden: bool) -> list[TeacherRecord]:
+    """Records the obvious way: full logits [B, T, V], log_softmax and top-k over all of them."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], output_hidden_states=with_hidden, use_cache=False)
+    logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
+    top, idx = logp.topk(top_k, dim=-1)  # [B, T, k]
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0))  # [B, T]  log(1 - sum p): the naive tail
+    roles = batch["roles"].numpy()
+    recs = []
+    for b in range(roles.shape[0]):
+        pos, kc = select_positions(roles[b], kinds)
+        p = torch.from_numpy(pos).to(idx.device).long()
+        recs.append(TeacherRecord(
+            sample_id=batch["sample_ids"][b], row=batch["rows"][b],
+            input_ids=batch["input_ids"][b].to(torch.int32), roles=batch["roles"][b],
+            positions=torch.from_numpy(pos), kinds=torch.from_numpy(kc),
+            topk_ids=idx[b, p].to(torch.int32), topk_logprobs=top[b, p],
+            tail_logmass=tail[b, p],
+            visual_hidden=(out.hidden_states[-1][b, torch.from_numpy(visual_span(roles[b])).to(idx.device)]
+                           if with_hidden else None)))
+    return recs
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, device, top_k: int,
+             hidden: bool) -> dict:
+    """Warm up, then time forward + records + writer over ``batches``; returns a row of the table."""
+    fn(model, warmup, kinds=KINDS, top_k=top_k, with_hidden=hidden)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    writer = CacheWriter(out, attrs)
+    n_tok = n_pos = n_samples = 0
+    sync(device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        for r in fn(model, batch, kinds=KINDS, top_k=top_k, with_hidden=hidden):
+            writer.add(r)  # copies to the host: a sync point per record
+            n_tok += r.num_tokens
+            n_pos += len(r.positions)
+            n_samples += 1
+    writer.close(finished=True)
+    sync(device)
+    dt = time.perf_counter() - t0
+    part = out / "parts" / "0"
+    nbytes = sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
+    hbytes = sum(f.stat().st_size for f in (part / "visual_hidden").rglob("*") if f.is_file()) if hidden else 0
+    n_vis = CacheReader(out, check=False).parts[0].totals["visual"]
+    return {"path": name, "samples": n_samples, "seconds": dt, "tokens/s": n_tok / dt, "samples/s": n_samples / dt,
+            "positions/s": n_pos / dt, "B/position": nbytes / max(n_pos, 1),
+            "hidden B/vis-row": hbytes / max(n_vis, 1),
+            "peak GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
+
+
+def agreement(a: Path, b: Path, n: int = 8) -> str:
+    """Top-1 agreement and largest top-1 log-prob difference between two caches' first n samples."""
+    ra, rb = CacheReader(a, check=False), CacheReader(b, check=False)
+    same, total, diff = 0, 0, 0.0
+    for x, y in zip(ra.read_range(0, 0, n), rb.read_range(0, 0, n)):
+        same += int((x.topk_ids[:, 0] == y.topk_ids[:, 0]).sum())
+        total += x.topk_ids.shape[0]
+        diff = max(diff, float((x.topk_logprobs[:, 0].float() - y.topk_logprobs[:, 0].float()).abs().max()))
+    return f"top-1 ids agree at {100 * same / max(total, 1):.1f}% of positions, max |d log-prob| {diff:.2e}"
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["path", "samples", "seconds", "tokens/s", "samples/s", "positions/s", "B/position",
+            "hidden B/vis-row", "peak GiB"]
+    fmt = {"seconds": "{:.2f}", "tokens/s": "{:.0f}", "samples/s": "{:.1f}", "positions/s": "{:.0f}",
+           "B/position": "{:.0f}", "hidden B/vis-row": "{:.0f}", "peak GiB": "{:.2f}"}
+    cells = [[("n/a" if isinstance(r[c], float) and np.isnan(r[c]) else fmt.get(c, "{}").format(r[c]))
+              for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--teacher", help="a LLaVA directory (loaded like the dump loads it)")
+    src.add_argument("--preset", help="tiny-teacher | random:qwen2.5-3b | ... built in memory "
+                                      "(default: random:qwen2.5-3b on GPU, tiny-teacher on CPU)")
+    ap.add_argument("--vocab-size", type=int, default=None, help="override a preset's vocabulary "
+                    "(default: the preset's; 32768 for tiny-*)")
+    ap.add_argument("--num-samples", type=int, default=128 if cuda else 16)
+    ap.add_argument("--batch-size", type=int, default=16 if cuda else 4)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--text-tokens", type=int, default=128, help="prompt + response tokens per sample")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="of which prompt")
+    ap.add_argument("--chunk-size", type=int, default=DumpConfig.chunk_size)
+    ap.add_argument("--hidden", default="bf16", choices=["bf16", "fp16", "float32", "none"])
+    ap.add_argument("--compare-naive", action="store_true", help="also run the full-logits path, then the ratio")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.teacher:
+        model, processor = load_model(args.teacher, dtype=dtype, device=device)
+        model.requires_grad_(False).eval()
+        name = args.teacher
+    else:
+        name = args.preset or ("random:qwen2.5-3b" if device.type == "cuda" else "tiny-teacher")
+        t = time.perf_counter()
+        model, processor = build_preset(name, args.vocab_size, device, dtype), None
+        print(f"built {name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    n_image = num_image_tokens(model.config, processor)
+    V, D = model.lm_head.weight.shape
+    batches = synthetic_batches(model, n_image, args.num_samples, args.batch_size, args.text_tokens,
+                                args.prompt_tokens, device)
+    warmup = synthetic_batches(model, n_image, args.batch_size, args.batch_size, args.text_tokens,
+                               args.prompt_tokens, device, seed=1)[0]
+    T = batches[0]["input_ids"].shape[1]
+    cfg = DumpConfig(teacher=name, data="synthetic", images="synthetic", out="bench", top_k=args.top_k,
+                     positions=KINDS, hidden=args.hidden, chunk_size=args.chunk_size)
+    attrs = make_attrs(
+        {"name_or_path": name, "config_hash": config_hash(model.config), "vocab_size": int(V),
+         "hidden_size": int(D), "dtype": str(dtype).replace("torch.", ""), "num_image_tokens": n_image},
+        {"name_or_path": name, "vocab_hash": "synthetic", "template": "none", "template_hash": "none"},
+        {"path": "synthetic", "num_rows": args.num_samples, "content_hash": "synthetic-ids-seed0"},
+        dump_settings(cfg, 1))
+    hidden = args.hidden != "none"
+
+    def ours(model, batch, **kw):
+        return teacher_records(model, batch, chunk_size=args.chunk_size, **kw)
+
+    print(f"{name} on {device} ({dtype}): vocab {V}, hidden {D}, {n_image} visual + {args.text_tokens} "
+          f"text = {T} tokens/sample, batch {args.batch_size}, {args.num_samples} samples, top-{args.top_k}, "
+          f"hidden {args.hidden}, torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+        rows.append(run_path("kdcache", ours, model, batches, warmup, Path(tmp) / "ours.zarr", attrs, device,
+                             args.top_k, hidden))
+        if args.compare_naive:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(run_path("naive", naive_records, model, batches, warmup, Path(tmp) / "naive.zarr",
+                                 attrs, device, args.top_k, hidden))
+            check = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "naive.zarr")
+    print(format_table(rows))
+    if args.compare_naive:
+        a, b = rows
+        mem = (f"; peak memory {a['peak GiB']:.2f} vs {b['peak GiB']:.2f} GiB ({b['peak GiB'] / a['peak GiB']:.2f}x)"
+               if device.type == "cuda" else "")
+        print(f"kdcache / naive: {a['tokens/s'] / b['tokens/s']:.2f}x tokens/s{mem}; {check}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": name, "device": str(device), "args": vars(args) | {"json": str(args.json)},
+                                         "rows": rows}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The dump end to end on CPU: two real ranks, SIGKILL + resume, reruns, refusals, skips, progress.
+
+A module-scoped reference cache (one rank, uninterrupted, in-process) is what the other runs
+must reproduce. Subprocess runs use the real CLI (`python -m kdcache.cli dump ...`, torchrun for
+two ranks) with KDCACHE_DUMP_COMMIT_EVERY_S=0, so every batch of 2 is its own commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from kdcache.cache.format import CacheMismatch
+from kdcache.cache.reader import CacheReader
+from kdcache.cache.verify import verify_cache
+from kdcache.cli import app
+from kdcache.config import DumpConfig
+from kdcache.dump import DumpError, dump
+
+TOP_K = 8
+BATCH = 2
+
+
+def _cfg(teacher, data, images, out, **kw) -> DumpConfig:
+    base = dict(top_k=TOP_K, batch_size=BATCH, num_workers=0, device="cpu")
+    base.update(kw)
+    return DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out), **base)
+
+
+def _cli_args(teacher, data, images, out, top_k=TOP_K, batch_size=BATCH) -> list[str]:
+    return ["dump", "--teacher", str(teacher), "--data", str(data), "--images", str(images),
+            "--out", str(out), "--top-k", str(top_k), "--batch-size", str(batch_size),
+            "--num-workers", "0", "--device", "cpu"]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path: 'unchanged' means this is equal."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _committed(part_dir: Path) -> int:
+    try:
+        return int(json.loads((part_dir / "zarr.json").read_text())["attributes"]["committed"]["samples"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _array_paths(root: Path) -> list[str]:
+    return sorted(str(p.parent.relative_to(root)) for p in root.rglob("zarr.json")
+                  if json.loads(p.read_text())["node_type"] == "array")
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    """Every array of every part (data and index), the Gram matrix and the attributes are equal."""
+    arrays = _array_paths(a)
+    assert arrays == _array_paths(b) and len(arrays) > 15
+    for name in arrays:
+        x = zarr.open_array(str(a / name), mode="r")
+        y = zarr.open_array(str(b / name), mode="r")
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        np.testing.assert_array_equal(x[...], y[...], err_msg=name)
+    ra, rb = (json.loads((p / "zarr.json").read_text())["attributes"] for p in (a, b))
+    ra.pop("kdcache_version"), rb.pop("kdcache_version")
+    assert ra == rb
+    for part in (a / "parts").iterdir():
+        if part.is_dir():
+            assert (json.loads((part / "zarr.json").read_text())
+                    == json.loads((b / "parts" / part.name / "zarr.json").read_text()))
+
+
+def _assert_same_records(a: CacheReader, b: CacheReader, *, exact: bool) -> None:
+    """Same rows, and per row the same ids, positions, top-k ids, log-probs, tail and hidden."""
+    assert sorted(a.rows()) == sorted(b.rows())
+    for row in a.rows():
+        x, y = a.get_by_row(row), b.get_by_row(row)
+        assert x.sample_id == y.sample_id
+        for f in ("input_ids", "roles", "positions", "kinds", "topk_ids"):
+            np.testing.assert_array_equal(getattr(x, f).numpy(), getattr(y, f).numpy(), err_msg=f"{row} {f}")
+        for f in ("topk_logprobs", "tail_logmass", "visual_hidden"):
+            u, v = getattr(x, f).float().numpy(), getattr(y, f).float().numpy()
+            if exact:
+                np.testing.assert_array_equal(u, v, err_msg=f"{row} {f}")
+            else:  # another batch composition: float32 noise may move a value by one storage ulp
+                np.testing.assert_allclose(u, v, rtol=2.0**-7, atol=1e-5, err_msg=f"{row} {f}")
+
+
+@pytest.fixture(scope="module")
+def ref_cache(tiny_teacher, synth_data, tmp_path_factory) -> Path:
+    """One rank, uninterrupted: instruct_small (20 samples), top-8, bf16 hidden, fp16 log-probs."""
+    out = tmp_path_factory.mktemp("dump_ref") / "ref.zarr"
+    dump(_cfg(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out))
+    return out
+
+
+def test_reference_cache_is_complete(ref_cache):
+    rep = verify_cache(ref_cache)
+    assert rep.ok, str(rep)
+    r = CacheReader(ref_cache)
+    assert r.num_samples == 20 and sorted(r.rows()) == list(range(20)) and not r.skipped()
+    assert r.gram().shape == (192, 192)
+
+
+def test_two_ranks_open_as_one_and_equal_one_rank(tiny_teacher, synth_data, ref_cache, tmp_path, cli_env):
+    out = tmp_path / "two.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", "2", "-m", "kdcache.cli",
+           *_cli_args(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out)]
+    res = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    finals = [ln for ln in res.stdout.splitlines() if ln.startswith("dump done")]
+    assert len(finals) == 1 and "20 samples in 2 part(s)" in finals[0], res.stdout  # rank 0, once, after both
+    r2 = CacheReader(out)
+    assert sorted(r2.parts) == [0, 1] and r2.attrs["settings"]["world_size"] == 2
+    for rank, p in r2.parts.items():
+        assert p.finished and all(int(row) % 2 == rank for row in p.cols["row"])
+    _assert_same_records(r2, CacheReader(ref_cache), exact=False)
+    assert np.array_equal(r2.gram(), CacheReader(ref_cache).gram())
+    assert verify_cache(out).ok
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_teacher, synth_data, ref_cache, tmp_path, cli_env):
+    out = tmp_path / "killed.zarr"
+    part = out / "parts" / "0"
+    cmd = [sys.executable, "-m", "kdcache.cli",
+           *_cli_args(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out)]
+    env = cli_env(KDCACHE_DUMP_COMMIT_EVERY_S="0")
+    rng = random.Random(0)
+    history = []
+    for threshold in (2, 8, 14):  # kill once >= N samples are committed, a random moment later
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while _committed(part) < threshold and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.03))  # lands anywhere in a batch: forward, flush, commit
+        proc.send_signal(signal.SIGKILL)
+        log = proc.communicate()[0]
+        assert proc.returncode == -signal.SIGKILL, f"run ended before the kill:\n{log}"
+        history.append(_committed(part))
+    # every kill landed mid-run, after more commits than the last
+    assert history[0] >= 2 and history[0] < history[1] < history[2] < 20, history
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"resumed after {history[-1]} rows committed earlier" in res.stdout.splitlines()[-1]
+    assert not list(out.rglob("*.partial"))
+    _assert_same_cache(out, ref_cache)
+    _assert_same_records(CacheReader(out), CacheReader(ref_cache), exact=True)
+    v = CliRunner().invoke(app, ["verify", str(out)])
+    assert v.exit_code == 0 and "OK" in v.output, v.output
+
+
+def test_rerun_of_finished_dump_does_nothing(tiny_teacher, synth_data, ref_cache, capsys):
+    before = _snapshot(ref_cache)
+    dump(_cfg(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], ref_cache))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "already complete" in lines[0] and "nothing to do" in lines[0]
+    assert lines[-1].startswith("nothing to do: all 20 rows were already committed")
+    assert _snapshot(ref_cache) == before
+
+
+def test_other_settings_into_existing_cache_is_refused(tiny_teacher, synth_data, ref_cache):
+    before = _snapshot(ref_cache)
+    with pytest.raises(CacheMismatch, match=r"settings\.top_k: cache has 8, this run asks 4"):
+        dump(_cfg(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], ref_cache, top_k=4))
+    res = CliRunner().invoke(app, _cli_args(tiny_teacher, synth_data["instruct_small"],
+                                            synth_data["images_root"], ref_cache, batch_size=BATCH)
+                             + ["--hidden", "fp16"])
+    assert res.exit_code == 2 and "settings.hidden" in res.output and "unchanged" in res.output, res.output
+    with pytest.raises(CacheMismatch, match=r"dataset\.(num_rows|sha256)"):
+        dump(_cfg(tiny_teacher, synth_data["instruct"], synth_data["images_root"], ref_cache))
+    assert _snapshot(ref_cache) == before
+
+
+def test_untrained_projector_is_refused_with_the_fix(tiny_student, synth_data, tmp_path):
+    # tiny_student is a fresh `init-model` directory: its meta says no stage trained the projector
+    with pytest.raises(DumpError, match=r"kdcache train --stage pt --student"):
+        dump(_cfg(tiny_student, synth_data["instruct_small"], synth_data["images_root"], tmp_path / "c.zarr"))
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_hub_id_without_network_fails_fast(synth_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    res = CliRunner().invoke(app, _cli_args("someone/nonexistent-model", synth_data["instruct_small"],
+                                            synth_data["images_root"], tmp_path / "c.zarr"))
+    assert time.monotonic() - t0 < 20
+    assert res.exit_code == 2, res.output
+    assert "someone/nonexistent-model" in res.output and "local" in res.output
+    assert "--teacher /path/to/DIR" in res.output and "Traceback" not in res.output
+
+
+def test_unwritable_output_fails_before_the_teacher(synth_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    # a teacher that cannot load: if it were loaded first, the error would be about it
+    with pytest.raises(DumpError, match="not writable"):
+        dump(_cfg("someone/nonexistent-model", synth_data["instruct_small"], synth_data["images_root"],
+                  blocker / "c.zarr"))
+    with pytest.raises(DumpError, match="not a directory"):
+        dump(_cfg("someone/nonexistent-model", synth_data["instruct_small"], synth_data["images_root"], blocker))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes through permission bits")
+def test_read_only_directory_is_refused(synth_data, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(DumpError, match="not writable"):
+        dump(_cfg("someone/nonexistent-model", synth_data["instruct_small"], synth_data["images_root"],
+                  ro / "c.zarr"))
+
+
+def test_bad_samples_are_skipped_counted_and_recorded(tiny_teacher, synth_data, tmp_path, capsys):
+    rows = json.loads(Path(synth_data["instruct_small"]).read_text())[:8]
+    rows[2]["image"] = "no_such_image.png"  # missing image
+    rows[5]["conversations"][0]["value"] = rows[5]["conversations"][0]["value"].replace("<image>", "").strip()
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "bad.zarr"
+    dump(_cfg(tiny_teacher, data, synth_data["images_root"], out))
+    captured = capsys.readouterr()
+    final = captured.out.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"dump done: 6 samples, (\d+) tokens, (\d+) positions in [\d.]+ s \([\d.]+ samples/s, \d+ tokens/s\); "
+        r"wrote [\d.]+ MiB \((\d+) bytes/position\); cache .*bad\.zarr: 6 samples in 1 part\(s\), [\d.]+ MiB; "
+        r"skipped 2 samples: 1 missing_image, 1 no_image_token", final)
+    assert m, final
+    reader = CacheReader(out)
+    tokens = sum(reader.get_by_row(r).num_tokens for r in reader.rows())
+    positions = sum(len(reader.get_by_row(r).positions) for r in reader.rows())
+    assert (int(m[1]), int(m[2])) == (tokens, positions) and int(m[3]) > 0
+    assert sorted(reader.skipped()) == [(2, rows[2]["id"], "missing_image"), (5, rows[5]["id"], "no_image_token")]
+    assert sorted(reader.rows()) == [0, 1, 3, 4, 6, 7]
+    assert verify_cache(out).ok
+    # progress: a tqdm bar on stderr with samples/s, tokens/s and an ETA
+    bar = captured.err
+    assert "dump rank 0" in bar and "sample/s" in bar and "tok/s=" in bar
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", bar), bar
