@@ -15,6 +15,7 @@ STAGES = ("pt", "dpt", "sft", "dft")
 DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "tvd")
 # Paper settings (LLaVA-KD, section 4.1): projector-only stages at 1e-3, full stages at 2e-5.
 STAGE_LR = {"pt": 1e-3, "dpt": 1e-3, "sft": 2e-5, "dft": 2e-5}
+TEMPLATES = ("chat", "qwen2_base", "pretrain")
 
 
 class ConfigError(ValueError):
@@ -85,9 +86,10 @@ class TrainConfig:
     block_size: int = 64  # samples per shuffle block (a whole-chunk read)
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between metrics.jsonl lines (1: every step, for exactness tests)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    on_nan: str = "skip"  # skip | stop
+    on_nan: str = "skip"  # skip (drop the step's gradients, go on) | stop (raise; checkpoints intact)
+    log_samples: bool = False  # out/samples-rank<r>.jsonl: the sample ids of every step (audit the order)
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property
@@ -131,6 +133,33 @@ def validate(cfg) -> None:
             raise ConfigError("on_nan must be skip or stop")
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
+        _one_of("template", cfg.template, TEMPLATES)
+        _one_of("on_too_long", cfg.on_too_long, ("skip", "error"))
+        _one_of("mixed_precision", cfg.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        for key in ("max_length", "log_every", "block_size"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+        for key in ("save_every", "num_workers", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm"):
+            if getattr(cfg, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+        if cfg.max_steps is not None and cfg.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 (or null: use epochs), got {cfg.max_steps}")
+        if cfg.max_steps is None and not cfg.epochs > 0:
+            raise ConfigError(f"epochs must be > 0, got {cfg.epochs}")
+        if cfg.lr is not None and not cfg.lr > 0:
+            raise ConfigError(f"lr must be > 0 (or null: the stage's paper rate), got {cfg.lr}")
+        lc = cfg.loss
+        for key in ("alpha_res", "beta_vis", "gamma_rel", "prompt_weight"):
+            if getattr(lc, key) < 0:
+                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(lc, key)}")
+        if not lc.kd_temperature > 0:
+            raise ConfigError(f"loss.kd_temperature must be > 0, got {lc.kd_temperature}")
+        if not 0 <= lc.jsd_beta <= 1:
+            raise ConfigError(f"loss.jsd_beta must lie in [0, 1], got {lc.jsd_beta}")
+        if not 0 <= lc.skl_alpha < 1:
+            raise ConfigError(f"loss.skl_alpha must lie in [0, 1), got {lc.skl_alpha}")
+        if lc.chunk_size < 1:
+            raise ConfigError(f"loss.chunk_size must be >= 1, got {lc.chunk_size}")
     if isinstance(cfg, DumpConfig):
         if cfg.hidden not in ("bf16", "fp16", "float32", "none"):
             raise ConfigError(f"hidden: {cfg.hidden!r} is not one of bf16, fp16, float32, none")
@@ -138,6 +167,11 @@ def validate(cfg) -> None:
             raise ConfigError(f"logprob_dtype: {cfg.logprob_dtype!r} is not float16 or float32")
         if cfg.top_k < 1:
             raise ConfigError("top_k must be >= 1")
+
+
+def _one_of(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
 def _check_type(key: str, value, tp):

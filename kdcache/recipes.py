@@ -31,6 +31,9 @@ from .config import ConfigError, DumpConfig, EvalConfig, TrainConfig, from_dict,
 from .positions import parse_kinds
 
 STEP_KINDS = ("make-data", "init", "train", "dump", "eval")
+# Keys every step sets itself (a name resolved by ``plan``): a default for them would be ignored.
+PER_STEP_TRAIN = ("stage", "student", "data", "images", "out", "cache", "teacher")
+PER_STEP_DUMP = ("teacher", "data", "images", "out")
 
 
 def load_schema(name: str) -> dict:
@@ -83,6 +86,24 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
     produced: dict[str, Path] = {}
     caches: dict[str, Path] = {}
     steps: list[Step] = []
+    for section, d, own in (("defaults", defaults, PER_STEP_TRAIN), ("dump_defaults", dump_defaults, PER_STEP_DUMP)):
+        clash = sorted(set(d) & set(own))
+        if clash:
+            raise ConfigError(f"{section}: {', '.join(clash)} cannot have a default (each step names its own); "
+                              f"move it into the steps")
+    # Defaults are checked on their own too: a bad one that every step overrides is still a typo.
+    try:
+        validate(from_dict(TrainConfig, {**defaults, "stage": "pt", "student": "-", "data": "-", "images": "-",
+                                         "out": "-"}))
+    except ConfigError as e:
+        raise ConfigError(f"defaults: {e}") from None
+    try:
+        dd = dict(dump_defaults)
+        if "positions" in dd:
+            dd["positions"] = parse_kinds(dd["positions"])
+        validate(from_dict(DumpConfig, {**dd, "teacher": "-", "data": "-", "images": "-", "out": "-"}))
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"dump_defaults: {e}") from None
 
     def model_ref(ref: str, where: str) -> str:
         if ref in produced:
@@ -164,6 +185,20 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
     return steps
 
 
+def cache_finished(path: Path) -> bool:
+    """True when every rank's part of the cache at ``path`` is marked finished."""
+    from .cache.writer import read_json_attrs
+
+    root = read_json_attrs(path) if (path / "zarr.json").is_file() else None
+    if not root or "settings" not in root:
+        return False
+    for rank in range(int(root["settings"]["world_size"])):
+        part = read_json_attrs(path / "parts" / str(rank)) if (path / "parts" / str(rank) / "zarr.json").is_file() else None
+        if not part or not part.get("finished"):
+            return False
+    return True
+
+
 def is_done(step: Step) -> bool:
     if step.kind == "make-data":
         return (step.output / "tokenizer").is_dir() and (step.output / "instruct.json").is_file()
@@ -172,8 +207,6 @@ def is_done(step: Step) -> bool:
     if step.kind == "train":
         return (step.output / "DONE").is_file()
     if step.kind == "dump":
-        from .cache.writer import cache_finished
-
         return cache_finished(step.output)
     if step.kind == "eval":
         return step.output.is_file()

@@ -4,6 +4,12 @@
         --images data --cache caches/teacher-instruct.zarr --out runs/student-dft
 
     accelerate launch -m kdcache.cli train ...   # DDP / FSDP / DeepSpeed through accelerate
+    torchrun --nproc-per-node 2 -m kdcache.cli train ...               # DDP; on CPU: gloo
+    accelerate launch --multi_gpu --num_processes 2 -m kdcache.cli train ...   # same, on CPU too
+    (``accelerate launch --cpu --num_processes 2`` starts ONE process unless MPI is installed)
+
+Ranks read disjoint samples: rank r takes every world_size-th sample of the global order, so a
+step of N ranks x batch b sees the same samples as one process with batch N*b.
 
 Objective (design section 1), each term averaged over its positions in the batch:
     L = L_reg + alpha_res L_res + beta_vis L_vis + prompt_weight L_prompt + gamma_rel L_rel
@@ -13,8 +19,14 @@ function as the dump; the exactness reference). Trainable: the projector (pt, dp
 projector + LLM (sft, dft); the vision tower is always frozen.
 
 Setup -> loop -> save. A checkpoint (``out/checkpoint-<step>/``) holds the model as
-``save_pretrained`` safetensors plus optimizer, scheduler, RNG and data position; a rerun of
-the same command resumes from the newest one and continues with the same data order.
+``save_pretrained`` safetensors plus optimizer, scheduler, RNG and data position (loaded with
+``torch.load(weights_only=True)`` only); a rerun of the same command resumes from the newest one
+and continues with the same data order and loss values (``metrics.jsonl`` lines logged after
+that checkpoint are dropped first). A finished run (``DONE``) is left alone.
+
+Logs: ``metrics.jsonl`` every ``log_every`` steps (every loss term, lr, grad norm, skipped,
+tokens/s, data-wait share), ``samples-rank<r>.jsonl`` with ``log_samples``. A non-finite loss
+skips the step on every rank (``on_nan: skip``, logged) or stops the run (``stop``).
 """
 
 from __future__ import annotations
@@ -22,8 +34,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,11 +109,42 @@ class RowDataset(torch.utils.data.IterableDataset):
             yield self.transform(self.rows[seq[j][1]])
 
 
+RECORD_FIELDS = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass",
+                 "visual_hidden")
+
+
+def pack_records(records: list[TeacherRecord]) -> dict:
+    """Worker side: a batch of records as one tensor per field (rows concatenated) + lengths.
+
+    Every tensor a DataLoader worker returns crosses into the trainer through its own shared-
+    memory segment; 8 per record made the transfer, not the cache read, the bottleneck (~4x
+    fewer samples/s, ``bench/loader.py``). Packed, a batch costs 8 segments.
+    """
+    hidden = [r.visual_hidden for r in records]
+    if any(h is None for h in hidden) and not all(h is None for h in hidden):
+        raise ValueError("records mix present and absent visual_hidden")
+    fields = RECORD_FIELDS if hidden[0] is not None else RECORD_FIELDS[:-1]
+    return {"sample_id": [r.sample_id for r in records], "row": [r.row for r in records],
+            "lengths": torch.tensor([[getattr(r, f).shape[0] for f in fields] for r in records]),  # [B, F]
+            **{f: torch.cat([getattr(r, f) for r in records]) for f in fields}}
+
+
+def unpack_records(packed: dict) -> list[TeacherRecord]:
+    """Trainer side: ``pack_records``'s output -> records whose tensors are views (no copy)."""
+    fields = [f for f in RECORD_FIELDS if f in packed]
+    split = {f: torch.split(packed[f], packed["lengths"][:, j].tolist()) for j, f in enumerate(fields)}
+    return [TeacherRecord(sample_id=sid, row=row, visual_hidden=split["visual_hidden"][b] if "visual_hidden" in split
+                          else None, **{f: split[f][b] for f in fields if f != "visual_hidden"})
+            for b, (sid, row) in enumerate(zip(packed["sample_id"], packed["row"]))]
+
+
 def _collate(items, pad_token_id):
+    """Worker side: ``kdcache.data.collate.collate`` + the batch's cache records, packed."""
     from .data.collate import collate
 
     batch = collate(items, pad_token_id)
-    batch["records"] = [it.get("record") for it in items]
+    recs = [it.get("record") for it in items]
+    batch["records"] = pack_records(recs) if recs[0] is not None else None
     return batch
 
 
@@ -120,6 +165,18 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
         problems.append(f"visual tokens per image: cache {t['num_image_tokens']}, student {n_image}")
     if problems:
         raise CacheMismatchError(f"cache {cfg.cache} does not match student {cfg.student}: " + "; ".join(problems))
+    lc = cfg.loss
+    dumped = set(st["positions"])
+    for kind, key, w in (("visual", "beta_vis", lc.beta_vis), ("response", "alpha_res", lc.alpha_res),
+                         ("prompt", "prompt_weight", lc.prompt_weight)):
+        if w and kind not in dumped:
+            raise CacheMismatchError(f"loss.{key} = {w} needs {kind} positions, but cache {cfg.cache} was dumped "
+                                     f"with positions {sorted(dumped)}: set loss.{key}: 0 or dump with "
+                                     f"--positions including {kind}")
+    if lc.gamma_rel and st["hidden"] == "none":
+        raise CacheMismatchError(f"loss.gamma_rel = {lc.gamma_rel} needs visual hidden states, but cache "
+                                 f"{cfg.cache} was dumped with hidden none: set loss.gamma_rel: 0 or dump "
+                                 "with --hidden bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +304,19 @@ def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
-    cks = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    cks = [c for c in cks if (c / STATE_FILE).is_file()]
-    return cks[-1] if cks else None
+    """The newest complete checkpoint (its state file is written last), or None. Leftovers of a
+    crash mid-save (``checkpoint-N.tmp`` / ``.old``, a checkpoint without its state file) are
+    never taken."""
+    cks = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
+           and (p / STATE_FILE).is_file()]
+    return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
+
+
+def _drop_checkpoint(ckpt: Path) -> None:
+    """Remove a checkpoint, its state file first: a crash midway leaves no half checkpoint
+    that ``_latest_checkpoint`` would take for a complete one."""
+    (ckpt / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def save_model(model, processor, out: Path, meta: dict) -> None:
@@ -287,6 +354,23 @@ def _save_checkpoint(ckpt: Path, model, processor, meta, optimizer, scheduler, s
 # The stage
 
 
+class Objective(torch.nn.Module):
+    """The student and its objective as one module: ``forward`` returns the loss terms.
+
+    Accelerate wraps this (DDP / FSDP), so the wrapper's forward runs and gradients are
+    synchronised across ranks; ``batch_losses`` itself reads the student's LM head weight
+    directly (no [B, T, V] logits), which a plain ``student(...)`` call could not do.
+    """
+
+    def __init__(self, student, cfg: TrainConfig):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+
+    def forward(self, batch: dict, records, teacher_gram):
+        return batch_losses(self.student, batch, records, teacher_gram, self.cfg)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one stage; returns the output directory (a plain Hugging Face LLaVA checkpoint)."""
     from accelerate import Accelerator
@@ -294,19 +378,27 @@ def train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from .cache.reader import CacheDataset, CacheReader
-    from .data.llava import read_llava_json
     from .data.collate import LlavaTorchDataset, prepare_samples
-    from .models import image_token_id, load_model, num_image_tokens, projector_trained, read_meta
+    from .data.llava import read_llava_json
+    from .models import image_token_id, load_model, num_image_tokens, read_meta
     from .teacher import teacher_records
 
     validate(cfg)
     out = Path(cfg.out)
+    if (out / "DONE").is_file():
+        _check_same_run(out, cfg)
+        print(f"{out} is complete (DONE); nothing to do. Use a new --out for a new run.")
+        return out
     # ---- setup ----------------------------------------------------------------------------
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
-                      log_with=_trackers(), project_dir=str(out))
+    trackers = _trackers()
+    # Without CUDA a multi-process launch (torchrun, or `accelerate launch --multi_gpu`) must be
+    # told it is on CPU, else every process believes it is alone; cpu=True gives DDP over gloo.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(cpu=cpu_ddp, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
+                      log_with=trackers, project_dir=str(out))
     set_seed(cfg.seed)
     student, processor = load_model(cfg.student, device=acc.device)
     tokenizer = processor.tokenizer
@@ -319,6 +411,8 @@ def train(cfg: TrainConfig) -> Path:
     kept, toks, skipped = prepare_samples(samples, tokenizer, images_root=cfg.images, template=cfg.template,
                                           image_token_id=image_token_id(student.config), num_image_tokens=n_image,
                                           max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+    if not kept:
+        raise ValueError(f"no usable sample in {cfg.data} ({skipped.summary()})")
     join = SampleJoin(LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images))
     teacher = teacher_gram = None
     if cfg.cache:
@@ -334,10 +428,13 @@ def train(cfg: TrainConfig) -> Path:
     else:
         source = [s.row for s in kept]
     if cfg.teacher:
-        teacher, _ = load_model(cfg.teacher, device=acc.device)
+        # The dump's dtype: the online records are the reference for the cached ones.
+        t_dtype = torch.bfloat16 if acc.device.type == "cuda" else torch.float32
+        teacher, _ = load_model(cfg.teacher, dtype=t_dtype, device=acc.device)
         teacher.requires_grad_(False).eval()
         if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
-            raise CacheMismatchError("teacher and student vocabularies differ")
+            raise CacheMismatchError(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
+                                     f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
         W_t = teacher.lm_head.weight.detach().float()
         teacher_gram = W_t.T @ W_t  # [D_t, D_t]
 
@@ -349,16 +446,25 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999))
     scheduler = _cosine(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-    student, optimizer = acc.prepare(student, optimizer)
-    model = acc.unwrap_model(student)
+    objective, optimizer = acc.prepare(Objective(student, cfg), optimizer)
+    model = acc.unwrap_model(objective).student
 
     step, epoch, consumed, history = 0, 0, 0, []
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _latest_checkpoint(out)
     if ckpt is not None:
         step, epoch, consumed, history = _resume(ckpt, cfg, model, optimizer, scheduler, acc)
-    elif acc.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    acc.wait_for_everyone()  # every rank has read the checkpoint before rank 0 rewrites logs
+    if acc.is_main_process:
+        if ckpt is None:
+            (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        # Lines logged after the checkpoint belong to the lost tail of the run: drop them.
+        _rewrite_jsonl(out / "metrics.jsonl", history)
+    if trackers:
+        acc.init_trackers(out.name, config=_flat(to_dict(cfg)))
+    samples_log = out / f"samples-rank{acc.process_index}.jsonl"
+    if cfg.log_samples:
+        _rewrite_jsonl(samples_log, [r for r in _read_jsonl(samples_log) if r["step"] <= step])
     meta = read_meta(cfg.student)
     meta.update(projector_trained=True, stages=list(meta.get("stages", [])) + [cfg.stage],
                 parent=cfg.student)
@@ -369,7 +475,7 @@ def train(cfg: TrainConfig) -> Path:
         ds = CacheDataset(source, **kw) if isinstance(source, str) else RowDataset(source, **kw)
         return torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-            collate_fn=lambda items: _collate(items, tokenizer.pad_token_id),
+            collate_fn=partial(_collate, pad_token_id=tokenizer.pad_token_id),
             persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
 
     # ---- loop ------------------------------------------------------------------------------
@@ -377,62 +483,79 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.stage}", unit="step",
                disable=not acc.is_local_main_process, dynamic_ncols=True)
     metrics_f = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
+    samples_f = open(samples_log, "a") if cfg.log_samples else None
     it = iter(loader(epoch, consumed))
-    student.train()
-    tokens = 0
+    objective.train()
+    tokens, grad_norm = 0, None
     t_last, wait = time.perf_counter(), 0.0
     while step < total_steps:
         sums: dict[str, float] = {}
         bad_ids: list[str] = []
+        step_ids: list[str] = []
         for _ in range(cfg.grad_accum):
             t0 = time.perf_counter()
             try:
                 batch = next(it)
-            except StopIteration:
+            except StopIteration:  # end of this rank's epoch
                 epoch, consumed = epoch + 1, 0
                 it = iter(loader(epoch, 0))
                 batch = next(it)
             wait += time.perf_counter() - t0
             consumed += len(batch["sample_ids"])
+            step_ids += batch["sample_ids"]
             tokens += int(batch["attention_mask"].sum())
-            records = batch["records"] if cfg.cache else None
+            records = unpack_records(batch["records"]) if cfg.cache else None
             if teacher is not None:
                 records = teacher_records(teacher, batch, kinds=kinds, top_k=_online_k(cfg, teacher),
                                           with_hidden=cfg.loss.gamma_rel > 0)
-            with acc.accumulate(student), acc.autocast():
-                terms = batch_losses(model, batch, records, teacher_gram, cfg)
+            with acc.accumulate(objective), acc.autocast():
+                terms = objective(batch, records, teacher_gram)
                 loss = terms["total"]
                 if not torch.isfinite(loss):
                     bad_ids += list(batch["sample_ids"])
-                    loss = loss.nan_to_num(0.0) * 0.0  # keeps DDP's collective in step
+                    loss = loss.nan_to_num(0.0) * 0.0  # keeps DDP's collectives in step
                 acc.backward(loss)
             for k_, v in terms.items():
                 sums[k_] = sums.get(k_, 0.0) + float(v.detach()) / cfg.grad_accum
+        # One rank's non-finite loss skips (or stops) the step on every rank.
         finite = torch.tensor([0.0 if bad_ids else 1.0], device=acc.device)
-        finite = acc.reduce(finite, reduction="min") if acc.num_processes > 1 else finite
-        if float(finite) < 1:
+        finite = acc.reduce(finite, reduction="sum") if acc.num_processes > 1 else finite
+        skipped_step = float(finite) < acc.num_processes
+        lr_now = scheduler.get_last_lr()[0]  # the rate this step uses (or would have used)
+        if skipped_step:
             optimizer.zero_grad(set_to_none=True)
-            msg = f"non-finite loss at step {step + 1}; samples {bad_ids}"
+            msg = (f"non-finite loss at step {step + 1} (rank {acc.process_index}: samples "
+                   f"{bad_ids or 'all finite here'}; terms " + ", ".join(f"{k_}={v:.4g}" for k_, v in sums.items()) + ")")
             if cfg.on_nan == "stop":
-                raise FloatingPointError(msg + " (on_nan=stop; the last checkpoint is intact)")
+                raise FloatingPointError(msg + ". on_nan=stop: training stopped; the last checkpoint is intact. "
+                                         "Check these samples (for a cache: `kdcache verify`), or set on_nan: skip.")
             acc.print(msg + " -- step skipped (on_nan=skip)")
         else:
             if cfg.max_grad_norm:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step % cfg.log_every == 0 or step == total_steps:
+        if samples_f:
+            samples_f.write(json.dumps({"step": step, "epoch": epoch, "ids": step_ids}) + "\n")
+            samples_f.flush()
+        if step % cfg.log_every == 0 or step == total_steps or skipped_step:
             dt = time.perf_counter() - t_last
-            rec = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                   **{f"loss/{k_}": v for k_, v in sums.items()},
-                   "tokens_per_s": tokens / max(dt, 1e-9), "data_wait": wait / max(dt, 1e-9)}
+            if acc.num_processes > 1:  # the logged losses are the mean over ranks
+                keys = sorted(sums)
+                red = acc.reduce(torch.tensor([sums[k_] for k_ in keys], device=acc.device), reduction="mean")
+                sums = dict(zip(keys, red.tolist()))
+            rec = {"step": step, "epoch": epoch, "lr": lr_now,
+                   **{f"loss/{k_}": v for k_, v in sums.items()}, "grad_norm": grad_norm,
+                   "skipped": skipped_step, "tokens_per_s": tokens / max(dt, 1e-9),
+                   "data_wait": wait / max(dt, 1e-9)}
             history.append(rec)
             if metrics_f:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
-            acc.log({k_: v for k_, v in rec.items() if k_ != "step"}, step=step)
+            if trackers:
+                acc.log({k_: v for k_, v in rec.items() if isinstance(v, float)}, step=step)
             tokens, wait, t_last = 0, 0.0, time.perf_counter()
         bar.set_postfix({k_: f"{v:.3f}" for k_, v in sums.items()}, refresh=False)
         bar.update(1)
@@ -443,8 +566,10 @@ def train(cfg: TrainConfig) -> Path:
                                  {"step": step, "epoch": epoch, "consumed": consumed, "history": history})
                 for old in out.glob("checkpoint-*"):
                     if old.name != f"checkpoint-{step}":
-                        shutil.rmtree(old, ignore_errors=True)
+                        _drop_checkpoint(old)
     bar.close()
+    if samples_f:
+        samples_f.close()
     # ---- save ------------------------------------------------------------------------------
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -454,11 +579,43 @@ def train(cfg: TrainConfig) -> Path:
         shutil.rmtree(out / "model.tmpdir", ignore_errors=True)
         (out / "skipped.json").write_text(json.dumps(skipped.as_dict(), indent=2))
         for old in out.glob("checkpoint-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        (out / "DONE").write_text(json.dumps({"steps": step, "history": history[-1:] }))
+            _drop_checkpoint(old)
+        (out / "DONE").write_text(json.dumps({"steps": step, "history": history[-1:]}))  # written last
         metrics_f.close()
         acc.print(f"saved {out} after {step} steps ({skipped.summary()})")
+    acc.wait_for_everyone()
     acc.end_training()
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines log; a last line cut short by a crash is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return rows
+
+
+def _rewrite_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[prefix + k] = v
     return out
 
 
@@ -512,21 +669,31 @@ def _cosine(optimizer, total: int, warmup_ratio: float, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
-def _resume(ckpt: Path, cfg: TrainConfig, model, optimizer, scheduler, acc):
-    saved = json.loads((cfg_path := Path(cfg.out) / "train_config.json").read_text()) if (
-        Path(cfg.out) / "train_config.json").is_file() else None
-    if saved is not None and saved != json.loads(json.dumps(to_dict(cfg))):
-        diff = [k for k in saved if saved[k] != json.loads(json.dumps(to_dict(cfg)))[k]]
-        raise RuntimeError(f"{cfg_path} was written with other settings ({', '.join(diff)}): resume needs "
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    """A rerun into ``out`` must be the same command (resume), not another run."""
+    f = out / "train_config.json"
+    if not f.is_file():
+        return
+    saved, now = json.loads(f.read_text()), json.loads(json.dumps(to_dict(cfg)))
+    if saved != now:
+        diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        raise RuntimeError(f"{f} was written with other settings ({', '.join(diff)}): resume needs "
                            "the same command; use a new --out for a new run")
-    from safetensors.torch import load_file
 
-    sd = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        sd.update(load_file(f))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} has unexpected weights {unexpected[:3]}")
+
+def _resume(ckpt: Path, cfg: TrainConfig, model, optimizer, scheduler, acc):
+    """Load weights, optimizer, scheduler and RNG from ``ckpt``; -> (step, epoch, consumed, history).
+
+    Only safetensors and ``torch.load(weights_only=True)``: a checkpoint never runs code.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    _check_same_run(Path(cfg.out), cfg)
+    # Through from_pretrained: the file's key names are transformers' serialised ones, which
+    # need not be the in-memory names (transformers 5 renames LLaVA's on save and load).
+    saved = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=model.dtype)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
     st = torch.load(ckpt / "train_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(st["optimizer"])
     scheduler.load_state_dict(st["scheduler"])

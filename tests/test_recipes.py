@@ -1,0 +1,154 @@
+"""Every recipe in pipelines/ runs end to end at toy size; wrong recipes fail naming the key.
+
+All recipe tests share one working directory (session scope) holding a tiny ``data/`` made
+beforehand, so each recipe's make-data step is skipped as done and the teacher (and assistant)
+recipes, which the others ``require:``, run once: the first test that needs them runs them and
+the rest find them done. Every train step is shrunk to 2 steps of batch 4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdcache.config import ConfigError
+from kdcache.recipes import is_done, load_recipe, plan, run_recipe
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+RECIPES = sorted(PIPELINES.glob("*.yaml"))
+SMALL = {"defaults.max_steps": 2, "defaults.batch_size": 4, "defaults.num_workers": 0}
+# Teacher and assistant first: the others require them.
+ORDER = sorted(RECIPES, key=lambda p: (p.stem not in ("teacher_pt_sft", "assistant_pt_sft"), p.stem))
+
+
+@pytest.fixture(scope="session")
+def recipe_root(tmp_path_factory) -> Path:
+    """A working directory with a tiny ``data/`` (12 images, 8 for the students, 4 eval)."""
+    from kdcache.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("recipes")
+    make_synthetic(root / "data", num_images=12, qa_per_image=1, num_val=2, num_eval=4, student_images=8, seed=0)
+    return root
+
+
+def test_there_is_a_recipe_for_every_scheme():
+    names = {p.stem for p in RECIPES}
+    assert {"teacher_pt_sft", "student_pt_sft", "llava_kd", "ablation_pt_dft", "ablation_dpt_dft",
+            "ablation_pt_sft_dft", "ablation_dpt_dft_dft", "ablation_no_res", "ablation_no_vis",
+            "ablation_no_rel", "ablation_response_only", "llava_ckd_bottom_up", "llava_ckd_top_down",
+            "assistant_pt_sft"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_starts_with_the_command_that_runs_it(path):
+    first = path.read_text().splitlines()[0]
+    assert first == f"# kdcache run pipelines/{path.name}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_plans_without_running(path, tmp_path):
+    steps = plan(load_recipe(path), tmp_path)
+    assert steps and all(s.kind in ("make-data", "init", "train", "dump", "eval") for s in steps)
+    assert not any(is_done(s) for s in steps if s.kind != "make-data")
+
+
+def _logged_terms(cfg) -> set[str]:
+    lc = cfg.loss
+    terms = {"reg", "total"}
+    if cfg.distills:
+        terms |= {t for t, w in (("res", lc.alpha_res), ("vis", lc.beta_vis), ("rel", lc.gamma_rel),
+                                  ("prompt", lc.prompt_weight)) if w}
+    return {f"loss/{t}" for t in terms}
+
+
+@pytest.mark.parametrize("path", ORDER, ids=lambda p: p.stem)
+def test_recipe_runs_end_to_end_at_toy_size(path, recipe_root, monkeypatch):
+    monkeypatch.chdir(recipe_root)
+    steps = run_recipe(path, overrides=SMALL)
+    assert all(is_done(s) for s in steps)
+    for s in steps:
+        if s.kind == "train":
+            cfg = s.args["config"]
+            metrics = [json.loads(x) for x in (s.output / "metrics.jsonl").read_text().splitlines()]
+            assert metrics[-1]["step"] == 2, s.name
+            assert {k for k in metrics[-1] if k.startswith("loss/")} == _logged_terms(cfg), s.name
+            assert (s.output / "model.safetensors").is_file()
+            if cfg.stage in ("dpt", "dft"):
+                assert cfg.cache is not None and cfg.teacher is None  # recipes distil offline
+        if s.kind == "eval":
+            report = json.loads(s.output.read_text())
+            assert report["num_samples"] == 4
+
+
+def test_rerun_skips_what_is_done(recipe_root, monkeypatch, capsys):
+    monkeypatch.chdir(recipe_root)
+    path = PIPELINES / "llava_kd.yaml"
+    steps = run_recipe(path, overrides=SMALL)  # done by the end-to-end test already, or now
+    stamps = {s.name: (s.output / "DONE").stat().st_mtime_ns for s in steps if s.kind == "train"}
+    capsys.readouterr()
+    run_recipe(path, overrides=SMALL)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+    assert lines and all(" done -> " in x for x in lines)
+    assert stamps == {s.name: (s.output / "DONE").stat().st_mtime_ns for s in steps if s.kind == "train"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrong recipes are errors naming the key, before anything runs
+
+
+def _write(tmp_path, recipe: dict) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return p
+
+
+def _base() -> dict:
+    return yaml.safe_load((PIPELINES / "llava_kd.yaml").read_text())
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"defaults.batch_sise": 4}, "batch_sise"),
+    ({"defaults.batch_size": "four"}, "batch_size"),
+    ({"defaults.loss.divergence": "kl"}, "loss.divergence"),
+    ({"defaults.loss.alpha": 1.0}, "loss.alpha"),
+    ({"defaults.stage": "xx"}, "stage"),
+    ({"defaults.lr": -1.0}, "lr"),
+    ({"dump_defaults.top_k": 0}, "top_k"),
+    ({"dump_defaults.positions": ["visual", "answer"]}, "answer"),
+    ({"dump_defaults.hidden": "fp8"}, "hidden"),
+    ({"workdir": "/abs"}, "workdir"),
+    ({"stepz": []}, "stepz"),
+])
+def test_wrong_key_or_value_is_an_error_naming_it(override, named, tmp_path):
+    with pytest.raises(ConfigError, match=named):
+        plan(load_recipe(PIPELINES / "llava_kd.yaml", override), tmp_path)
+
+
+def test_wrong_steps_are_errors_naming_the_step(tmp_path):
+    r = _base()
+    r["steps"][3] = {"trian": {"name": "dpt", "stage": "dpt"}}
+    with pytest.raises(ConfigError, match=r"steps\.3"):
+        load_recipe(_write(tmp_path, r))
+    r = _base()
+    r["steps"][5]["train"]["student"] = "nope"
+    with pytest.raises(ConfigError, match=r"steps\[5\] \(train dft\).*'nope'"):
+        plan(load_recipe(_write(tmp_path, r)), tmp_path)
+    r = _base()
+    r["steps"][5]["train"]["cache"] = "teacher_nope"
+    with pytest.raises(ConfigError, match="cache 'teacher_nope' is not an earlier dump"):
+        plan(load_recipe(_write(tmp_path, r)), tmp_path)
+    r = _base()
+    r["steps"][4]["train"]["data"] = "instructions"
+    with pytest.raises(ConfigError, match="data 'instructions' is not in data"):
+        plan(load_recipe(_write(tmp_path, r)), tmp_path)
+    r = _base()
+    r["steps"][4]["train"]["cache"] = "teacher_instruct"  # an sft step does not distil
+    with pytest.raises(ConfigError, match=r"steps\[4\] \(train sft\).*does not distil"):
+        plan(load_recipe(_write(tmp_path, r)), tmp_path)
+    r = _base()
+    r["steps"][5]["train"]["name"] = "sft"
+    with pytest.raises(ConfigError, match="name 'sft' is used twice"):
+        plan(load_recipe(_write(tmp_path, r)), tmp_path)
