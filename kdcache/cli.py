@@ -155,6 +155,8 @@ def dump(
     template: str = typer.Option("chat", help="chat (the tokenizer's) | qwen2_base | pretrain"),
     num_workers: int = typer.Option(2, help="Data-loading processes."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    commit_every_s: float = typer.Option(60.0, help="Commit at least this often (seconds of teacher work a "
+                                                    "crash may lose; 0 = after every batch)."),
 ):
     """Dump the teacher's top-k log-probs, tail mass and visual hidden states into a Zarr cache.
 
@@ -171,7 +173,8 @@ def dump(
         cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
                          positions=parse_kinds(positions), hidden=hidden, logprob_dtype=logprob_dtype,
                          temperature=temperature, batch_size=batch_size, max_length=max_length,
-                         on_too_long=on_too_long, template=template, num_workers=num_workers, device=device)
+                         on_too_long=on_too_long, template=template, num_workers=num_workers, device=device,
+                         commit_every_s=commit_every_s)
         _dump(cfg)
     except (ValueError, *_user_errors()) as e:
         _fail(e)
@@ -247,6 +250,9 @@ def train(
     template: Optional[str] = typer.Option(None, help="chat | qwen2_base | pretrain"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations to save memory."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps (0: only at the end)."),
+    log_every: Optional[int] = typer.Option(None, help="Log metrics every N optimizer steps."),
+    on_nan: Optional[str] = typer.Option(None, help="Non-finite loss: skip the step | stop the run."),
 ):
     """Train one stage. Loss: L_reg + a L_res + b L_vis + g L_rel (weights in --config's loss: block).
 
@@ -259,7 +265,8 @@ def train(
     flags = dict(stage=stage, student=student, data=str(data), images=str(images), out=str(out),
                  cache=str(cache) if cache else None, teacher=teacher, epochs=epochs, max_steps=max_steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, template=template,
-                 gradient_checkpointing=gradient_checkpointing, num_workers=num_workers)
+                 gradient_checkpointing=gradient_checkpointing, num_workers=num_workers,
+                 save_every=save_every, log_every=log_every, on_nan=on_nan)
     try:
         base = {}
         if config is not None:
@@ -302,6 +309,8 @@ def eval_(
     batch_size: int = typer.Option(16, help="Generation batch size."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N samples only."),
     template: str = typer.Option("chat", help="chat | qwen2_base | pretrain"),
+    max_new_tokens: int = typer.Option(8, help="Longest generated answer."),
+    max_length: int = typer.Option(2048, help="Longest prompt in tokens (longer samples are skipped)."),
 ):
     """Answer each question by greedy generation and score it per question type.
 
@@ -312,7 +321,8 @@ def eval_(
 
     cfg = EvalConfig(model=model, data=str(data), images=str(images), out=str(out) if out else None,
                      teacher_cache=str(teacher_cache) if teacher_cache else None, teacher=teacher,
-                     batch_size=batch_size, limit=limit, template=template)
+                     batch_size=batch_size, limit=limit, template=template, max_new_tokens=max_new_tokens,
+                     max_length=max_length)
     try:
         typer.echo(format_report(evaluate(cfg)))
     except (ValueError, *_user_errors()) as e:

@@ -40,6 +40,7 @@ class DumpConfig:
     chunk_size: int = 2048  # LM-head rows per chunk
     num_workers: int = 2  # data-loading processes (tokenise + decode images)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    commit_every_s: float = 60.0  # at most this much teacher work is redone after a crash (0: every batch)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ other settings into an existing cache are refused, naming the setting, before th
 loaded and without touching the cache.
 
 Commits: the writer commits whenever a shard's worth is buffered; on top of that the dump commits
-after the batch that ends ``commit_interval_s()`` seconds after the last commit (default
-``COMMIT_EVERY_S``; the environment variable ``KDCACHE_DUMP_COMMIT_EVERY_S`` overrides it, 0 =
+after the batch that ends ``commit_every_s`` seconds (DumpConfig) after the last commit (0 =
 after every batch), which bounds the work a crash can lose on small shards.
 """
 
@@ -40,8 +39,6 @@ import torch
 
 from .config import DumpConfig, validate
 
-COMMIT_EVERY_S = 60.0  # seconds of teacher work a crash may lose at most (besides the writer's shard flushes)
-COMMIT_ENV = "KDCACHE_DUMP_COMMIT_EVERY_S"
 
 
 class DumpError(RuntimeError):
@@ -60,20 +57,6 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
-
-
-def commit_interval_s() -> float:
-    """Seconds between time-triggered commits: ``$KDCACHE_DUMP_COMMIT_EVERY_S`` or COMMIT_EVERY_S."""
-    raw = os.environ.get(COMMIT_ENV)
-    if raw is None or raw == "":
-        return COMMIT_EVERY_S
-    try:
-        v = float(raw)
-    except ValueError:
-        raise DumpError(f"{COMMIT_ENV}={raw!r} is not a number of seconds (0 = commit after every batch)") from None
-    if v < 0:
-        raise DumpError(f"{COMMIT_ENV}={raw!r} must be >= 0 seconds")
-    return v
 
 
 def init_distributed(world: int, device: torch.device) -> bool:
@@ -235,7 +218,7 @@ def dump(cfg: DumpConfig) -> Path:
     except (DataError, FileNotFoundError) as e:
         raise DumpError(f"cannot read the data file {cfg.data}: {e}") from e
     precheck_existing(out, dump_settings(cfg, world), dataset_fingerprint(cfg, len(samples)))
-    interval = commit_interval_s()
+    interval = cfg.commit_every_s
     device = pick_device(cfg.device, local_rank)
     joined = init_distributed(world, device)
     try:

@@ -2,7 +2,7 @@
 
 A module-scoped reference cache (one rank, uninterrupted, in-process) is what the other runs
 must reproduce. Subprocess runs use the real CLI (`python -m kdcache.cli dump ...`, torchrun for
-two ranks) with KDCACHE_DUMP_COMMIT_EVERY_S=0, so every batch of 2 is its own commit.
+two ranks) with --commit-every-s 0, so every batch of 2 is its own commit.
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_teacher, synth_data, ref_
     out = tmp_path / "killed.zarr"
     part = out / "parts" / "0"
     cmd = [sys.executable, "-m", "kdcache.cli",
-           *_cli_args(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out)]
-    env = cli_env(KDCACHE_DUMP_COMMIT_EVERY_S="0")
+           *_cli_args(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out),
+           "--commit-every-s", "0"]
+    env = cli_env()
     rng = random.Random(0)
     history = []
     for threshold in (2, 8, 14):  # kill once >= N samples are committed, a random moment later
