@@ -486,7 +486,7 @@ def train(cfg: TrainConfig) -> Path:
     samples_f = open(samples_log, "a") if cfg.log_samples else None
     it = iter(loader(epoch, consumed))
     objective.train()
-    tokens, grad_norm = 0, None
+    tokens, grad_norm, tok_rate = 0, None, 0.0
     t_last, wait = time.perf_counter(), 0.0
     while step < total_steps:
         sums: dict[str, float] = {}
@@ -556,8 +556,9 @@ def train(cfg: TrainConfig) -> Path:
                 metrics_f.flush()
             if trackers:
                 acc.log({k_: v for k_, v in rec.items() if isinstance(v, float)}, step=step)
+            tok_rate = rec["tokens_per_s"]
             tokens, wait, t_last = 0, 0.0, time.perf_counter()
-        bar.set_postfix({k_: f"{v:.3f}" for k_, v in sums.items()}, refresh=False)
+        bar.set_postfix({**{k_: f"{v:.3f}" for k_, v in sums.items()}, "tok/s": f"{tok_rate:.0f}"}, refresh=False)
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             acc.wait_for_everyone()
