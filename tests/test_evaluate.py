@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from kdcache.config import EvalConfig
 from kdcache.data.llava import LlavaSample, SampleError, read_llava_json
