@@ -50,13 +50,14 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, exit code 2, no traceback."""
     from .cache.format import CacheCorrupt, CacheFormatError, CacheMismatch
+    from .cache.writer import CacheLocked
     from .config import ConfigError
     from .data.llava import DataError, SampleError
     from .dump import DumpError
     from .models import ModelLoadError
     from .train import CacheMismatchError
 
-    return (ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError,
+    return (ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError, CacheLocked,
             CacheMismatchError, DataError, SampleError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 

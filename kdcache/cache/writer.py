@@ -84,6 +84,32 @@ def _hidden_to_storage(h: torch.Tensor, mode: str) -> np.ndarray:
     return h.to(torch.float16 if mode == "fp16" else torch.float32).numpy()
 
 
+class CacheLocked(RuntimeError):
+    """Another live process is writing this part of the cache."""
+
+
+def _lock_part(path: Path, rank: int):
+    """An exclusive, non-blocking flock on ``<cache>/.writer-<rank>.lock`` for this writer's life.
+
+    Two dumps started on the same output cannot interleave writes to one part: the second is
+    refused at once. The kernel drops the lock when its holder dies (SIGKILL included), so a
+    resumed dump is never blocked by a crashed one.
+    """
+    import fcntl
+
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / f".writer-{rank}.lock", "a+b")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise CacheLocked(
+            f"part {rank} of {path} is being written by another process (lock {path}/.writer-{rank}.lock): "
+            "wait for it to finish, or stop it and run the same command again to resume"
+        ) from None
+    return f
+
+
 class CacheWriter:
     """Writer of ``parts/<rank>/`` of the cache at ``path``.
 
@@ -133,6 +159,7 @@ class CacheWriter:
         self.hidden_mode = self.settings["hidden"]
         self.store = LocalStore(self.path)
         self.part_dir = self.path / "parts" / str(rank)
+        self._lock = _lock_part(self.path, rank)
 
         if rank == 0:
             self.attrs = self._create_or_check_root(zarr, attrs)
@@ -333,6 +360,9 @@ class CacheWriter:
             if arr.shape[0] != self.num_committed:
                 arr.resize((self.num_committed, *arr.shape[1:]))
         self.part.attrs.update({"finished": bool(finished)})
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def is_finished(self) -> bool:
         return bool(self.part.attrs["finished"])

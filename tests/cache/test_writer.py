@@ -220,3 +220,17 @@ def test_gram_written_once_by_rank_zero(tmp_path, records):
         w.write_gram(np.eye(3))
     w.close()
     assert np.array_equal(CacheReader(path).gram(), W.T @ W)
+
+
+def test_second_writer_of_a_part_is_refused_until_the_first_is_done(tmp_path, records):
+    from kdcache.cache.writer import CacheLocked
+
+    attrs = make_attrs_for()
+    w = CacheWriter(tmp_path / "c", attrs, layout=SMALL)
+    w.add(records[0])
+    with pytest.raises(CacheLocked, match="being written by another process"):
+        CacheWriter(tmp_path / "c", attrs, layout=SMALL)
+    w.close(finished=False)
+    w2 = CacheWriter(tmp_path / "c", attrs, layout=SMALL)  # the lock went with the first writer
+    assert w2.committed_rows() == [records[0].row]
+    w2.close()
