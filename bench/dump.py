@@ -5,6 +5,7 @@
     python bench/dump.py --preset random:qwen2.5-3b --batch-size 16 --num-samples 256 --compare-naive
                                                            # GPU: SigLIP-so400m + Qwen2.5-3B, 729 + 128 tokens
     python bench/dump.py --teacher runs/teacher-sft        # a real LLaVA directory
+    python bench/dump.py --teacher runs/teacher-sft --backend vllm   # + the vLLM backend, side by side
 
 What is timed: exactly the dump's inner loop, teacher forward -> records -> ``CacheWriter.add``,
 plus the final flush/close, over pre-built batches already on the device (data loading and image
@@ -19,6 +20,11 @@ before the clock is read (and ``writer.add`` copies each record to the host anyw
 
 Both write through the same writer into their own cache, so bytes/position is measured on disk
 (all arrays, visual hidden states included; ``hidden B/vis-row`` shows that part alone).
+
+- ``vllm`` (``--backend vllm``, needs ``--teacher DIR`` and ``pip install 'kdcache[vllm]'``; skipped
+  with a message when vLLM is missing): ``kdcache.backends.vllm.VllmTeacher`` on the same ids and
+  images (PIL images, which the HF path then sees through the teacher's image processor), engine
+  start-up and one warm-up batch untimed; no hidden states (its cache has ``hidden: none``).
 
 Samples are synthetic token ids: ``--prompt-tokens`` before and after the image (an eighth
 before), the image span (the model's visual token count: 729 for SigLIP-so400m/14@384), then
@@ -108,6 +114,54 @@ def synthetic_batches(model, n_image: int, num_samples: int, batch_size: int, te
             "sample_ids": [f"bench-{s + b:06d}" for b in range(B)], "rows": list(range(s, s + B)),
         })
     return batches
+
+
+def use_pil_images(batches: list[dict], processor, device, dtype, seed: int = 2) -> list[list]:
+    """Random RGB PIL images per sample (what vLLM takes); each batch's pixel_values become the
+    teacher's image processor's output for them, so both backends see the same pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    size = 64
+    images = []
+    for b in batches:
+        ims = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in b["rows"]]
+        b["pixel_values"] = processor.image_processor(images=ims, return_tensors="pt")["pixel_values"].to(
+            device=device, dtype=dtype)
+        images.append(ims)
+    return images
+
+
+def run_vllm(teacher_dir: str, batches, images, warmup_index: int, out: Path, attrs: dict, top_k: int,
+             vocab: int) -> dict:
+    """The vLLM backend over the same samples: records -> the same writer; engine start-up and one
+    warm-up batch are not timed."""
+    from types import SimpleNamespace
+
+    from kdcache.backends.vllm import VllmTeacher
+
+    teacher = VllmTeacher(teacher_dir, top_k=top_k, vocab_size=vocab)
+
+    def items(b, ims):
+        return [(SimpleNamespace(input_ids=b["input_ids"][i].cpu().numpy(), roles=b["roles"][i].numpy(),
+                                 sample_id=b["sample_ids"][i], row=b["rows"][i]), ims[i]) for i in range(len(ims))]
+
+    teacher.records(items(batches[warmup_index], images[warmup_index]), kinds=KINDS)
+    writer = CacheWriter(out, attrs)
+    n_tok = n_pos = n_samples = 0
+    t0 = time.perf_counter()
+    for b, ims in zip(batches, images):
+        for r in teacher.records(items(b, ims), kinds=KINDS):
+            writer.add(r)
+            n_tok += r.num_tokens
+            n_pos += len(r.positions)
+            n_samples += 1
+    writer.close(finished=True)
+    dt = time.perf_counter() - t0
+    nbytes = sum(f.stat().st_size for f in (out / "parts" / "0").rglob("*") if f.is_file())
+    return {"path": "vllm", "samples": n_samples, "seconds": dt, "tokens/s": n_tok / dt, "samples/s": n_samples / dt,
+            "positions/s": n_pos / dt, "B/position": nbytes / max(n_pos, 1), "hidden B/vis-row": 0.0,
+            "peak GiB": float("nan")}
 
 
 # ---- the naive path --------------------------------------------------------------------------
@@ -212,9 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=DumpConfig.chunk_size)
     ap.add_argument("--hidden", default="bf16", choices=["bf16", "fp16", "float32", "none"])
     ap.add_argument("--compare-naive", action="store_true", help="also run the full-logits path, then the ratio")
+    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                    help="vllm: also run the vLLM backend (needs --teacher DIR and vLLM) and compare")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
+    use_vllm = args.backend == "vllm"
+    if use_vllm and not args.teacher:
+        raise SystemExit("--backend vllm needs --teacher DIR: vLLM loads the weights from a directory")
+    if use_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            print("vLLM is not installed (pip install 'kdcache[vllm]'): skipping the vLLM row", file=sys.stderr)
+            use_vllm = False
 
     device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -234,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = synthetic_batches(model, n_image, args.batch_size, args.batch_size, args.text_tokens,
                                args.prompt_tokens, device, seed=1)[0]
     T = batches[0]["input_ids"].shape[1]
+    if use_vllm:
+        images = use_pil_images(batches, processor, device, model.dtype)
+        use_pil_images([warmup], processor, device, model.dtype, seed=3)
     cfg = DumpConfig(teacher=name, data="synthetic", images="synthetic", out="bench", top_k=args.top_k,
                      positions=KINDS, hidden=args.hidden, chunk_size=args.chunk_size)
     attrs = make_attrs(
@@ -260,12 +328,25 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_path("naive", naive_records, model, batches, warmup, Path(tmp) / "naive.zarr",
                                  attrs, device, args.top_k, hidden))
             check = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "naive.zarr")
+        if use_vllm:
+            import dataclasses
+
+            v_attrs = make_attrs(dict(attrs["teacher"], backend="vllm"), attrs["tokenizer"], attrs["dataset"],
+                                 dump_settings(dataclasses.replace(cfg, hidden="none"), 1))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(run_vllm(args.teacher, batches, images, 0, Path(tmp) / "vllm.zarr", v_attrs, args.top_k,
+                                 int(V)))
+            vcheck = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "vllm.zarr")
     print(format_table(rows))
     if args.compare_naive:
         a, b = rows
         mem = (f"; peak memory {a['peak GiB']:.2f} vs {b['peak GiB']:.2f} GiB ({b['peak GiB'] / a['peak GiB']:.2f}x)"
                if device.type == "cuda" else "")
         print(f"kdcache / naive: {a['tokens/s'] / b['tokens/s']:.2f}x tokens/s{mem}; {check}")
+    if use_vllm:
+        a, v = rows[0], rows[-1]
+        print(f"kdcache (hf) / vllm: {a['tokens/s'] / v['tokens/s']:.2f}x tokens/s; {vcheck}")
     if args.json:
         args.json.write_text(json.dumps({"model": name, "device": str(device), "args": vars(args) | {"json": str(args.json)},
                                          "rows": rows}, indent=2, default=str))

@@ -147,7 +147,8 @@ def dump(
     out: Path = typer.Option(..., help="Cache to write or finish (a Zarr v3 directory, e.g. cache.zarr)."),
     top_k: int = typer.Option(64, help="Top-k ids kept per position (k = vocabulary size: exact)."),
     positions: str = typer.Option("visual,response", help="Position kinds: visual,response[,prompt]."),
-    hidden: str = typer.Option("bf16", help="Visual hidden states for L_rel: bf16 | fp16 | float32 | none."),
+    hidden: Optional[str] = typer.Option(None, help="Visual hidden states for L_rel: bf16 | fp16 | float32 | none "
+                                                    "(default bf16 with --backend hf, none with vllm)."),
     logprob_dtype: str = typer.Option("float16", help="float16 | float32"),
     temperature: float = typer.Option(1.0, help="Dump softmax temperature (recorded; KD temperature is train's)."),
     batch_size: int = typer.Option(8, help="Samples per teacher forward."),
@@ -158,27 +159,82 @@ def dump(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     commit_every_s: float = typer.Option(60.0, help="Commit at least this often (seconds of teacher work a "
                                                     "crash may lose; 0 = after every batch)."),
+    backend: str = typer.Option("hf", help="hf (Hugging Face, the reference) | vllm (needs `pip install "
+                                           "'kdcache\\[vllm]'`: no hidden states, so --hidden none and no L_rel "
+                                           "targets; tail from the top-k alone; temperature 1; one process)."),
+    vllm_tensor_parallel_size: int = typer.Option(1, help="--backend vllm: GPUs the teacher is split over."),
+    vllm_max_num_batched_tokens: int = typer.Option(8192, help="--backend vllm: tokens per engine step."),
+    vllm_dtype: str = typer.Option("bfloat16", help="--backend vllm: bfloat16 | float16 | float32."),
 ):
     """Dump the teacher's top-k log-probs, tail mass and visual hidden states into a Zarr cache.
 
     Resumable: run the same command again after a crash. Multi-GPU: torchrun/accelerate launch,
-    one part per rank.
+    one part per rank (--backend hf).
+
+    --backend vllm serves the teacher with vLLM (prompt log-probs of the teacher-forced sequence):
+    hidden states need the HF backend, so the cache has hidden: none; give it large batches
+    (--batch-size 256), vLLM schedules them itself.
 
     Example: kdcache dump --teacher runs/teacher --data data/instruct.json --images data --out caches/t.zarr
+
+    Example: kdcache dump --backend vllm --teacher runs/teacher --data data/instruct.json --images data
+             --out caches/t-vllm.zarr --batch-size 256
     """
+    from .backends import BackendUnavailable
+    from .backends.vllm import VllmOptions
     from .config import DumpConfig
     from .dump import dump as _dump
     from .positions import parse_kinds
 
+    if hidden is None:
+        hidden = "none" if backend == "vllm" else "bf16"
     try:
         cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
                          positions=parse_kinds(positions), hidden=hidden, logprob_dtype=logprob_dtype,
                          temperature=temperature, batch_size=batch_size, max_length=max_length,
                          on_too_long=on_too_long, template=template, num_workers=num_workers, device=device,
                          commit_every_s=commit_every_s)
-        _dump(cfg)
-    except (ValueError, *_user_errors()) as e:
+        _dump(cfg, backend=backend, vllm_options=VllmOptions(
+            tensor_parallel_size=vllm_tensor_parallel_size, max_num_batched_tokens=vllm_max_num_batched_tokens,
+            dtype=vllm_dtype))
+    except (ValueError, BackendUnavailable, *_user_errors()) as e:
         _fail(e)
+
+
+@app.command()
+def generate(
+    teacher: str = typer.Option(..., help="Teacher: LLaVA directory or hub id."),
+    data: Path = typer.Option(..., help="LLaVA JSON whose assistant turns are rewritten."),
+    images: Path = typer.Option(..., help="Directory the JSON's image paths are relative to."),
+    out: Path = typer.Option(..., help="New LLaVA JSON (progress in OUT.partial.jsonl; rerun to resume)."),
+    max_new_tokens: int = typer.Option(256, help="Longest generated answer per turn."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature of generation (0: greedy); not the KD "
+                                                "temperature of train."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed (one stream per batch and turn: a resumed run repeats it)."),
+    backend: str = typer.Option("hf", help="hf | vllm (needs `pip install 'kdcache\\[vllm]'`)."),
+    template: str = typer.Option("chat", help="chat | qwen2_base | pretrain"),
+    batch_size: int = typer.Option(8, help="Samples generated together."),
+    max_length: int = typer.Option(2048, help="Longest prompt + answer in tokens (longer samples are left out)."),
+):
+    """Rewrite the assistant turns with the teacher's own answers, turn by turn (each turn sees the
+    teacher's earlier answers). Ids, images and extra keys are kept. Resumable.
+
+    Example: kdcache generate --teacher runs/teacher-sft --data data/instruct.json --images data
+             --out data/instruct_teacher.json --max-new-tokens 64
+    """
+    from .backends import BackendUnavailable
+    from .generate import GenerateError, generate_dataset
+
+    try:
+        rep = generate_dataset(teacher, str(data), str(images), str(out), max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, backend=backend, template=template,
+                               batch_size=batch_size, max_length=max_length)
+    except (GenerateError, BackendUnavailable, *_user_errors()) as e:
+        _fail(e)
+    skipped = ", ".join(f"{n} {r}" for r, n in sorted(rep["skipped"].items())) or "none"
+    typer.echo(f"wrote {rep['out']}: {rep['samples']} samples ({rep['generated_now']} generated in this run); "
+               f"skipped: {skipped}; empty answers: {rep['empty_answers']}")
 
 
 @app.command()

@@ -21,6 +21,13 @@ loaded and without touching the cache.
 Commits: the writer commits whenever a shard's worth is buffered; on top of that the dump commits
 after the batch that ends ``commit_every_s`` seconds (DumpConfig) after the last commit (0 =
 after every batch), which bounds the work a crash can lose on small shards.
+
+Backends (``backend=``, ``kdcache dump --backend``): ``hf`` (default, the reference:
+``kdcache.teacher.teacher_records``) or ``vllm`` (``kdcache.backends.vllm``, ``pip install
+'kdcache[vllm]'``): the same top-k log-probs from vLLM's prompt log-probs, with the tail from the
+head (no logits) and no hidden states, so the cache says ``hidden: none`` (L_rel needs an HF
+cache) and the teacher attribute records ``backend: vllm``. The HF model is still loaded once, on
+the CPU in the vLLM dtype, for the fingerprints and W^T W, and freed before vLLM starts.
 """
 
 from __future__ import annotations
@@ -158,8 +165,9 @@ def precheck_existing(out: Path, settings: dict, dataset: dict) -> None:
             + ". The cache is unchanged: rerun with the cache's settings, or dump to a new --out")
 
 
-def load_teacher(cfg: DumpConfig, device: torch.device):
-    """(model, processor) of the teacher in eval mode on ``device``: bf16 on CUDA, float32 on CPU.
+def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, processor) of the teacher in eval mode on ``device``: ``dtype``, or by default bf16
+    on CUDA and float32 on CPU.
 
     Refuses a kdcache-assembled model whose projector no stage has trained, and turns load
     failures (e.g. a hub id without network) into DumpError with the advice to pass a directory.
@@ -177,7 +185,8 @@ def load_teacher(cfg: DumpConfig, device: torch.device):
             f"--data CAPTIONS.json --images DIR --out runs/teacher-pt`, then `kdcache train --stage sft "
             f"--student runs/teacher-pt ...`, and dump from that directory."
         )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         model, processor = load_model(path, dtype=dtype, device=device)
     except ModelLoadError as e:
@@ -204,14 +213,38 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def dump(cfg: DumpConfig) -> Path:
+def check_backend(cfg: DumpConfig, backend: str, world: int) -> None:
+    """Refuse settings the backend cannot honour, before anything is loaded or written."""
+    from .backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise DumpError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    if backend != "vllm":
+        return
+    if cfg.hidden != "none":
+        raise DumpError(f"--backend vllm cannot store hidden states (vLLM does not return them), got --hidden "
+                        f"{cfg.hidden}: pass --hidden none (the cache then has no relation targets; L_rel needs "
+                        "a cache dumped with --backend hf)")
+    if cfg.temperature != 1.0:
+        raise DumpError(f"--backend vllm gives raw log-probs at temperature 1, got --temperature {cfg.temperature}: "
+                        "use --temperature 1 or --backend hf")
+    if world > 1:
+        raise DumpError(f"--backend vllm runs as one process (got WORLD_SIZE={world}): spread the teacher over GPUs "
+                        "with vLLM's tensor parallelism instead of torchrun/accelerate")
+
+
+def dump(cfg: DumpConfig, *, backend: str = "hf", vllm_options=None) -> Path:
     """Write (or finish) the cache ``cfg.out``; returns its path. Prints a progress bar per rank
-    and, on rank 0 once every part is finished, one final line with the totals."""
+    and, on rank 0 once every part is finished, one final line with the totals.
+
+    ``backend``: ``hf`` (the reference) or ``vllm``; ``vllm_options``: a
+    ``kdcache.backends.vllm.VllmOptions`` (None: its defaults)."""
     from .data.llava import DataError, read_llava_json
 
     validate(cfg)
     out = Path(cfg.out)
     rank, world, local_rank = dist_env()
+    check_backend(cfg, backend, world)
     check_output(out)
     try:
         samples = read_llava_json(cfg.data)
@@ -222,8 +255,13 @@ def dump(cfg: DumpConfig) -> Path:
     device = pick_device(cfg.device, local_rank)
     joined = init_distributed(world, device)
     try:
-        model, processor = load_teacher(cfg, device)
-        stats = _dump_part(cfg, out, model, processor, samples, rank, world, interval)
+        if backend == "vllm":
+            from .backends.vllm import VllmOptions
+
+            stats = _dump_vllm(cfg, out, samples, interval, vllm_options or VllmOptions())
+        else:
+            model, processor = load_teacher(cfg, device)
+            stats = _dump_part(cfg, out, model, processor, samples, rank, world, interval)
         stats = _reduce(stats, world, device)
         if rank == 0:
             print(final_line(out, stats), flush=True)
@@ -235,9 +273,44 @@ def dump(cfg: DumpConfig) -> Path:
     return out
 
 
+def _dump_vllm(cfg: DumpConfig, out: Path, samples, interval: float, opts) -> RunStats:
+    """The vLLM backend: fingerprints and W^T W from the HF weights (loaded on the CPU in vLLM's
+    dtype, then freed), records from ``VllmTeacher``, written exactly as the HF path writes."""
+    from .backends.vllm import VllmTeacher, import_vllm
+
+    import_vllm()  # fail on a missing vLLM before loading anything
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if opts.dtype not in dtypes:
+        raise DumpError(f"vLLM dtype {opts.dtype!r} is not one of {', '.join(dtypes)}")
+    hf_dtype = dtypes[opts.dtype]
+    print("[vllm] hidden states need the HF backend: this cache has hidden: none (no L_rel targets)",
+          file=sys.stderr, flush=True)
+    model, processor = load_teacher(cfg, torch.device("cpu"), dtype=hf_dtype)
+    vocab = int(model.lm_head.weight.shape[0])
+
+    def make_records(kept, toks):
+        teacher = VllmTeacher(str(cfg.teacher), top_k=cfg.top_k, vocab_size=vocab,
+                              tensor_parallel_size=opts.tensor_parallel_size,
+                              max_num_batched_tokens=opts.max_num_batched_tokens, dtype=opts.dtype)
+
+        def records(chunk):
+            from .data.llava import load_image
+
+            items = [(t, load_image(Path(cfg.images) / s.image, s) if s.has_image else None) for s, t in chunk]
+            return teacher.records(items, kinds=cfg.positions)
+        return records
+
+    return _dump_part(cfg, out, model, processor, samples, 0, 1, interval, vllm_records=make_records,
+                      free_model=True)
+
+
 def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int, world: int,
-               interval: float) -> RunStats:
-    """Write this rank's part: rows ``row % world == rank`` not yet committed."""
+               interval: float, vllm_records=None, free_model: bool = False) -> RunStats:
+    """Write this rank's part: rows ``row % world == rank`` not yet committed.
+
+    ``vllm_records``: None (HF: ``teacher_records`` on collated batches), or a factory
+    ``(kept samples, their Tokenized) -> (chunk of (sample, Tokenized) -> records)`` called once
+    the model has served the fingerprints (and freed, with ``free_model``)."""
     from tqdm.auto import tqdm
 
     from .cache.format import make_attrs
@@ -249,7 +322,10 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
     n_image = num_image_tokens(model.config, processor)
     tok = processor.tokenizer
     mine = [s for s in samples if s.row % world == rank]
-    attrs = make_attrs(*fingerprints(cfg, model, processor, n_image, len(samples), world))
+    teacher_fp, tok_fp, data_fp, settings = fingerprints(cfg, model, processor, n_image, len(samples), world)
+    if vllm_records is not None:
+        teacher_fp["backend"] = "vllm"  # log-probs from vLLM, tail from the head: not the HF records
+    attrs = make_attrs(teacher_fp, tok_fp, data_fp, settings)
     writer = CacheWriter(out, attrs, rank=rank, world_size=world)
     done = set(writer.committed_rows())
     stats = RunStats(already_done=len(done))
@@ -266,10 +342,22 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
         [s for s in mine if s.row not in done], tok, images_root=cfg.images, template=cfg.template,
         image_token_id=image_token_id(model.config), num_image_tokens=n_image, max_length=cfg.max_length,
         on_too_long=cfg.on_too_long)
-    ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         collate_fn=functools.partial(collate, pad_token_id=tok.pad_token_id),
-                                         prefetch_factor=4 if cfg.num_workers else None)
+    if vllm_records is None:
+        ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                             collate_fn=functools.partial(collate, pad_token_id=tok.pad_token_id),
+                                             prefetch_factor=4 if cfg.num_workers else None)
+        record_batches = (teacher_records(model, batch, kinds=cfg.positions, top_k=cfg.top_k,
+                                          temperature=cfg.temperature, with_hidden=cfg.hidden != "none",
+                                          chunk_size=cfg.chunk_size) for batch in loader)
+    else:
+        if free_model:
+            # vLLM loads its own copy of the weights: drop the CPU copy's storage (every reference
+            # to the module, the caller's included, then sees meta tensors).
+            model.to("meta")
+        vrec = vllm_records(kept, toks)
+        pairs = list(zip(kept, toks))
+        record_batches = (vrec(pairs[i:i + cfg.batch_size]) for i in range(0, len(pairs), cfg.batch_size))
     # Skips are committed in row order with the data so that a resumed run ends identical.
     skip_at = {row: (row, sid, why) for row, sid, why in skipped.items}
     order = sorted([s.row for s in kept] + list(skip_at))
@@ -279,9 +367,7 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
                dynamic_ncols=True, file=sys.stderr)
     t0 = last_commit = time.perf_counter()
     cursor = 0
-    for batch in loader:
-        recs = teacher_records(model, batch, kinds=cfg.positions, top_k=cfg.top_k, temperature=cfg.temperature,
-                               with_hidden=cfg.hidden != "none", chunk_size=cfg.chunk_size)
+    for recs in record_batches:
         n_skip = 0
         for r in recs:
             while order[cursor] != r.row:  # skipped rows that come before this one

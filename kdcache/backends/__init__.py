@@ -1,0 +1,12 @@
+"""Optional teacher backends besides the Hugging Face reference (``kdcache.teacher``).
+
+``kdcache.backends.vllm``: teacher records from vLLM's prompt log-probs (``pip install
+'kdcache[vllm]'``). Nothing here imports vLLM at import time: the package and its tests work
+without it.
+"""
+
+BACKENDS = ("hf", "vllm")
+
+
+class BackendUnavailable(RuntimeError):
+    """An optional backend's dependency is missing; the message says what to install."""
