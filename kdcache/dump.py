@@ -32,6 +32,7 @@ the CPU in the vLLM dtype, for the fingerprints and W^T W, and freed before vLLM
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -50,6 +51,26 @@ from .config import DumpConfig, validate
 
 class DumpError(RuntimeError):
     """A dump cannot start or go on; the message says why and what to do."""
+
+
+# "no space" errors: a full filesystem, a file-size limit (RLIMIT_FSIZE, EFBIG), a quota
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_full_error(out: Path, rank: int, e: OSError) -> DumpError:
+    """The one-line DumpError for a write that failed for lack of space; the samples committed
+    before it are intact (every file is written to ``*.partial`` and renamed)."""
+    from .cache.writer import read_json_attrs, sweep_partials
+
+    sweep_partials(out / "parts" / str(rank))  # give back the space of the torn temp files
+    try:
+        done = int((read_json_attrs(out / "parts" / str(rank)) or {})["committed"]["samples"])
+    except Exception:  # the part was not created yet
+        done = 0
+    return DumpError(
+        f"cache {out}: disk full ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror}) writing "
+        f"{e.filename or 'a chunk'} on rank {rank}; the {done} samples committed so far are kept. Free space "
+        "(or raise the file-size limit / quota) and run the same command again to resume")
 
 
 # ---- environment -----------------------------------------------------------------------------
@@ -265,6 +286,10 @@ def dump(cfg: DumpConfig, *, backend: str = "hf", vllm_options=None) -> Path:
         stats = _reduce(stats, world, device)
         if rank == 0:
             print(final_line(out, stats), flush=True)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise disk_full_error(out, rank, e) from e
     finally:
         if joined:
             import torch.distributed as tdist
@@ -311,13 +336,9 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
     ``vllm_records``: None (HF: ``teacher_records`` on collated batches), or a factory
     ``(kept samples, their Tokenized) -> (chunk of (sample, Tokenized) -> records)`` called once
     the model has served the fingerprints (and freed, with ``free_model``)."""
-    from tqdm.auto import tqdm
-
     from .cache.format import make_attrs
-    from .cache.writer import GRAM_ARRAY, CacheWriter
-    from .data.collate import LlavaTorchDataset, collate, prepare_samples
-    from .models import image_token_id, num_image_tokens
-    from .teacher import teacher_records
+    from .cache.writer import CacheWriter
+    from .models import num_image_tokens
 
     n_image = num_image_tokens(model.config, processor)
     tok = processor.tokenizer
@@ -327,6 +348,24 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
         teacher_fp["backend"] = "vllm"  # log-probs from vLLM, tail from the head: not the HF records
     attrs = make_attrs(teacher_fp, tok_fp, data_fp, settings)
     writer = CacheWriter(out, attrs, rank=rank, world_size=world)
+    try:
+        return _write_part(cfg, out, model, processor, mine, n_image, tok, writer, rank, interval,
+                           vllm_records, free_model)
+    except BaseException:
+        writer.abandon()  # keep what is committed; let a rerun (even in this process) take the part
+        raise
+
+
+def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int, tok, writer, rank: int,
+                interval: float, vllm_records, free_model: bool) -> RunStats:
+    """``_dump_part``'s body once the writer holds the part (its lock is released on any error)."""
+    from tqdm.auto import tqdm
+
+    from .cache.writer import GRAM_ARRAY
+    from .data.collate import LlavaTorchDataset, collate, prepare_samples
+    from .models import image_token_id
+    from .teacher import teacher_records
+
     done = set(writer.committed_rows())
     stats = RunStats(already_done=len(done))
     if writer.is_finished():

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from . import losses as L
+from .cache.format import CacheCorrupt
 from .config import TrainConfig, to_dict, validate
 from .positions import KIND_PROMPT, KIND_RESPONSE, KIND_VISUAL
 from .records import TeacherRecord
@@ -136,6 +137,38 @@ def unpack_records(packed: dict) -> list[TeacherRecord]:
     return [TeacherRecord(sample_id=sid, row=row, visual_hidden=split["visual_hidden"][b] if "visual_hidden" in split
                           else None, **{f: split[f][b] for f in fields if f != "visual_hidden"})
             for b, (sid, row) in enumerate(zip(packed["sample_id"], packed["row"]))]
+
+
+class CacheRecordError(CacheCorrupt):
+    """A cache record that must not reach the losses (ids outside the vocabulary); a CacheCorrupt,
+    so the CLI prints it as one line."""
+
+
+def check_packed_records(packed: dict, vocab_size: int, cache: str | None) -> list[str]:
+    """Vectorised check of a packed batch on the CPU, before anything moves to the device.
+
+    topk_ids [P, k] outside ``[0, vocab_size)`` raise CacheRecordError naming the samples: on
+    CUDA such an id in the gather is a device-side assert that kills the process, on CPU an
+    IndexError or (with clamping) a silently wrong target. Non-finite targets (NaN, or +inf in
+    log-probs / tail; -inf is a legitimate empty tail at k = V) do not crash anything: their
+    sample ids are returned so the non-finite-loss policy (``on_nan``) can name them.
+    """
+    names = ("topk_ids", "topk_logprobs", "tail_logmass")
+    fields = [f for f in RECORD_FIELDS if f in packed]
+    lens = {f: packed["lengths"][:, fields.index(f)] for f in names}  # [B] positions per sample
+    sample = torch.repeat_interleave(torch.arange(len(packed["sample_id"])), lens["topk_ids"])  # [P]
+    ids = packed["topk_ids"]  # [P, k]
+    bad_id = ((ids < 0) | (ids >= vocab_size)).any(dim=1)  # [P]
+    if bool(bad_id.any()):
+        bad = sorted({int(b) for b in sample[bad_id]})
+        first = int(bad_id.nonzero()[0, 0])
+        raise CacheRecordError(
+            f"cache {cache}: samples {[packed['sample_id'][b] for b in bad]} (rows {[packed['row'][b] for b in bad]}) "
+            f"have top-k ids outside the student's vocabulary [0, {vocab_size}) (e.g. {ids[first].tolist()}); "
+            f"the cache is damaged or from another vocabulary: run `kdcache verify {cache}` and re-dump it")
+    lp, tail = packed["topk_logprobs"], packed["tail_logmass"]  # [P, k], [P]
+    bad_val = (lp.isnan() | (lp == float("inf"))).any(dim=1) | tail.isnan() | (tail == float("inf"))  # [P]
+    return [packed["sample_id"][b] for b in sorted({int(b) for b in sample[bad_val]})]
 
 
 def _collate(items, pad_token_id):
@@ -480,6 +513,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- loop ------------------------------------------------------------------------------
     kinds = kd_kinds(cfg)
+    V_student = int(model.lm_head.weight.shape[0])
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.stage}", unit="step",
                disable=not acc.is_local_main_process, dynamic_ncols=True)
     metrics_f = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
@@ -491,6 +525,7 @@ def train(cfg: TrainConfig) -> Path:
     while step < total_steps:
         sums: dict[str, float] = {}
         bad_ids: list[str] = []
+        bad_values: list[str] = []  # samples whose cached targets are NaN / +inf
         step_ids: list[str] = []
         for _ in range(cfg.grad_accum):
             t0 = time.perf_counter()
@@ -504,7 +539,11 @@ def train(cfg: TrainConfig) -> Path:
             consumed += len(batch["sample_ids"])
             step_ids += batch["sample_ids"]
             tokens += int(batch["attention_mask"].sum())
-            records = unpack_records(batch["records"]) if cfg.cache else None
+            records = None
+            if cfg.cache:
+                # ids outside [0, V) are refused here, on the CPU, before any gather sees them
+                bad_values += check_packed_records(batch["records"], V_student, cfg.cache)
+                records = unpack_records(batch["records"])
             if teacher is not None:
                 records = teacher_records(teacher, batch, kinds=kinds, top_k=_online_k(cfg, teacher),
                                           with_hidden=cfg.loss.gamma_rel > 0)
@@ -526,6 +565,9 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             msg = (f"non-finite loss at step {step + 1} (rank {acc.process_index}: samples "
                    f"{bad_ids or 'all finite here'}; terms " + ", ".join(f"{k_}={v:.4g}" for k_, v in sums.items()) + ")")
+            if bad_values:
+                msg += (f"; cached targets of {bad_values} are NaN/+inf: run `kdcache verify {cfg.cache}` "
+                        "and re-dump the damaged part")
             if cfg.on_nan == "stop":
                 raise FloatingPointError(msg + ". on_nan=stop: training stopped; the last checkpoint is intact. "
                                          "Check these samples (for a cache: `kdcache verify`), or set on_nan: skip.")

@@ -85,7 +85,26 @@ def load_part_index(zarr, store, root: Path, rank: int) -> PartIndex:
         cols[name] = arr[:n] if n else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
     ok = np.nonzero(cols["status"] == STATUS_OK)[0].astype(np.int64)
     totals = {k: int(v) for k, v in attrs["committed"].items() if k != "samples"}
-    return PartIndex(rank, n, totals, bool(attrs.get("finished", False)), cols, ok)
+    p = PartIndex(rank, n, totals, bool(attrs.get("finished", False)), cols, ok)
+    _check_extents(p, root)
+    return p
+
+
+def _check_extents(p: PartIndex, root: Path) -> None:
+    """CacheCorrupt unless every committed sample's rows lie inside the commit record's totals:
+    a damaged index must never turn into slices of other samples' rows (or huge reads)."""
+    for axis in AXIS_INDEX:
+        off, ln = p.offset(axis).astype(np.int64), p.length(axis)
+        total = p.totals.get(axis)
+        if total is None:
+            raise CacheFormatError(f"{root}/parts/{p.rank}: commit record has no {axis!r} total")
+        bad = np.nonzero((off < 0) | (ln < 0) | (off + ln > total))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise CacheCorrupt(
+                f"{root}/parts/{p.rank}: index row {i} (row {int(p.cols['row'][i])}) has {axis} rows "
+                f"{int(off[i])}:{int(off[i] + ln[i])} outside the committed {total}; run `kdcache verify` "
+                "and re-dump the damaged part")
 
 
 def list_parts(root: Path) -> list[int]:
@@ -135,7 +154,13 @@ class CacheReader:
             from zarr.storage import LocalStore
 
             store = LocalStore(self.path, read_only=True)
-            parts = {r: load_part_index(zarr, store, self.path, r) for r in list_parts(self.path)}
+            try:
+                parts = {r: load_part_index(zarr, store, self.path, r) for r in list_parts(self.path)}
+            except (CacheCorrupt, CacheFormatError):
+                raise
+            except Exception as e:  # damaged part attributes or index chunks: zarr/numpy errors of any kind
+                raise CacheCorrupt(f"cache {self.path}: cannot read a part's index ({type(e).__name__}: {e}); "
+                                   "run `kdcache verify` and re-dump the damaged part") from e
             self._state = {"pid": os.getpid(), "zarr": zarr, "store": store, "parts": parts,
                            "arrays": {}, "by_row": None}
         return self._state
@@ -206,7 +231,11 @@ class CacheReader:
         off, ln = p.cols["id_offset"][idx], p.cols["id_len"][idx]
         lo, hi = int(off.min()), int((off + ln).max())
         raw = self._array(p.rank, "sample_id_bytes")[lo:hi]
-        return [bytes(raw[o - lo : o - lo + n]).decode("utf-8") for o, n in zip(off, ln)]
+        ids = [bytes(raw[o - lo : o - lo + n]).decode("utf-8") for o, n in zip(off, ln)]
+        if any(not s or "\x00" in s for s in ids):  # ids are outside the sample checksum
+            raise CacheCorrupt(f"cache {self.path}, part {p.rank}: empty or NUL sample ids (a damaged or "
+                               "missing sample_id_bytes chunk); run `kdcache verify` and re-dump the part")
+        return ids
 
     def read_slab(self, rank: int, idx: np.ndarray, arrays) -> dict[str, tuple[np.ndarray, int]]:
         """One zarr read per array covering index rows ``idx`` (ascending): name -> (slab, first
@@ -238,7 +267,18 @@ class CacheReader:
 
     def read_rows(self, p: PartIndex, idx: np.ndarray) -> list[TeacherRecord]:
         """Records of index rows ``idx`` (ascending, ok samples) of part ``p``: one zarr read
-        per array spanning ``idx[0]..idx[-1]``, then numpy slices."""
+        per array spanning ``idx[0]..idx[-1]``, then numpy slices. Any failure on damaged data
+        is CacheCorrupt naming the part (never a bare numpy/zarr/codec error)."""
+        try:
+            return self._read_rows(p, idx)
+        except (CacheCorrupt, CacheFormatError):
+            raise
+        except Exception as e:
+            raise CacheCorrupt(
+                f"cache {self.path}, part {p.rank}, index rows {int(idx[0])}..{int(idx[-1])}: cannot read "
+                f"({type(e).__name__}: {e}); run `kdcache verify` and re-dump the damaged part") from e
+
+    def _read_rows(self, p: PartIndex, idx: np.ndarray) -> list[TeacherRecord]:
         hidden_on = self.attrs["settings"]["hidden"] != "none"
         names = ["input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs",
                  "tail_logmass"] + (["visual_hidden"] if hidden_on else [])

@@ -75,7 +75,11 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
 
     path = Path(path)
     rep = VerifyReport(str(path))
-    attrs = read_json_attrs(path)
+    try:
+        attrs = read_json_attrs(path)
+    except CacheFormatError as e:
+        rep.add(str(e))
+        return rep
     if attrs is None:
         rep.add(f"no cache at {path} (no zarr.json)")
         return rep
@@ -89,7 +93,10 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
             rep.add(f"fingerprint mismatch: {d}")
     vocab = int(vocab_size if vocab_size is not None else attrs["teacher"]["vocab_size"])
     store = LocalStore(path, read_only=True)
-    _check_gram(zarr, store, path, attrs, rep)
+    try:
+        _check_gram(zarr, store, path, attrs, rep)
+    except Exception as e:
+        rep.add(f"{GRAM_ARRAY}: unreadable ({type(e).__name__}: {e})")
     ranks = list_parts(path)
     rep.parts = len(ranks)
     if not ranks:
@@ -100,14 +107,17 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
         except Exception as e:  # corrupt index chunk, missing array, bad attributes
             rep.add(f"part {rank}: cannot read the index ({type(e).__name__}: {e})")
             continue
-        arrays = _open_arrays(zarr, store, rank, attrs, rep)
-        if arrays is None:
-            continue
-        if not _check_index(p, arrays, attrs, rep):
-            continue
-        rep.samples_skipped += int(np.count_nonzero(p.cols["status"] != STATUS_OK))
-        for s in range(0, len(p.ok), block):
-            _check_block(p, arrays, p.ok[s : s + block], attrs, vocab, rep)
+        try:
+            arrays = _open_arrays(zarr, store, rank, attrs, rep)
+            if arrays is None:
+                continue
+            if not _check_index(p, arrays, attrs, rep):
+                continue
+            rep.samples_skipped += int(np.count_nonzero(p.cols["status"] != STATUS_OK))
+            for s in range(0, len(p.ok), block):
+                _check_block(p, arrays, p.ok[s : s + block], attrs, vocab, rep)
+        except Exception as e:  # verify reports, never raises: whatever the damage, name the part
+            rep.add(f"part {rank}: unreadable ({type(e).__name__}: {e})")
     return rep
 
 
@@ -179,6 +189,25 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
             rep.add(f"{where}: visual_hidden rows are {arrays['visual_hidden'].shape[1:]}, "
                     f"expected hidden_size = {D}")
             good = False
+    rows = p.cols["row"].astype(np.int64)
+    n_rows = int(attrs["dataset"]["num_rows"])
+    bad = np.nonzero((rows < 0) | (rows >= n_rows))[0]
+    if len(bad):
+        rep.add(f"{where}: index/row {int(bad[0])} holds row {int(rows[bad[0]])}, outside the data file's "
+                f"[0, {n_rows})")
+        good = False
+    # status is outside the per-sample crc32: a skip holds no data rows, an ok sample some tokens
+    ok = p.cols["status"] == STATUS_OK
+    data_rows = p.length("tokens") + p.length("positions") + p.length("visual")
+    bad = np.nonzero((ok & (p.length("tokens") <= 0)) | (~ok & (data_rows != 0)))[0]
+    if len(bad):
+        i = int(bad[0])
+        rep.add(f"{where}: index row {i} (row {int(rows[i])}) has status {int(p.cols['status'][i])} but "
+                f"{int(data_rows[i])} data rows (skipped samples have none, ok samples have tokens)")
+        good = False
+    if len(np.unique(rows)) != len(rows):
+        rep.add(f"{where}: index/row lists a dataset row more than once")
+        good = False
     unknown = sorted({int(s) for s in p.cols["status"]} - {STATUS_OK} - set(REASON_NAMES))
     if unknown:
         rep.add(f"{where}: unknown status codes {unknown} in index/status")
@@ -202,6 +231,8 @@ def _check_block(p: PartIndex, arrays: dict, idx: np.ndarray, attrs: dict, vocab
     id_lo = int(p.cols["id_offset"][idx[0]])
     id_hi = int(p.cols["id_offset"][idx[-1]] + p.cols["id_len"][idx[-1]])
     raw_ids, err = _read(arrays["sample_id_bytes"], id_lo, id_hi)
+    if err is not None:
+        rep.add(f"part {rank}: array sample_id_bytes rows {id_lo}:{id_hi} cannot be decoded ({err})")
     slabs, failed = {}, {}
     for name, arr in arrays.items():
         if name == "sample_id_bytes":
@@ -217,6 +248,10 @@ def _check_block(p: PartIndex, arrays: dict, idx: np.ndarray, attrs: dict, vocab
         if raw_ids is not None:
             o = int(p.cols["id_offset"][i]) - id_lo
             sid = bytes(raw_ids[o : o + int(p.cols["id_len"][i])]).decode("utf-8", "replace")
+            # ids are not in the sample checksum: a lost or garbled id chunk shows as NUL / U+FFFD
+            if not sid or "\x00" in sid or "\ufffd" in sid:
+                rep.add(f"part {rank} row {int(p.cols['row'][i])}: array sample_id_bytes gives an invalid "
+                        f"sample id {sid!r} (damaged or missing chunk)")
         else:
             sid = "<unreadable id>"
         where = f"part {rank} sample {sid!r} (row {row})"

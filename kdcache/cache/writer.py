@@ -67,9 +67,17 @@ def read_json_attrs(node_dir: Path) -> dict | None:
     """Attributes of a zarr v3 node straight from its ``zarr.json``, or None if not there yet."""
     meta = Path(node_dir) / "zarr.json"
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+        doc = json.loads(meta.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        raise CacheFormatError(f"{meta}: not valid JSON ({type(e).__name__}: {e}); the cache is damaged: "
+                               "run `kdcache verify` and re-dump it") from e
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        raise CacheFormatError(f"{meta}: 'attributes' is not a JSON object; the cache is damaged: "
+                               "run `kdcache verify` and re-dump it")
+    return attrs
 
 
 def _tensor_np(t: torch.Tensor) -> np.ndarray:
@@ -362,6 +370,14 @@ class CacheWriter:
         self.part.attrs.update({"finished": bool(finished)})
         if self._lock is not None:
             self._lock.close()  # releases the flock
+            self._lock = None
+
+    def abandon(self) -> None:
+        """Release the part's lock without writing anything (after a failed write, e.g. a full
+        disk): what was committed stays, the buffered tail is dropped, and a later writer in this
+        or another process resumes the part."""
+        if self._lock is not None:
+            self._lock.close()
             self._lock = None
 
     def is_finished(self) -> bool:

@@ -107,7 +107,15 @@ def parse_llava(data: Any, source: str = "<memory>") -> list[LlavaSample]:
         sid = obj.get("id")
         if sid is None:
             raise DataError(f"{source}: row {row} has no 'id'; every sample needs one (the cache keys on it)")
+        # bool is an int subclass, and str() of a >4300-digit int raises ValueError: refuse both here
+        if isinstance(sid, bool) or not isinstance(sid, (str, int)) or (isinstance(sid, int) and abs(sid) >= 10**64):
+            raise DataError(f"{source}: row {row} has 'id' of type {type(sid).__name__}; use a string "
+                            "(or an integer below 10**64)")
         sid = str(sid)
+        _check_text(sid, f"{source}: row {row} 'id'")
+        if not sid or "\x00" in sid:
+            raise DataError(f"{source}: row {row} has an empty 'id' or one with a NUL character; give it a "
+                            "non-empty printable id")
         where = f"{source}: row {row} (id {sid!r})"
         convs = obj.get("conversations")
         if not isinstance(convs, list) or not convs:
@@ -116,7 +124,7 @@ def parse_llava(data: Any, source: str = "<memory>") -> list[LlavaSample]:
         for j, turn in enumerate(convs):
             if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
                 raise DataError(f"{where}: turn {j} must be an object with 'from' and 'value'")
-            role = _ROLE_ALIASES.get(turn["from"])
+            role = _ROLE_ALIASES.get(turn["from"]) if isinstance(turn["from"], str) else None
             if role is None:
                 raise DataError(f"{where}: turn {j} has from={turn['from']!r}; expected 'human' or 'gpt'")
             expected = ROLE_USER if j % 2 == 0 else ROLE_ASSISTANT
@@ -127,14 +135,29 @@ def parse_llava(data: Any, source: str = "<memory>") -> list[LlavaSample]:
                 )
             if not isinstance(turn["value"], str):
                 raise DataError(f"{where}: turn {j} 'value' is {type(turn['value']).__name__}, expected a string")
+            _check_text(turn["value"], f"{where}: turn {j} 'value'")
             turns.append((role, turn["value"]))
         image = obj.get("image")
         if image is not None and not isinstance(image, str):
             # LLaVA-OneVision style lists of images are out of scope
             raise DataError(f"{where}: 'image' must be a string path, got {type(image).__name__}")
+        if image is not None:
+            _check_text(image, f"{where}: 'image'")
+            if "\x00" in image:
+                raise DataError(f"{where}: 'image' path contains a NUL character")
         extra = {k: v for k, v in obj.items() if k not in ("id", "image", "conversations")}
         samples.append(LlavaSample(id=sid, row=row, image=image, turns=turns, extra=extra, source=source))
     return samples
+
+
+def _check_text(text: str, where: str) -> None:
+    """DataError if ``text`` cannot be UTF-8 encoded (JSON's lone surrogates such as "\\ud800"
+    decode to such strings; tokenizers and the cache's sample-id bytes would fail on them later)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where} is not valid Unicode ({e.reason} at character {e.start}); "
+                        "fix the text in the JSON file") from e
 
 
 def read_llava_json(path: str | os.PathLike) -> list[LlavaSample]:
@@ -143,8 +166,10 @@ def read_llava_json(path: str | os.PathLike) -> list[LlavaSample]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError (not UTF-8) and integers longer
+        # than Python's 4300-digit str<->int limit; RecursionError a pathologically nested file
+        raise DataError(f"{path}: not valid JSON ({type(e).__name__}: {e})"[:1000]) from e
     return parse_llava(data, source=str(path))
 
 
