@@ -185,20 +185,6 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
     return steps
 
 
-def cache_finished(path: Path) -> bool:
-    """True when every rank's part of the cache at ``path`` is marked finished."""
-    from .cache.writer import read_json_attrs
-
-    root = read_json_attrs(path) if (path / "zarr.json").is_file() else None
-    if not root or "settings" not in root:
-        return False
-    for rank in range(int(root["settings"]["world_size"])):
-        part = read_json_attrs(path / "parts" / str(rank)) if (path / "parts" / str(rank) / "zarr.json").is_file() else None
-        if not part or not part.get("finished"):
-            return False
-    return True
-
-
 def is_done(step: Step) -> bool:
     if step.kind == "make-data":
         return (step.output / "tokenizer").is_dir() and (step.output / "instruct.json").is_file()
@@ -207,6 +193,8 @@ def is_done(step: Step) -> bool:
     if step.kind == "train":
         return (step.output / "DONE").is_file()
     if step.kind == "dump":
+        from .cache.writer import cache_finished
+
         return cache_finished(step.output)
     if step.kind == "eval":
         return step.output.is_file()

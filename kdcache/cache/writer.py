@@ -530,4 +530,16 @@ def open_writer(path, attrs, rank: int = 0, world_size: int = 1, layout: Layout 
     return CacheWriter(path, attrs, rank=rank, world_size=world_size, layout=layout, **kw)
 
 
-__all__ = ["CacheWriter", "open_writer", "sweep_partials", "GRAM_ARRAY", "DATA_ARRAYS"]
+def cache_finished(path: Path) -> bool:
+    """True when every rank's part of the cache at ``path`` is marked finished."""
+    root = read_json_attrs(path) if (path / "zarr.json").is_file() else None
+    if not root or "settings" not in root:
+        return False
+    for rank in range(int(root["settings"]["world_size"])):
+        part = read_json_attrs(path / "parts" / str(rank)) if (path / "parts" / str(rank) / "zarr.json").is_file() else None
+        if not part or not part.get("finished"):
+            return False
+    return True
+
+
+__all__ = ["CacheWriter", "cache_finished", "open_writer", "sweep_partials", "GRAM_ARRAY", "DATA_ARRAYS"]
