@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from .config import DumpConfig, validate
+from .losses import lm_gram
 
 
 
@@ -375,8 +376,8 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
     mine_dirs = [out / "parts" / str(rank)] + ([out / GRAM_ARRAY] if rank == 0 else [])
     bytes0 = sum(dir_bytes(d) for d in mine_dirs)
     if rank == 0:
-        W = model.lm_head.weight.detach().float()  # [V, D]
-        writer.write_gram((W.T @ W).cpu().numpy())  # M_t = W^T W [D, D]: relation targets in logit space
+        # M_t = W^T W [D, D]: relation targets in logit space without an [N, V] matrix
+        writer.write_gram(lm_gram(model.lm_head.weight.detach().float()).cpu().numpy())
     kept, toks, skipped = prepare_samples(
         [s for s in mine if s.row not in done], tok, images_root=cfg.images, template=cfg.template,
         image_token_id=image_token_id(model.config), num_image_tokens=n_image, max_length=cfg.max_length,

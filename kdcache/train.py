@@ -323,7 +323,7 @@ def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
         Ht[j, :m] = records[b].visual_hidden.to(device).float()
         mask[j, :m] = True
     if cfg.loss.relation_features == "logits":
-        Ms = W_s.float().T @ W_s.float()  # [D_s, D_s] once per step, differentiable in W_s
+        Ms = L.lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
         Rs = L.gram_relation(Hs.float(), Ms, mask=mask, normalize=cfg.loss.relation_normalize)
         Rt = L.gram_relation(Ht, teacher_gram.to(device).float(), mask=mask, normalize=cfg.loss.relation_normalize)
     else:
@@ -468,8 +468,7 @@ def train(cfg: TrainConfig) -> Path:
         if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
             raise CacheMismatchError(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
                                      f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
-        W_t = teacher.lm_head.weight.detach().float()
-        teacher_gram = W_t.T @ W_t  # [D_t, D_t]
+        teacher_gram = L.lm_gram(teacher.lm_head.weight.detach().float())  # [D_t, D_t], as the dump stores it
 
     n_rank = _rank_count(source, acc)
     per_step = cfg.batch_size * cfg.grad_accum
