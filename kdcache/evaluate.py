@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .config import EvalConfig
+from .generation import generate_batch, left_pad, stop_token_ids
 from .positions import KIND_RESPONSE, ROLE_RESPONSE
 
 ALL_TYPES = "all"  # question type of samples without a ``question_type`` key
@@ -155,18 +156,6 @@ def _load(name: str, device: torch.device):
     return model, processor
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """eos plus the end-of-turn tokens of our templates that the tokenizer knows."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    for t in ("<|im_end|>", "<|endoftext|>"):
-        if t in vocab:
-            ids.add(int(vocab[t]))
-    if not ids:
-        raise ValueError("the tokenizer has no eos token and no <|im_end|> / <|endoftext|>: cannot stop generation")
-    return sorted(ids)
-
-
 def _pixels(samples, image_processor, images_root: str) -> torch.Tensor | None:
     """[n_img, 3, H, W] for the samples with an image, in order; None when none has one."""
     from .data.llava import load_image
@@ -177,46 +166,11 @@ def _pixels(samples, image_processor, images_root: str) -> torch.Tensor | None:
     return image_processor(images=imgs, return_tensors="pt")["pixel_values"]
 
 
-def left_pad(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id sequences -> input_ids int64 [B, T], attention_mask int64 [B, T]."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[b, T - len(s):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[np.ndarray], pixel_values: torch.Tensor | None, *,
                      max_new_tokens: int, cut_newline: bool = False) -> list[str]:
-    """Greedy answers to a batch of tokenised prompts (left-padded so all continue at the end).
-
-    prompts: int64 [T_b] each; pixel_values [n_img, 3, H, W] for the prompts with an image, in
-    order. Each answer is the decoded text before the first stop token (and, with
-    ``cut_newline``, before the first newline: the ``pretrain`` template ends a turn with one).
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = left_pad(prompts, pad)
-    device = model.device
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device=device, dtype=model.dtype)
-    stops = stop_token_ids(tokenizer)
-    # A text-only batch passes no pixel_values at all: generate() runs the vision encoder on
-    # any pixel_values key it is given, None included.
-    extra = {"pixel_values": pixel_values} if pixel_values is not None else {}
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad, **extra)
-    new = out[:, ids.shape[1]:].cpu()  # [B, <= max_new_tokens]
-    answers = []
-    for row in new.tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        text = tokenizer.decode(row[:cut], skip_special_tokens=True)
-        if cut_newline:
-            text = text.split("\n", 1)[0]
-        answers.append(text.strip())
-    return answers
+    """Greedy answers to a batch of tokenised prompts (``kdcache.generation.generate_batch``)."""
+    return generate_batch(model, tokenizer, prompts, pixel_values, max_new_tokens=max_new_tokens,
+                          temperature=0.0, top_p=1.0, cut_newline=cut_newline)
 
 
 def _full_batch(items: Sequence[_Item], toks: Sequence[Any], pixel_values, pad_id: int) -> dict:

@@ -32,13 +32,13 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from .generation import generate_batch
 
 SIDE_SUFFIX = ".partial.jsonl"
 
@@ -110,41 +110,7 @@ def read_sidecar(path: Path, settings: GenerateSettings) -> dict[int, dict]:
     return done
 
 
-@torch.no_grad()
-def generate_batch(model, tokenizer, prompts: Sequence[np.ndarray], pixel_values: torch.Tensor | None, *,
-                   max_new_tokens: int, temperature: float, top_p: float, cut_newline: bool) -> list[str]:
-    """Answers to a batch of tokenised prompts, greedy (temperature 0) or sampled.
 
-    prompts: int64 [T_b] each, left-padded here; pixel_values [n_img, 3, H, W] for the prompts
-    with an image, in order, or None. Each answer is the text before the first stop token
-    (``kdcache.evaluate.stop_token_ids``), stripped; ``cut_newline`` also cuts at a newline
-    (the ``pretrain`` template's end of turn).
-    """
-    from .evaluate import left_pad, stop_token_ids
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = left_pad(prompts, pad)  # [B, T]
-    device = model.device
-    stops = stop_token_ids(tokenizer)
-    # transformers' generate() runs the vision tower on any pixel_values key, None included.
-    extra: dict[str, Any] = {}
-    if pixel_values is not None:
-        extra["pixel_values"] = pixel_values.to(device=device, dtype=model.dtype)
-    if temperature > 0:
-        extra.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-    else:
-        extra.update(do_sample=False)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         num_beams=1, eos_token_id=stops, pad_token_id=pad, **extra)
-    new = out[:, ids.shape[1]:].cpu()  # [B, <= max_new_tokens]
-    answers = []
-    for row in new.tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        text = tokenizer.decode(row[:cut], skip_special_tokens=True)
-        if cut_newline:
-            text = text.split("\n", 1)[0]
-        answers.append(text.strip())
-    return answers
 
 
 class _HfGenerator:
@@ -171,7 +137,7 @@ class _VllmGenerator:
 
     def __init__(self, teacher: str, st: GenerateSettings, tokenizer):
         from .backends.vllm import import_vllm
-        from .evaluate import stop_token_ids
+        from .generation import stop_token_ids
 
         LLM, self._SamplingParams = import_vllm()
         self.llm = LLM(model=str(teacher), limit_mm_per_prompt={"image": 1})
