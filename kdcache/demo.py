@@ -181,7 +181,7 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds: int | 
 
     def ev(model, split="eval.json", cache=None):
         return evaluate(EvalConfig(model=str(model), data=str(data / split), images=str(images),
-                                   teacher_cache=str(cache) if cache else None, batch_size=64))
+                                   teacher_cache=str(cache) if cache else None, batch_size=256))
 
     results["teacher"] = [ev(teacher)]
     val = {"teacher": ev(teacher, "val.json")["accuracy_micro"]}
