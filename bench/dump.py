@@ -69,15 +69,15 @@ def build_preset(preset: str, vocab_size: int | None, device: torch.device, dtyp
         V = vocab_size or 32768
         tc = Qwen2Config(vocab_size=V, tie_word_embeddings=False, **models.TINY_LLM[preset])
         vc = SiglipVisionConfig(**models.TINY_VISION)
-    elif preset.startswith("random:") and preset[7:] in models._QWEN_SHAPES:
-        shape = dict(models._QWEN_SHAPES[preset[7:]])
+    elif preset.startswith("random:") and preset[7:] in models.QWEN_SHAPES:
+        shape = dict(models.QWEN_SHAPES[preset[7:]])
         if vocab_size:
             shape["vocab_size"] = vocab_size
         tc = Qwen2Config(**shape)
-        vc = SiglipVisionConfig(**models._SIGLIP_SO400M)
+        vc = SiglipVisionConfig(**models.SIGLIP_SO400M)
     else:
         raise SystemExit(f"unknown preset {preset!r}: choose from {', '.join(models.PRESETS)}")
-    config = models._llava_config(tc, vc, tc.vocab_size - 1)  # last id stands for <image>
+    config = models.llava_config(tc, vc, tc.vocab_size - 1)  # last id stands for <image>
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: seconds for 3B on a GPU
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)

@@ -43,10 +43,16 @@ import torch
 
 from kdcache import losses as L
 from kdcache.config import LossConfig, TrainConfig
+from kdcache.models import QWEN_SHAPES, SIGLIP_SO400M, llava_config
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL
 from kdcache.records import TeacherRecord
 from kdcache.teacher import teacher_records
 from kdcache.train import _set_trainable, batch_losses, relation_term
+
+def _llm_shape(alias: str) -> dict:
+    """The body of a real Qwen2.5 size (kdcache.models.QWEN_SHAPES) without vocab and tying."""
+    return {k: v for k, v in QWEN_SHAPES[alias].items() if k not in ("vocab_size", "tie_word_embeddings")}
+
 
 SHAPES = {
     # name: (student LLM, teacher LLM, vision, batch, text tokens, vocab)
@@ -59,26 +65,19 @@ SHAPES = {
                 dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      image_size=96, patch_size=8),
                 4, 32, 8192),
-    "real": (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2),
-             dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                  num_key_value_heads=2),
-             dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                  image_size=384, patch_size=14),
-             8, 128, 151936),
+    "real": (_llm_shape("qwen2.5-0.5b"), _llm_shape("qwen2.5-3b"), dict(SIGLIP_SO400M), 8, 128,
+             QWEN_SHAPES["qwen2.5-3b"]["vocab_size"]),
 }
 
 
 def build(llm: dict, vision: dict, vocab: int, device, dtype):
     """Random-init LLaVA (SigLIP + Qwen2) of these shapes, built in memory on ``device``."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     tc = Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **llm)
     vc = SiglipVisionConfig(**vision)
     n = (vc.image_size // vc.patch_size) ** 2
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=vocab - 1, projector_hidden_act="gelu",
-                      vision_feature_layer=-2, vision_feature_select_strategy="full", image_seq_length=n,
-                      tie_word_embeddings=True)
+    cfg = llava_config(tc, vc, vocab - 1)  # the last id stands for <image>
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)

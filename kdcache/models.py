@@ -45,7 +45,7 @@ ALIASES: dict[str, str] = {
 }
 
 # Real shapes (from the public config.json files) for random-init models: benchmarks only.
-_QWEN_SHAPES: dict[str, dict] = {
+QWEN_SHAPES: dict[str, dict] = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                          tie_word_embeddings=True),
@@ -59,7 +59,7 @@ _QWEN_SHAPES: dict[str, dict] = {
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                        tie_word_embeddings=False),
 }
-_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                       num_attention_heads=16, image_size=384, patch_size=14)
 
 # Tiny presets: the LLM sizes of the demo (issue 6); one vision tower shared by all of them
@@ -75,7 +75,7 @@ TINY_LLM: dict[str, dict] = {
     "tiny-student": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2),
 }
-PRESETS = tuple(TINY_LLM) + tuple(f"random:{a}" for a in _QWEN_SHAPES)
+PRESETS = tuple(TINY_LLM) + tuple(f"random:{a}" for a in QWEN_SHAPES)
 
 
 class ModelLoadError(RuntimeError):
@@ -255,7 +255,9 @@ def _with_image_token(tokenizer):
     return tokenizer
 
 
-def _llava_config(text_config, vision_config, image_token: int):
+def llava_config(text_config, vision_config, image_token: int):
+    """The kdcache LLaVA layout around given LLM and SigLIP configs: GELU projector,
+    ``vision_feature_layer=-2``, ``vision_feature_select_strategy="full"`` (every patch a token)."""
     from transformers import LlavaConfig
 
     n = (vision_config.image_size // vision_config.patch_size) ** 2
@@ -302,21 +304,21 @@ def init_model(out: str | Path, *, preset: str | None = None, llm: str | None = 
                          tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=10000.0,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **TINY_LLM[preset])
-        config = _llava_config(tc, vc, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+        config = llava_config(tc, vc, tok.convert_tokens_to_ids(IMAGE_TOKEN))
         model = LlavaForConditionalGeneration(config)
         model.model.vision_tower.load_state_dict(tower.state_dict())
         meta["assembled_from"] = {"preset": preset, "tokenizer": str(tokenizer), "seed": seed}
-    elif preset is not None and preset.startswith("random:") and preset[7:] in _QWEN_SHAPES:
+    elif preset is not None and preset.startswith("random:") and preset[7:] in QWEN_SHAPES:
         alias = preset[7:]
         if tokenizer is not None:
             tok = _with_image_token(AutoTokenizer.from_pretrained(tokenizer))
         else:
             tok = None
-        shape = dict(_QWEN_SHAPES[alias])
+        shape = dict(QWEN_SHAPES[alias])
         image_tok = shape["vocab_size"] - 1 if tok is None else tok.convert_tokens_to_ids(IMAGE_TOKEN)
         tc = Qwen2Config(max_position_embeddings=max_position_embeddings, **shape)
-        vc = SiglipVisionConfig(**_SIGLIP_SO400M)
-        model = LlavaForConditionalGeneration(_llava_config(tc, vc, image_tok)).to(dtype)
+        vc = SiglipVisionConfig(**SIGLIP_SO400M)
+        model = LlavaForConditionalGeneration(llava_config(tc, vc, image_tok)).to(dtype)
         meta["assembled_from"] = {"preset": preset, "seed": seed}
     elif preset is not None:
         raise ModelLoadError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -331,7 +333,7 @@ def init_model(out: str | Path, *, preset: str | None = None, llm: str | None = 
         tok = _with_image_token(AutoTokenizer.from_pretrained(tokenizer or llm_path))
         lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
         tower = SiglipVisionModel.from_pretrained(vision_path, dtype=dtype)
-        config = _llava_config(lm.config, tower.config, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+        config = llava_config(lm.config, tower.config, tok.convert_tokens_to_ids(IMAGE_TOKEN))
         model = LlavaForConditionalGeneration(config).to(dtype)
         model.model.vision_tower.load_state_dict(tower.state_dict())
         model.model.language_model.load_state_dict(lm.model.state_dict())
