@@ -139,8 +139,12 @@ def run_vllm(teacher_dir: str, batches, images, warmup_index: int, out: Path, at
     from types import SimpleNamespace
 
     from kdcache.backends.vllm import VllmTeacher
+    from kdcache.config import VLLM_GPU_MEMORY_WITH_HF, VllmConfig
 
-    teacher = VllmTeacher(teacher_dir, top_k=top_k, vocab_size=vocab)
+    # The HF teacher of the first row is still on the GPU: vLLM takes the share it has when the
+    # dump's hybrid mode keeps the HF teacher beside it.
+    teacher = VllmTeacher(teacher_dir, top_k=top_k, engine=VllmConfig(), gpu_memory_utilization=VLLM_GPU_MEMORY_WITH_HF,
+                          vocab_size=vocab)
 
     def items(b, ims):
         return [(SimpleNamespace(input_ids=b["input_ids"][i].cpu().numpy(), roles=b["roles"][i].numpy(),
@@ -331,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         if use_vllm:
             import dataclasses
 
-            v_attrs = make_attrs(dict(attrs["teacher"], backend="vllm"), attrs["tokenizer"], attrs["dataset"],
-                                 dump_settings(dataclasses.replace(cfg, hidden="none"), 1))
+            v_attrs = make_attrs(attrs["teacher"], attrs["tokenizer"], attrs["dataset"],
+                                 dump_settings(dataclasses.replace(cfg, hidden="none", backend="vllm"), 1))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(run_vllm(args.teacher, batches, images, 0, Path(tmp) / "vllm.zarr", v_attrs, args.top_k,

@@ -47,7 +47,7 @@ from kdcache.models import QWEN_SHAPES, SIGLIP_SO400M, llava_config
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL
 from kdcache.records import TeacherRecord
 from kdcache.teacher import teacher_records
-from kdcache.train import _set_trainable, batch_losses, relation_term
+from kdcache.train import TeacherSide, _set_trainable, batch_losses, relation_term
 
 def _llm_shape(alias: str) -> dict:
     """The body of a real Qwen2.5 size (kdcache.models.QWEN_SHAPES) without vocab and tying."""
@@ -222,6 +222,7 @@ def main(argv=None):
     del recs
     W_t = teacher.lm_head.weight.detach().float()
     gram = (W_t.T @ W_t).cpu()  # the cache's M_t, on the host like the reader's
+    side = TeacherSide(gram=gram.to(device), lm_head=None, temperature=1.0, targets="topk")
     del W_t
     online_k = V if args.online_k == 0 else (args.online_k or args.top_k)
     if args.skip_online:
@@ -245,11 +246,11 @@ def main(argv=None):
 
     rows = [run("SFT (L_reg)", step(lambda: batch_losses(student, batch, None, None, sft)), device, steps, args.warmup),
             run(f"cached KD, k={args.top_k} (kdcache)",
-                step(lambda: batch_losses(student, batch, cached, gram, dft)), device, steps, args.warmup)]
+                step(lambda: batch_losses(student, batch, cached, side, dft)), device, steps, args.warmup)]
     if teacher is not None:
         def online():
             recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=online_k, with_hidden=True)
-            return batch_losses(student, batch, recs, gram.to(device), dft)
+            return batch_losses(student, batch, recs, side, dft)
         rows.append(run(f"online KD, k={'V' if online_k == V else online_k} (teacher in memory)",
                         step(online), device, steps, args.warmup))
     rows.append(run(f"naive cached KD, k={args.top_k} (full logits)", step(lambda: naive_losses(student, batch, cached, gram, dft)), device, steps, args.warmup))

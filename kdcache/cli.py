@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .config import VllmConfig as _VLLM  # the vLLM flags' defaults (a stdlib-only module)
+from .config import DumpConfig as _DUMP, TrainConfig as _TRAIN  # defaults of flags (dist_timeout_s)
 
 # OpenMP threads that spin while waiting make a contended CPU (data-loader workers, other jobs)
 # 10-20x slower; passive waiting costs nothing measurable. Must be set before torch loads.
@@ -49,6 +51,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, exit code 2, no traceback."""
+    from .backends import BackendUnavailable
     from .cache.format import CacheCorrupt, CacheFormatError, CacheMismatch
     from .cache.writer import CacheLocked
     from .config import ConfigError
@@ -57,8 +60,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelLoadError
     from .train import CacheMismatchError
 
-    return (ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError, CacheLocked,
-            CacheMismatchError, DataError, SampleError, FileNotFoundError, NotADirectoryError, PermissionError)
+    return (BackendUnavailable, ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError,
+            CacheLocked, CacheMismatchError, DataError, SampleError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def _fail(e: Exception) -> None:
@@ -145,12 +148,20 @@ def dump(
     data: Path = typer.Option(..., help="LLaVA JSON (558k captions or 665k conversations format)."),
     images: Path = typer.Option(..., help="Directory the JSON's image paths are relative to."),
     out: Path = typer.Option(..., help="Cache to write or finish (a Zarr v3 directory, e.g. cache.zarr)."),
-    top_k: int = typer.Option(64, help="Top-k ids kept per position (k = vocabulary size: exact)."),
+    top_k: int = typer.Option(64, help="Top-k ids kept per position (k = vocabulary size: exact; "
+                                          "not used with --targets sampled:N)."),
     positions: str = typer.Option("visual,response", help="Position kinds: visual,response[,prompt]."),
-    hidden: Optional[str] = typer.Option(None, help="Visual hidden states for L_rel: bf16 | fp16 | float32 | none "
-                                                    "(default bf16 with --backend hf, none with vllm)."),
+    hidden: str = typer.Option(_DUMP.hidden, help="Visual hidden states for L_rel: bf16 | fp16 | float32 | none. With "
+                                            "--backend vllm they come from an HF forward of the teacher (none: "
+                                            "skip it, no L_rel targets)."),
     logprob_dtype: str = typer.Option("float16", help="float16 | float32"),
     temperature: float = typer.Option(1.0, help="Dump softmax temperature (recorded; KD temperature is train's)."),
+    targets: str = typer.Option(_DUMP.targets, help="topk: the --top-k ids, log-probs and tail mass per position | "
+                                                    "hidden: exact, topk plus the LM head's input at every position "
+                                                    "and the LM head once | sampled:N: N ids drawn from the "
+                                                    "teacher's distribution with their counts (--top-k unused)."),
+    draw_seed: int = typer.Option(_DUMP.draw_seed, help="--targets sampled:N: seed of the draws (per sample: "
+                                                        "this seed and its row; reruns are identical)."),
     batch_size: int = typer.Option(8, help="Samples per teacher forward."),
     max_length: int = typer.Option(2048, help="Longest sample in tokens (image expanded)."),
     on_too_long: str = typer.Option("skip", help="skip (counted) | error"),
@@ -159,44 +170,61 @@ def dump(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     commit_every_s: float = typer.Option(60.0, help="Commit at least this often (seconds of teacher work a "
                                                     "crash may lose; 0 = after every batch)."),
-    backend: str = typer.Option("hf", help="hf (Hugging Face, the reference) | vllm (needs `pip install "
-                                           "'kdcache\\[vllm]'`: no hidden states, so --hidden none and no L_rel "
-                                           "targets; tail from the top-k alone; temperature 1; one process)."),
-    vllm_tensor_parallel_size: int = typer.Option(1, help="--backend vllm: GPUs the teacher is split over."),
-    vllm_max_num_batched_tokens: int = typer.Option(8192, help="--backend vllm: tokens per engine step."),
-    vllm_dtype: str = typer.Option("bfloat16", help="--backend vllm: bfloat16 | float16 | float32."),
+    dist_timeout_s: float = typer.Option(_DUMP.dist_timeout_s, help="Multi-rank: how long a rank waits for a "
+                                                                    "dead peer before failing."),
+    backend: str = typer.Option(_DUMP.backend, help="hf (Hugging Face, the reference) | vllm (needs `pip install "
+                                           "'kdcache\\[vllm]'`: log-probs from vLLM with the tail from the top-k "
+                                           "alone; temperature 1; one process; hidden states from HF, see below)."),
+    vllm_tensor_parallel_size: int = typer.Option(_VLLM.tensor_parallel_size,
+                                                  help="--backend vllm: GPUs the teacher is split over."),
+    vllm_max_num_batched_tokens: int = typer.Option(
+        _VLLM.max_num_batched_tokens, help="--backend vllm: tokens per engine step. Keep it modest: prompt "
+                                           "log-probs materialise tokens x vocab float32 logits "
+                                           "(8192 x 152k = 5 GiB)."),
+    vllm_dtype: str = typer.Option(_VLLM.dtype, help="--backend vllm: bfloat16 | float16 | float32 (the HF copy "
+                                                     "is loaded in it too)."),
+    vllm_gpu_memory_utilization: Optional[float] = typer.Option(
+        _VLLM.gpu_memory_utilization, help="--backend vllm: vLLM's share of GPU memory; default 0.6 when hidden "
+                                           "states are dumped (the HF teacher shares the GPU), else 0.9."),
+    vllm_max_model_len: Optional[int] = typer.Option(_VLLM.max_model_len,
+                                                     help="--backend vllm: context length (default: the model's)."),
+    vllm_hf_batch_size: int = typer.Option(_VLLM.hf_batch_size, help="--backend vllm with hidden states: samples "
+                                                                     "per HF hidden-state forward."),
 ):
     """Dump the teacher's top-k log-probs, tail mass and visual hidden states into a Zarr cache.
 
     Resumable: run the same command again after a crash. Multi-GPU: torchrun/accelerate launch,
     one part per rank (--backend hf).
 
-    --backend vllm serves the teacher with vLLM (prompt log-probs of the teacher-forced sequence):
-    hidden states need the HF backend, so the cache has hidden: none; give it large batches
-    (--batch-size 256), vLLM schedules them itself.
+    --backend vllm serves the teacher with vLLM (prompt log-probs of the teacher-forced sequence);
+    give it large batches (--batch-size 256), vLLM schedules them itself. vLLM returns no hidden
+    states: with --hidden bf16 (hybrid) the HF teacher, on the same GPU, computes them on each
+    sample's prefix up to the image's end, and vLLM gets --vllm-gpu-memory-utilization (0.6) of
+    the GPU; --hidden none skips the HF forward (no L_rel targets). The cache's settings record
+    backend: vllm. Not yet run against a real vLLM engine on this project's machines.
 
     Example: kdcache dump --teacher runs/teacher --data data/instruct.json --images data --out caches/t.zarr
 
     Example: kdcache dump --backend vllm --teacher runs/teacher --data data/instruct.json --images data
-             --out caches/t-vllm.zarr --batch-size 256
+             --out caches/t-vllm.zarr --batch-size 256 --hidden none
     """
     from .backends import BackendUnavailable
-    from .backends.vllm import VllmOptions
     from .config import DumpConfig
     from .dump import dump as _dump
     from .positions import parse_kinds
 
-    if hidden is None:
-        hidden = "none" if backend == "vllm" else "bf16"
     try:
         cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
                          positions=parse_kinds(positions), hidden=hidden, logprob_dtype=logprob_dtype,
-                         temperature=temperature, batch_size=batch_size, max_length=max_length,
-                         on_too_long=on_too_long, template=template, num_workers=num_workers, device=device,
-                         commit_every_s=commit_every_s)
-        _dump(cfg, backend=backend, vllm_options=VllmOptions(
-            tensor_parallel_size=vllm_tensor_parallel_size, max_num_batched_tokens=vllm_max_num_batched_tokens,
-            dtype=vllm_dtype))
+                         temperature=temperature, targets=targets, draw_seed=draw_seed, batch_size=batch_size,
+                         max_length=max_length, on_too_long=on_too_long, template=template,
+                         num_workers=num_workers, device=device,
+                         commit_every_s=commit_every_s, dist_timeout_s=dist_timeout_s, backend=backend,
+                         vllm=_VLLM(tensor_parallel_size=vllm_tensor_parallel_size,
+                                    max_num_batched_tokens=vllm_max_num_batched_tokens, dtype=vllm_dtype,
+                                    gpu_memory_utilization=vllm_gpu_memory_utilization,
+                                    max_model_len=vllm_max_model_len, hf_batch_size=vllm_hf_batch_size))
+        _dump(cfg)
     except (ValueError, BackendUnavailable, *_user_errors()) as e:
         _fail(e)
 
@@ -310,6 +338,8 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps (0: only at the end)."),
     log_every: Optional[int] = typer.Option(None, help="Log metrics every N optimizer steps."),
     on_nan: Optional[str] = typer.Option(None, help="Non-finite loss: skip the step | stop the run."),
+    dist_timeout_s: Optional[float] = typer.Option(None, help="Multi-rank: how long a rank waits for a dead peer "
+                                                             f"before failing (default {_TRAIN.dist_timeout_s:g})."),
 ):
     """Train one stage. Loss: L_reg + a L_res + b L_vis + g L_rel (weights in --config's loss: block).
 
@@ -323,7 +353,7 @@ def train(
                  cache=str(cache) if cache else None, teacher=teacher, epochs=epochs, max_steps=max_steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, template=template,
                  gradient_checkpointing=gradient_checkpointing, num_workers=num_workers,
-                 save_every=save_every, log_every=log_every, on_nan=on_nan)
+                 save_every=save_every, log_every=log_every, on_nan=on_nan, dist_timeout_s=dist_timeout_s)
     try:
         base = {}
         if config is not None:

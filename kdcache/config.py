@@ -22,6 +22,40 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it."""
 
 
+BACKENDS = ("hf", "vllm")  # who computes the dump's log-probs (kdcache.backends)
+VLLM_DTYPES = ("bfloat16", "float16", "float32")
+# vLLM's share of GPU memory when gpu_memory_utilization is None: vLLM's own default (0.9) when it
+# has the GPU alone; 0.6 when the HF teacher shares it for the hidden states (weights + one
+# prefix forward; vLLM refuses to start if less than its share is free).
+VLLM_GPU_MEMORY_ALONE = 0.9
+VLLM_GPU_MEMORY_WITH_HF = 0.6
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """Engine settings of the vLLM teacher backend (``DumpConfig.vllm``; ``kdcache dump --vllm-*``)."""
+
+    tensor_parallel_size: int = 1  # GPUs the teacher is split over (vLLM's tensor parallelism)
+    # Tokens per engine step. Keep it modest: prompt log-probs materialise full-vocabulary logits,
+    # [max_num_batched_tokens, V] float32 (8192 x 151936 x 4 B = 5 GiB for Qwen2.5).
+    max_num_batched_tokens: int = 8192
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32 (the HF copy is loaded in it too)
+    # Fraction of GPU memory vLLM may take; None: VLLM_GPU_MEMORY_WITH_HF when hidden states are
+    # dumped (the HF teacher is on the same GPU), else VLLM_GPU_MEMORY_ALONE.
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None  # None: the model's own context length
+    # Hybrid mode: samples per HF hidden-state forward. vLLM wants large --batch-size chunks
+    # (256); the HF prefix forward of that many would not fit beside vLLM, so it runs in slices.
+    hf_batch_size: int = 16
+
+
+def vllm_gpu_memory_utilization(cfg: "DumpConfig") -> float:
+    """vLLM's GPU memory share for this dump (``VllmConfig.gpu_memory_utilization`` resolved)."""
+    if cfg.vllm.gpu_memory_utilization is not None:
+        return cfg.vllm.gpu_memory_utilization
+    return VLLM_GPU_MEMORY_ALONE if cfg.hidden == "none" else VLLM_GPU_MEMORY_WITH_HF
+
+
 @dataclass(frozen=True)
 class DumpConfig:
     teacher: str
@@ -33,6 +67,11 @@ class DumpConfig:
     hidden: str = "bf16"  # bf16 | fp16 | float32 | none  (dtype of the stored visual hidden states)
     logprob_dtype: str = "float16"  # float16 | float32
     temperature: float = 1.0  # the dump's softmax temperature (KD temperature is the trainer's)
+    # What is stored per position (kdcache.records.parse_targets): topk (top_k ids, log-probs, tail) |
+    # hidden (top_k as topk + the LM head's input at every position + the LM head: exact) |
+    # sampled:N (N draws from the teacher's distribution, Anshumann et al. 2025; top_k is not used)
+    targets: str = "topk"
+    draw_seed: int = 0  # seed of the sampled:N draws (sample with row r: generator seeded by (draw_seed, r))
     batch_size: int = 8
     max_length: int = 2048
     on_too_long: str = "skip"  # skip | error
@@ -41,6 +80,11 @@ class DumpConfig:
     num_workers: int = 2  # data-loading processes (tokenise + decode images)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     commit_every_s: float = 60.0  # at most this much teacher work is redone after a crash (0: every batch)
+    dist_timeout_s: float = 600.0  # how long a rank waits in a collective for a dead peer before failing
+    # hf: the reference (kdcache.teacher). vllm: log-probs from vLLM's prompt log-probs (tail from
+    # the head, temperature 1, one process); hidden states, unless none, from an HF forward.
+    backend: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass(frozen=True)
@@ -91,6 +135,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     on_nan: str = "skip"  # skip (drop the step's gradients, go on) | stop (raise; checkpoints intact)
     log_samples: bool = False  # out/samples-rank<r>.jsonl: the sample ids of every step (audit the order)
+    dist_timeout_s: float = 600.0  # how long a rank waits in a collective for a dead peer before failing
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property
@@ -143,6 +188,8 @@ def validate(cfg) -> None:
         for key in ("save_every", "num_workers", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+        if not cfg.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
         if cfg.max_steps is not None and cfg.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 (or null: use epochs), got {cfg.max_steps}")
         if cfg.max_steps is None and not cfg.epochs > 0:
@@ -168,6 +215,29 @@ def validate(cfg) -> None:
             raise ConfigError(f"logprob_dtype: {cfg.logprob_dtype!r} is not float16 or float32")
         if cfg.top_k < 1:
             raise ConfigError("top_k must be >= 1")
+        from .records import parse_targets
+
+        try:
+            mode, _n = parse_targets(cfg.targets)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+        if mode == "hidden" and cfg.hidden == "none":
+            raise ConfigError("targets: 'hidden' stores the hidden state at every position in the hidden dtype, "
+                              "but hidden is 'none': choose hidden bf16, fp16 or float32")
+        if cfg.draw_seed < 0:
+            raise ConfigError(f"draw_seed must be >= 0, got {cfg.draw_seed}")
+        if not cfg.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {cfg.dist_timeout_s}")
+        _one_of("backend", cfg.backend, BACKENDS)
+        _one_of("vllm.dtype", cfg.vllm.dtype, VLLM_DTYPES)
+        for key in ("tensor_parallel_size", "max_num_batched_tokens", "hf_batch_size"):
+            if getattr(cfg.vllm, key) < 1:
+                raise ConfigError(f"vllm.{key} must be >= 1, got {getattr(cfg.vllm, key)}")
+        gmu = cfg.vllm.gpu_memory_utilization
+        if gmu is not None and not 0 < gmu <= 1:
+            raise ConfigError(f"vllm.gpu_memory_utilization must lie in (0, 1] (or null: auto), got {gmu}")
+        if cfg.vllm.max_model_len is not None and cfg.vllm.max_model_len < 2:
+            raise ConfigError(f"vllm.max_model_len must be >= 2 (or null: the model's), got {cfg.vllm.max_model_len}")
 
 
 def _one_of(key: str, value, choices) -> None:

@@ -8,6 +8,10 @@
 
 One teacher-forced pass per sample (``kdcache.teacher.teacher_records``) -> top-k log-probs +
 tail at the chosen position kinds, visual hidden states, and the LM-head Gram W^T W once.
+``--targets hidden`` adds the hidden state at every position and the LM head W once (exact);
+``--targets sampled:N`` stores N draws per position instead of the top-k, seeded by
+(``--draw-seed``, row) so a rerun, another batch size or rank count draws the same ids
+(kdcache/cache/README.md, "Target modes").
 Samples are split by rank (row % world_size == rank); each rank writes its own part and
 the cache opens as one. With WORLD_SIZE > 1 the ranks join a torch.distributed group (gloo on
 CPU, nccl on CUDA) only to add up the totals and to let rank 0 report once every part is done.
@@ -22,12 +26,15 @@ Commits: the writer commits whenever a shard's worth is buffered; on top of that
 after the batch that ends ``commit_every_s`` seconds (DumpConfig) after the last commit (0 =
 after every batch), which bounds the work a crash can lose on small shards.
 
-Backends (``backend=``, ``kdcache dump --backend``): ``hf`` (default, the reference:
-``kdcache.teacher.teacher_records``) or ``vllm`` (``kdcache.backends.vllm``, ``pip install
-'kdcache[vllm]'``): the same top-k log-probs from vLLM's prompt log-probs, with the tail from the
-head (no logits) and no hidden states, so the cache says ``hidden: none`` (L_rel needs an HF
-cache) and the teacher attribute records ``backend: vllm``. The HF model is still loaded once, on
-the CPU in the vLLM dtype, for the fingerprints and W^T W, and freed before vLLM starts.
+Backends (``DumpConfig.backend``, ``kdcache dump --backend``, a recipe's ``backend:``): ``hf``
+(default, the reference: ``kdcache.teacher.teacher_records``) or ``vllm``
+(``kdcache.backends.vllm``, ``pip install 'kdcache[vllm]'``, engine settings ``DumpConfig.vllm``):
+the same top-k log-probs from vLLM's prompt log-probs, with the tail from the head (no logits);
+the settings attribute records ``backend`` (who made the log-probs). vLLM gives no hidden states:
+with ``hidden: none`` the HF model is loaded once, on the CPU in the vLLM dtype, for the
+fingerprints and W^T W, and freed before vLLM starts; otherwise (hybrid) it stays on the GPU and
+computes the visual hidden states on each sample's prefix up to the image's end
+(``kdcache.teacher.visual_hidden_states``), merged into vLLM's records (``vllm_record_factory``).
 """
 
 from __future__ import annotations
@@ -88,15 +95,22 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(world: int, device: torch.device) -> bool:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); True if this call did."""
+def init_distributed(world: int, device: torch.device, timeout_s: float) -> bool:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); True if this call did.
+
+    ``timeout_s`` (``DumpConfig.dist_timeout_s``) bounds every collective: a rank whose peer died
+    fails with a timeout error after that long instead of waiting forever (its committed samples
+    are kept; the rerun resumes)."""
+    import datetime
+
     import torch.distributed as tdist
 
     if world <= 1 or tdist.is_initialized():
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                             timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
@@ -127,11 +141,21 @@ def weights_hash(model, n: int = 256) -> str:
 
 
 def dump_settings(cfg: DumpConfig, world_size: int) -> dict:
-    """The cache's ``settings`` attribute: everything in ``cfg`` that changes what is stored."""
-    return {"top_k": int(cfg.top_k), "positions": list(cfg.positions), "logprob_dtype": cfg.logprob_dtype,
-            "hidden": cfg.hidden, "temperature": float(cfg.temperature),
-            "relation": "none" if cfg.hidden == "none" else "hidden", "max_length": int(cfg.max_length),
-            "world_size": int(world_size), "targets": "topk"}
+    """The cache's ``settings`` attribute: everything in ``cfg`` that changes what is stored.
+
+    ``targets: sampled:N`` stores N columns, so ``top_k`` is N (``cfg.top_k`` is not used) and
+    ``draw_seed`` is recorded; the other modes have no ``draw_seed``."""
+    from .records import parse_targets
+
+    mode, n_draws = parse_targets(cfg.targets)
+    settings = {"top_k": int(n_draws if mode == "sampled" else cfg.top_k), "positions": list(cfg.positions),
+                "logprob_dtype": cfg.logprob_dtype,
+                "hidden": cfg.hidden, "temperature": float(cfg.temperature), "backend": cfg.backend,
+                "relation": "none" if cfg.hidden == "none" else "hidden", "max_length": int(cfg.max_length),
+                "world_size": int(world_size), "targets": cfg.targets}
+    if mode == "sampled":
+        settings["draw_seed"] = int(cfg.draw_seed)
+    return settings
 
 
 def dataset_fingerprint(cfg: DumpConfig, num_rows: int) -> dict:
@@ -235,38 +259,40 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def check_backend(cfg: DumpConfig, backend: str, world: int) -> None:
-    """Refuse settings the backend cannot honour, before anything is loaded or written."""
+def check_backend(cfg: DumpConfig, world: int) -> None:
+    """Refuse settings ``cfg.backend`` cannot honour, and a missing vLLM (BackendUnavailable with
+    the install hint), before anything is loaded or written."""
     from .backends import BACKENDS
 
-    if backend not in BACKENDS:
-        raise DumpError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
-    if backend != "vllm":
+    if cfg.backend not in BACKENDS:
+        raise DumpError(f"unknown backend {cfg.backend!r}: choose from {', '.join(BACKENDS)}")
+    if cfg.backend != "vllm":
         return
-    if cfg.hidden != "none":
-        raise DumpError(f"--backend vllm cannot store hidden states (vLLM does not return them), got --hidden "
-                        f"{cfg.hidden}: pass --hidden none (the cache then has no relation targets; L_rel needs "
-                        "a cache dumped with --backend hf)")
     if cfg.temperature != 1.0:
         raise DumpError(f"--backend vllm gives raw log-probs at temperature 1, got --temperature {cfg.temperature}: "
                         "use --temperature 1 or --backend hf")
+    if cfg.targets != "topk":
+        raise DumpError(f"--backend vllm gives top-k log-probs only (targets topk), got --targets {cfg.targets}: "
+                        "use --backend hf for it")
     if world > 1:
         raise DumpError(f"--backend vllm runs as one process (got WORLD_SIZE={world}): spread the teacher over GPUs "
-                        "with vLLM's tensor parallelism instead of torchrun/accelerate")
+                        "with vLLM's tensor parallelism (--vllm-tensor-parallel-size) instead of torchrun/accelerate")
+    from .backends.vllm import import_vllm
+
+    import_vllm()
 
 
-def dump(cfg: DumpConfig, *, backend: str = "hf", vllm_options=None) -> Path:
+def dump(cfg: DumpConfig) -> Path:
     """Write (or finish) the cache ``cfg.out``; returns its path. Prints a progress bar per rank
     and, on rank 0 once every part is finished, one final line with the totals.
 
-    ``backend``: ``hf`` (the reference) or ``vllm``; ``vllm_options``: a
-    ``kdcache.backends.vllm.VllmOptions`` (None: its defaults)."""
+    ``cfg.backend``: ``hf`` (the reference) or ``vllm`` (engine settings ``cfg.vllm``)."""
     from .data.llava import DataError, read_llava_json
 
     validate(cfg)
     out = Path(cfg.out)
     rank, world, local_rank = dist_env()
-    check_backend(cfg, backend, world)
+    check_backend(cfg, world)
     check_output(out)
     try:
         samples = read_llava_json(cfg.data)
@@ -275,12 +301,10 @@ def dump(cfg: DumpConfig, *, backend: str = "hf", vllm_options=None) -> Path:
     precheck_existing(out, dump_settings(cfg, world), dataset_fingerprint(cfg, len(samples)))
     interval = cfg.commit_every_s
     device = pick_device(cfg.device, local_rank)
-    joined = init_distributed(world, device)
+    joined = init_distributed(world, device, cfg.dist_timeout_s)
     try:
-        if backend == "vllm":
-            from .backends.vllm import VllmOptions
-
-            stats = _dump_vllm(cfg, out, samples, interval, vllm_options or VllmOptions())
+        if cfg.backend == "vllm":
+            stats = _dump_vllm(cfg, out, samples, interval, device)
         else:
             model, processor = load_teacher(cfg, device)
             stats = _dump_part(cfg, out, model, processor, samples, rank, world, interval)
@@ -299,35 +323,80 @@ def dump(cfg: DumpConfig, *, backend: str = "hf", vllm_options=None) -> Path:
     return out
 
 
-def _dump_vllm(cfg: DumpConfig, out: Path, samples, interval: float, opts) -> RunStats:
-    """The vLLM backend: fingerprints and W^T W from the HF weights (loaded on the CPU in vLLM's
-    dtype, then freed), records from ``VllmTeacher``, written exactly as the HF path writes."""
-    from .backends.vllm import VllmTeacher, import_vllm
+def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
+    """The vLLM backend's records source for ``_dump_part(vllm_records=...)``.
 
-    import_vllm()  # fail on a missing vLLM before loading anything
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if opts.dtype not in dtypes:
-        raise DumpError(f"vLLM dtype {opts.dtype!r} is not one of {', '.join(dtypes)}")
-    hf_dtype = dtypes[opts.dtype]
-    print("[vllm] hidden states need the HF backend: this cache has hidden: none (no L_rel targets)",
-          file=sys.stderr, flush=True)
-    model, processor = load_teacher(cfg, torch.device("cpu"), dtype=hf_dtype)
-    vocab = int(model.lm_head.weight.shape[0])
+    ``make_engine()`` -> an object with ``prompt_logprobs(items) -> [vLLM prompt_logprobs]`` for
+    items [(Tokenized, PIL image or None)] (``kdcache.backends.vllm.VllmTeacher``; tests pass
+    vLLM-shaped outputs of the HF teacher). It is called once the HF model has served the
+    fingerprints (and was freed, without hidden states). Per chunk of (sample, Tokenized):
+    vLLM's log-probs -> ``records_from_prompt_logprobs``; with ``cfg.hidden != "none"`` plus
+    ``visual_hidden_states(model, batch)`` of the HF teacher on the same ids and pixels, merged
+    per sample (``with_hidden``).
+    """
+    from .backends.vllm import records_from_prompt_logprobs, with_hidden
+    from .data.collate import collate
+    from .data.llava import load_image
+    from .teacher import visual_hidden_states
 
-    def make_records(kept, toks):
-        teacher = VllmTeacher(str(cfg.teacher), top_k=cfg.top_k, vocab_size=vocab,
-                              tensor_parallel_size=opts.tensor_parallel_size,
-                              max_num_batched_tokens=opts.max_num_batched_tokens, dtype=opts.dtype)
+    vocab = int(model.lm_head.weight.shape[0])  # read now: the model may be freed before the engine starts
+    pad_id = processor.tokenizer.pad_token_id
+
+    def make(kept, toks):
+        engine = make_engine()
 
         def records(chunk):
-            from .data.llava import load_image
-
-            items = [(t, load_image(Path(cfg.images) / s.image, s) if s.has_image else None) for s, t in chunk]
-            return teacher.records(items, kinds=cfg.positions)
+            images = [load_image(Path(cfg.images) / s.image, s) if s.has_image else None for s, _ in chunk]
+            pls = engine.prompt_logprobs([(t, im) for (_, t), im in zip(chunk, images)])
+            recs = [records_from_prompt_logprobs(pl, input_ids=t.input_ids, roles=t.roles, sample_id=t.sample_id,
+                                                 row=t.row, kinds=cfg.positions, top_k=cfg.top_k, vocab_size=vocab)
+                    for (_, t), pl in zip(chunk, pls)]
+            if cfg.hidden == "none":
+                return recs
+            # The same PIL image vLLM got, through the teacher's image processor as the HF backend does.
+            items = [{"sample_id": t.sample_id, "row": t.row, "input_ids": torch.from_numpy(t.input_ids),
+                      "labels": torch.from_numpy(t.labels), "roles": torch.from_numpy(t.roles),
+                      "pixel_values": None if im is None
+                      else processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]}
+                     for (_, t), im in zip(chunk, images)]
+            step = cfg.vllm.hf_batch_size
+            hidden = [h for i in range(0, len(items), step)
+                      for h in visual_hidden_states(model, collate(items[i:i + step], pad_id))]
+            return with_hidden(recs, hidden)
         return records
+    return make
 
-    return _dump_part(cfg, out, model, processor, samples, 0, 1, interval, vllm_records=make_records,
-                      free_model=True)
+
+def _dump_vllm(cfg: DumpConfig, out: Path, samples, interval: float, device: torch.device,
+               make_engine=None) -> RunStats:
+    """The vLLM backend: fingerprints and W^T W from the HF weights (loaded in vLLM's dtype),
+    log-probs from ``VllmTeacher`` (or ``make_engine()``, see ``vllm_record_factory``: the tests'
+    vLLM-shaped outputs), written exactly as the HF path writes.
+
+    ``--hidden none``: the HF copy sits on the CPU and is freed before vLLM starts. Otherwise
+    (hybrid) it stays, on ``device`` (the GPU when there is one), for the visual hidden states;
+    it is loaded first, so vLLM's ``gpu_memory_utilization`` share must leave room for it
+    (``kdcache.config.vllm_gpu_memory_utilization``: 0.6 by default in this mode)."""
+    from .backends.vllm import VllmTeacher
+    from .config import vllm_gpu_memory_utilization
+
+    hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.vllm.dtype]
+    hybrid = cfg.hidden != "none"
+    if hybrid:
+        print(f"[vllm] log-probs from vLLM, visual hidden states from the HF teacher on {device} (prefix up to "
+              "the image's end)", file=sys.stderr, flush=True)
+    else:
+        print("[vllm] --hidden none: no hidden states, no L_rel targets in this cache", file=sys.stderr, flush=True)
+    model, processor = load_teacher(cfg, device if hybrid else torch.device("cpu"), dtype=hf_dtype)
+    vocab = int(model.lm_head.weight.shape[0])
+    gpu_share = vllm_gpu_memory_utilization(cfg)
+
+    def engine():
+        return VllmTeacher(str(cfg.teacher), top_k=cfg.top_k, engine=cfg.vllm, gpu_memory_utilization=gpu_share,
+                           vocab_size=vocab)
+
+    return _dump_part(cfg, out, model, processor, samples, 0, 1, interval, free_model=not hybrid,
+                      vllm_records=vllm_record_factory(cfg, model, processor, make_engine or engine))
 
 
 def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int, world: int,
@@ -345,8 +414,6 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
     tok = processor.tokenizer
     mine = [s for s in samples if s.row % world == rank]
     teacher_fp, tok_fp, data_fp, settings = fingerprints(cfg, model, processor, n_image, len(samples), world)
-    if vllm_records is not None:
-        teacher_fp["backend"] = "vllm"  # log-probs from vLLM, tail from the head: not the HF records
     attrs = make_attrs(teacher_fp, tok_fp, data_fp, settings)
     writer = CacheWriter(out, attrs, rank=rank, world_size=world)
     try:
@@ -362,7 +429,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
     """``_dump_part``'s body once the writer holds the part (its lock is released on any error)."""
     from tqdm.auto import tqdm
 
-    from .cache.writer import GRAM_ARRAY
+    from .cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
     from .data.collate import LlavaTorchDataset, collate, prepare_samples
     from .models import image_token_id
     from .teacher import teacher_records
@@ -373,11 +440,20 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
         print(f"[rank {rank}] part {rank} of {out} is already complete ({len(done)} samples committed); "
               "nothing to do", flush=True)
         return stats
+    exact = cfg.targets == "hidden"
+    if exact and model.lm_head.bias is not None:
+        raise DumpError(f"--targets hidden stores H and the LM head so that logits = H W^T, but teacher "
+                        f"{cfg.teacher} has an lm_head.bias {tuple(model.lm_head.bias.shape)}: use --targets topk "
+                        "or sampled:N")
     mine_dirs = [out / "parts" / str(rank)] + ([out / GRAM_ARRAY] if rank == 0 else [])
+    if rank == 0 and exact:
+        mine_dirs.append(out / LM_HEAD_ARRAY)
     bytes0 = sum(dir_bytes(d) for d in mine_dirs)
     if rank == 0:
         # M_t = W^T W [D, D]: relation targets in logit space without an [N, V] matrix
         writer.write_gram(lm_gram(model.lm_head.weight.detach().float()).cpu().numpy())
+        if exact:  # W [V, D] itself: the trainer recovers the full distribution as softmax(H W^T / T)
+            writer.write_lm_head(model.lm_head.weight.detach().cpu())
     kept, toks, skipped = prepare_samples(
         [s for s in mine if s.row not in done], tok, images_root=cfg.images, template=cfg.template,
         image_token_id=image_token_id(model.config), num_image_tokens=n_image, max_length=cfg.max_length,
@@ -389,7 +465,8 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
                                              prefetch_factor=4 if cfg.num_workers else None)
         record_batches = (teacher_records(model, batch, kinds=cfg.positions, top_k=cfg.top_k,
                                           temperature=cfg.temperature, with_hidden=cfg.hidden != "none",
-                                          chunk_size=cfg.chunk_size) for batch in loader)
+                                          chunk_size=cfg.chunk_size, targets=cfg.targets,
+                                          draw_seed=cfg.draw_seed) for batch in loader)
     else:
         if free_model:
             # vLLM loads its own copy of the weights: drop the CPU copy's storage (every reference

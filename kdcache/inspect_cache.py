@@ -14,11 +14,13 @@ def _mb(n: float) -> str:
 
 def summary_lines(stats: dict) -> list[str]:
     s = stats["settings"]
+    targets = s["targets"] + (f" (draw seed {s['draw_seed']})" if "draw_seed" in s else "")
     lines = [
         f"cache      {stats['path']}",
         f"teacher    {stats['teacher']}",
         f"settings   k={stats['k']}  positions={','.join(s['positions'])}  log-probs={s['logprob_dtype']}  "
         f"hidden={s['hidden']}  T={s['temperature']}",
+        f"targets    {targets}",
         f"samples    {stats['samples']} in {stats['parts']} part(s); skipped "
         + (", ".join(f"{n} {r}" for r, n in stats["skipped"].items()) or "none"),
         f"tokens     {stats['tokens']}",
@@ -58,8 +60,12 @@ def sample_lines(path, sample: str, tokenizer, top: int) -> list[str]:
              f"{'pos':>5} {'kind':<9} {'next token':<16} top tokens (p)"]
     for j, t in enumerate(rec.positions.tolist()):
         nxt = dec(rec.input_ids[t + 1]) if t + 1 < rec.num_tokens else "-"
-        tops = "  ".join(f"{dec(i)} {math.exp(float(lp)):.3f}"
-                         for i, lp in zip(rec.topk_ids[j, :top], rec.topk_logprobs[j, :top]))
+        if rec.sample_counts is None:
+            tops = "  ".join(f"{dec(i)} {math.exp(float(lp)):.3f}"
+                             for i, lp in zip(rec.topk_ids[j, :top], rec.topk_logprobs[j, :top]))
+        else:  # sampled: the drawn ids (count > 0) with their draw counts
+            tops = "  ".join(f"{dec(i)} {math.exp(float(lp)):.3f} x{int(c)}" for i, lp, c in
+                             zip(rec.topk_ids[j, :top], rec.topk_logprobs[j, :top], rec.sample_counts[j, :top]) if c > 0)
         tail = math.exp(float(rec.tail_logmass[j]))
         lines.append(f"{t:>5} {KIND_NAMES[int(rec.kinds[j])]:<9} {nxt:<16} {tops}  | rest {tail:.3f}")
     return lines

@@ -6,7 +6,8 @@ N = positions, V = vocabulary, k = cached top-k ids, B = samples, D = hidden wid
 Terms (design section 1), each averaged over its positions by the caller (``masked_mean``):
 
     L_reg        cross-entropy on response positions                     (``cross_entropy``)
-    L_res, L_vis D(teacher || student) at response / visual positions     (``topk_divergence``)
+    L_res, L_vis D(teacher || student) at response / visual positions     (``topk_divergence``;
+                 exact mode ``full_divergence``; sampled mode ``sampled_kl``)
     L_rel        1 - cos(vec(Y_s Y_s^T), vec(Y_t Y_t^T)) per sample       (``relation_loss``,
                  ``gram_relation`` + ``relation_loss_from_grams`` without the N x V logits)
 
@@ -23,6 +24,31 @@ through k ids with their true log-probs and the log-mass of "the rest",
 and the divergence is taken between t and s. Coarsening is a Markov map, so by the
 data-processing inequality every divergence here is <= its full-vocabulary value, with
 equality at k = V (the rest is empty and its bucket contributes exactly 0).
+
+Two more teacher-target kinds (design section 2, "beyond the paper"):
+
+Exact (``targets: hidden``). The cache holds the teacher's final-normed hidden states h_t
+[N, D_t] at every distilled position and its LM head W_t [V, D_t] once, so the full teacher
+distribution is ``log_softmax(h_t W_t^T / T)``: no coarsening, no bias, and T applies exactly
+to both sides. ``full_divergence`` is the plain reference over [N, V] logits;
+``fused_lm_losses(teacher_hidden=, teacher_lm_weight=)`` forms the teacher logits one chunk
+of positions at a time next to the student's, so neither side's [N, V] ever exists.
+
+Sampled (``targets: sampled:n``; Anshumann et al. 2025, "Sparse logit sampling: accelerating
+knowledge distillation in LLMs", who show that top-k targets bias the student). At each
+position the dump draws n ids with replacement from the teacher distribution p (at the dump
+temperature) and stores the distinct ids j with their counts c_j (sum_j c_j = n) and true
+log-probs lp_j = log p_j. The estimator of forward KL(p || s), s = softmax(z / T), is
+
+    KL_hat = sum_j (c_j / n) (lp_j - log s_j)                              (``sampled_kl``)
+
+Its expectation is exact: c_j ~ Binomial(n, p_j), so E[c_j / n] = p_j and, summing over the
+whole vocabulary (ids never drawn have c_j = 0), E[KL_hat] = sum_v p_v (log p_v - log s_v) =
+KL(p || s). KL_hat is linear in the counts and lp, log s do not depend on the draw, so the
+gradient is unbiased too: E[d KL_hat / dz] = (s - p) / T = dKL/dz. Only forward KL is an
+expectation under p of a function of single ids; reverse KL, JSD, skew KL and TVD are not, and
+are refused. Note the teacher side is p itself: T tempers the student only (the draws cannot
+be re-tempered without bias), so distil at the dump temperature to compare like with like.
 """
 
 from __future__ import annotations
@@ -302,6 +328,94 @@ def topk_divergence(
 
 
 # ---------------------------------------------------------------------------------------------
+# Exact (full-vocabulary) and sampled targets
+
+
+def full_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    **params,
+) -> torch.Tensor:
+    """Per-position divergence between the full teacher and student distributions -> [N].
+
+    student_logits, teacher_logits: [N, V] (any float dtype; computed in float32, float64 if
+    either is float64). D(log_softmax(t / T), log_softmax(z / T)) over the whole vocabulary
+    with ``bucket_divergence``'s formulas (every divergence of ``DIVERGENCES``; params as for
+    ``topk_divergence``). The reference for exact mode (``fused_lm_losses(teacher_hidden=...)``,
+    with teacher logits h_t W_t^T) and what ``topk_divergence`` reaches at k = V with a tail.
+    A -inf teacher logit (a masked id) is a zero-probability bucket. No T^2 factor.
+    """
+    spec = resolve_divergence(divergence, params)
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must both be [N, V] over the same vocabulary")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    cdt = _compute_dtype(student_logits, teacher_logits)
+    lt = torch.log_softmax(teacher_logits.to(cdt) / temperature, dim=-1)  # [N, V]
+    ls = torch.log_softmax(student_logits.to(cdt) / temperature, dim=-1)  # [N, V]
+    return bucket_divergence(lt, ls, divergence, **spec)
+
+
+def _check_sampled(N: int, sample_ids, sample_counts, sample_logprobs) -> None:
+    """Shapes of the sampled targets ([N, n] each) and counts >= 0 (one device sync)."""
+    if (sample_ids.dim() != 2 or sample_ids.shape[0] != N or sample_counts.shape != sample_ids.shape
+            or sample_logprobs.shape != sample_ids.shape):
+        raise ValueError(
+            f"sample_ids {tuple(sample_ids.shape)}, sample_counts {tuple(sample_counts.shape)} and sample_logprobs "
+            f"{tuple(sample_logprobs.shape)} must all be [N, n] with N = {N} (the student's positions)")
+    if sample_counts.is_floating_point() or sample_counts.is_complex():
+        raise ValueError(f"sample_counts must be an integer tensor (draws per id), got {sample_counts.dtype}")
+    if sample_counts.numel() and bool((sample_counts < 0).any()):
+        bad = (sample_counts < 0).any(-1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"sample_counts has negative counts at rows {bad}: the cache's sample counts are corrupt "
+                         "(re-dump or verify the cache)")
+
+
+def _sampled_weights(sample_counts: torch.Tensor, sample_logprobs: torch.Tensor, dtype: torch.dtype):
+    """Counts [N, n] -> (q [N, n] = c_j / n with n = sum_j c_j (0 for an all-zero row),
+    const [N] = sum_j q_j lp_j over the drawn columns only, so padding (-inf) never meets a 0)."""
+    live = sample_counts > 0  # [N, n]
+    cnt = sample_counts.to(dtype)
+    q = cnt / cnt.sum(-1, keepdim=True).clamp_min(1.0)  # [N, n]
+    lp = torch.where(live, sample_logprobs.to(dtype), 0.0)
+    return q, (q * lp).sum(-1)
+
+
+def sampled_kl(
+    student_logits: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    sample_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Unbiased estimate of KL(p || s) per position from n teacher draws -> [N].
+
+    student_logits:  [N, V] any float dtype (computed in float32; float64 stays float64).
+    sample_ids:      int [N, n] the distinct drawn ids (padding columns: id 0, count 0).
+    sample_counts:   int [N, n] c_j >= 0, how often id j was drawn; n = sum_j c_j per row.
+    sample_logprobs: [N, n] the teacher's true log p_j at the dump temperature (-inf on padding).
+    temperature:     T of the student only, s = softmax(z / T); the teacher side is the sampling
+                     distribution p itself (see the module docstring).
+
+    KL_hat = sum_j (c_j / n) (lp_j - log s_j); E[KL_hat] = KL(p || s) and E[dKL_hat/dz] =
+    dKL/dz = (s - p) / T. A single estimate may be negative. Padding columns contribute exactly
+    0 in value and gradient (never NaN); a row with no draws gives 0.
+    """
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_sampled(student_logits.shape[0], sample_ids, sample_counts, sample_logprobs)
+    cdt = _compute_dtype(student_logits)
+    ls = torch.log_softmax(student_logits.to(cdt) / temperature, dim=-1).gather(-1, sample_ids.long())  # [N, n]
+    q, const = _sampled_weights(sample_counts, sample_logprobs, cdt)
+    return const - (q * ls).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Relation distillation (RDist)
 
 
@@ -399,12 +513,16 @@ def relation_loss(
 # Fused LM head + CE + divergence, chunked over positions
 
 
-def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, temperature, g_ce=None, g_kd=None):
+def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, temperature, g_ce=None, g_kd=None, *,
+                mode="topk", t_hidden=None, t_weight=None, const=None):
     """Losses of one chunk of positions and, given output gradients, d(loss)/d(logits).
 
     h [c, D] and w [V, D] in the matmul dtype; labels long [c] (>= 0; ignored rows already
-    replaced) or None; ids long [c, k] and lt [c, k(+1)] (teacher buckets, ``cdt``) or None;
-    g_ce / g_kd [c] the gradients of the outputs (backward only; zero on rows without a target).
+    replaced) or None; g_ce / g_kd [c] the gradients of the outputs (backward only; zero on rows
+    without a target). The teacher target by ``mode`` (None of them: no divergence):
+        "topk"    ids long [c, k] and lt [c, k(+1)] (teacher buckets, ``cdt``) or None;
+        "exact"   t_hidden [c, D_t] and t_weight [V, D_t] (teacher dtype); ids, lt None;
+        "sampled" ids long [c, n], lt = q [c, n] (c_j / n, ``cdt``), const [c] = sum_j q_j lp_j.
     -> (ce [c] | None, kd [c] | None, dz [c, V] | None), dz = sum_i g_ce_i dce_i/dz + g_kd_i dkd_i/dz.
 
     Gradient of the divergence w.r.t. the logits, with u = z / T, p = softmax(u) and the
@@ -413,6 +531,12 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
     where (g_uk, g_all, g_tail) come from autograd over the [c, k+1] bucket graph only, so
     every divergence gets its exact gradient while the [c, V] work stays three in-place passes.
     CE adds g_ce (softmax(z) - onehot(label)). Peak: ~2 [c, V] buffers (3 when T != 1).
+
+    Exact mode: teacher log-probs lt = log_softmax(h_t W_t^T / T) [c, V] (one more matmul,
+    no grad); forward KL's gradient is closed-form, dkd/du = g_kd (softmax(u) - exp(lt)), the
+    other divergences take autograd over this chunk's [c, V] graph (exact, more buffers).
+    Sampled mode: kd = const - sum_j q_j u_j + m lse(u) with m = sum_j q_j (1, or 0 without
+    draws), so dkd/du = g_kd (m softmax(u) - scatter(q)): one softmax pass shared with CE at T=1.
     """
     want = g_ce is not None or g_kd is not None
     z = (h @ w.T).to(cdt)  # [c, V] the chunk's logits: the one vocabulary-sized product
@@ -424,7 +548,50 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
         ce = lse1 - z.gather(1, labels.unsqueeze(1)).squeeze(1)
     soft_coef = g_ce if (want and labels is not None) else None  # per-row coefficient of softmax(z)
     dz = None
-    if ids is not None:
+    scatter = None  # (ids, values) still to add into dz once it exists (sampled mode, T = 1)
+    if mode == "exact" and t_hidden is not None:
+        u = z if T == 1.0 else z / T  # [c, V]
+        lse_all = lse1 if (T == 1.0 and lse1 is not None) else torch.logsumexp(u, dim=-1)  # [c]
+        zt = t_hidden @ t_weight.T  # [c, V] teacher logits in the teacher's own dtype (no grad)
+        lt = torch.log_softmax(zt.to(torch.promote_types(zt.dtype, torch.float32)) / T, dim=-1).to(cdt)  # [c, V]
+        del zt
+        if divergence == "fkl":
+            ls = u - lse_all.unsqueeze(1) if T == 1.0 else u.sub_(lse_all.unsqueeze(1))  # [c, V]
+            kd = bucket_divergence(lt, ls, "fkl")
+            if want:
+                du = lt.exp_().mul_(-g_kd.unsqueeze(1))  # -g t  [c, V]
+                if T == 1.0:  # + g softmax(z): CE's softmax pass serves it
+                    soft_coef = g_kd if soft_coef is None else soft_coef + g_kd
+                else:
+                    du.add_(ls.exp_().mul_(g_kd.unsqueeze(1))).div_(T)
+                dz = du
+            del ls
+        else:
+            with torch.enable_grad():
+                uu = u.detach().requires_grad_(want)
+                kd_rows = bucket_divergence(lt, torch.log_softmax(uu, dim=-1), divergence, **spec)  # [c]
+                du = torch.autograd.grad((kd_rows * g_kd).sum(), uu)[0] if want else None
+            kd = kd_rows.detach()
+            if want:
+                dz = du if T == 1.0 else du.div_(T)
+            del uu, kd_rows
+        del u, lt
+    elif mode == "sampled" and ids is not None:
+        u = z if T == 1.0 else z / T  # [c, V]
+        lse_all = lse1 if (T == 1.0 and lse1 is not None) else torch.logsumexp(u, dim=-1)  # [c]
+        mass = lt.sum(1)  # [c] sum_j q_j: 1, or 0 on a row without draws
+        kd = const - (lt * u.gather(1, ids)).sum(1) + mass * lse_all  # [c]
+        if want:
+            gm = g_kd * mass  # [c] coefficient of softmax(u)
+            neg_q = lt * -g_kd.unsqueeze(1)  # [c, n]
+            if T == 1.0:  # CE's softmax pass serves it; the scatter waits for dz to exist
+                soft_coef = gm if soft_coef is None else soft_coef + gm
+                scatter = (ids, neg_q)
+            else:  # u is its own buffer here
+                dz = u.sub_(lse_all.unsqueeze(1)).exp_().mul_(gm.unsqueeze(1))
+                dz.scatter_add_(1, ids, neg_q).div_(T)
+        del u
+    elif mode == "topk" and ids is not None:
         u = z if T == 1.0 else z / T  # [c, V]
         u_k = u.gather(1, ids)  # [c, k]
         rest = lse_tail = None
@@ -470,10 +637,13 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
         lse_z = lse1 if lse1 is not None else lse_all  # both are logsumexp(z) here
         p = z.sub_(lse_z.unsqueeze(1)).exp_().mul_(soft_coef.unsqueeze(1))  # in place: z is done
         dz = p if dz is None else dz.add_(p)
-    if want and labels is not None:
+    if want and (labels is not None or scatter is not None):
         if dz is None:
             dz = torch.zeros_like(z)
-        dz.scatter_add_(1, labels.unsqueeze(1), -g_ce.unsqueeze(1))
+        if scatter is not None:
+            dz.scatter_add_(1, *scatter)
+        if labels is not None:
+            dz.scatter_add_(1, labels.unsqueeze(1), -g_ce.unsqueeze(1))
     return ce, kd, dz
 
 
@@ -485,11 +655,15 @@ class _FusedLMHeadLosses(torch.autograd.Function):
     alpha/beta, gradient accumulation scale) and recomputes each chunk's logits once to form
     grad_hidden[chunk] = dz @ W and grad_W += dz^T @ h_chunk. One extra [c, D] x [D, V] product
     per chunk buys exact gradients for arbitrary output weights with no [N, V] tensor kept.
+
+    The teacher target (meta's mode): "topk" ids + lt buckets; "sampled" ids + lt = c_j / n +
+    const [N]; "exact" t_hidden [N, D_t] + t_weight [V, D_t] (recomputed per chunk, never
+    differentiated). kd_mask is None exactly when there is no divergence.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ce_mask, ids, lt, kd_mask, meta):
-        with_tail, divergence, spec, T, chunk, mm_dtype, cdt = meta
+    def forward(ctx, hidden, weight, labels, ce_mask, ids, lt, kd_mask, meta, t_hidden, t_weight, const):
+        with_tail, divergence, spec, T, chunk, mm_dtype, cdt, mode = meta
         N = hidden.shape[0]
         ce_out = torch.zeros(N, dtype=cdt, device=hidden.device)
         kd_out = torch.zeros(N, dtype=cdt, device=hidden.device)
@@ -499,31 +673,32 @@ class _FusedLMHeadLosses(torch.autograd.Function):
                 sl = slice(s, min(s + chunk, N))
                 ce, kd, _ = _head_chunk(
                     h_all[sl], w, cdt, None if labels is None else labels[sl], None if ids is None else ids[sl],
-                    None if lt is None else lt[sl], with_tail, divergence, spec, T)
+                    None if lt is None else lt[sl], with_tail, divergence, spec, T,
+                    **_chunk_teacher(sl, mode, t_hidden, t_weight, const))
                 if ce is not None:
                     ce_out[sl] = ce
                 if kd is not None:
                     kd_out[sl] = kd
         if labels is not None:
             ce_out = torch.where(ce_mask, ce_out, 0.0)
-        if ids is not None:
+        if kd_mask is not None:
             kd_out = torch.where(kd_mask, kd_out, 0.0)
-        ctx.save_for_backward(hidden, weight, labels, ce_mask, ids, lt, kd_mask)
+        ctx.save_for_backward(hidden, weight, labels, ce_mask, ids, lt, kd_mask, t_hidden, t_weight, const)
         ctx.meta = meta
         return ce_out, kd_out
 
     @staticmethod
     def backward(ctx, g_ce, g_kd):
-        hidden, weight, labels, ce_mask, ids, lt, kd_mask = ctx.saved_tensors
-        with_tail, divergence, spec, T, chunk, mm_dtype, cdt = ctx.meta
+        hidden, weight, labels, ce_mask, ids, lt, kd_mask, t_hidden, t_weight, const = ctx.saved_tensors
+        with_tail, divergence, spec, T, chunk, mm_dtype, cdt, mode = ctx.meta
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none6 = (None,) * 6
+        none9 = (None,) * 9  # no gradient for the targets, masks, meta or the teacher's tensors
         if not (need_h or need_w):
-            return (None, None) + none6
+            return (None, None) + none9
         N = hidden.shape[0]
         # Rows without a target get exactly zero weight, whatever the caller's gradient says.
         g_ce = None if labels is None else torch.where(ce_mask, g_ce.to(cdt), 0.0)
-        g_kd = None if ids is None else torch.where(kd_mask, g_kd.to(cdt), 0.0)
+        g_kd = None if kd_mask is None else torch.where(kd_mask, g_kd.to(cdt), 0.0)
         acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # grad_W sums over all chunks
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h_all, w = hidden.to(mm_dtype), weight.to(mm_dtype)
@@ -534,7 +709,8 @@ class _FusedLMHeadLosses(torch.autograd.Function):
                 _, _, dz = _head_chunk(
                     h_all[sl], w, cdt, None if labels is None else labels[sl], None if ids is None else ids[sl],
                     None if lt is None else lt[sl], with_tail, divergence, spec, T,
-                    g_ce=None if g_ce is None else g_ce[sl], g_kd=None if g_kd is None else g_kd[sl])
+                    g_ce=None if g_ce is None else g_ce[sl], g_kd=None if g_kd is None else g_kd[sl],
+                    **_chunk_teacher(sl, mode, t_hidden, t_weight, const))
                 dz = dz.to(mm_dtype)  # [c, V]
                 if need_h:
                     grad_h[sl] = dz @ w
@@ -547,7 +723,13 @@ class _FusedLMHeadLosses(torch.autograd.Function):
         return (
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
-        ) + none6
+        ) + none9
+
+
+def _chunk_teacher(sl: slice, mode: str, t_hidden, t_weight, const) -> dict:
+    """``_head_chunk``'s mode-specific teacher arguments for the rows ``sl``."""
+    return {"mode": mode, "t_hidden": None if t_hidden is None else t_hidden[sl], "t_weight": t_weight,
+            "const": None if const is None else const[sl]}
 
 
 def fused_lm_losses(
@@ -564,13 +746,22 @@ def fused_lm_losses(
     params: dict | None = None,
     chunk_size: int = 1024,
     ignore_index: int = IGNORE_INDEX,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_lm_weight: torch.Tensor | None = None,
+    sample_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-position CE and top-k divergence straight from the LM head's input, chunked.
+    """Per-position CE and teacher divergence straight from the LM head's input, chunked.
 
-    Equals ``token_cross_entropy(hidden @ W^T, labels)`` and ``topk_divergence(hidden @ W^T,
-    ...)`` in values and gradients (w.r.t. hidden and W), but the logits exist one chunk of
-    ``chunk_size`` positions at a time (computed in float32, or float64 for float64 inputs),
-    and CE and the divergence share each chunk's matmul.
+    Equals ``token_cross_entropy(hidden @ W^T, labels)`` and the divergence of the chosen
+    target kind on ``hidden @ W^T`` in values and gradients (w.r.t. hidden and W), but the
+    logits exist one chunk of ``chunk_size`` positions at a time (computed in float32, or
+    float64 for float64 inputs), and CE and the divergence share each chunk's matmul.
+
+    Teacher targets, at most one kind (none: CE only):
+      top-k(+tail)  topk_ids + topk_logprobs (+ tail_logmass)        = ``topk_divergence``
+      exact         teacher_hidden + teacher_lm_weight               = ``full_divergence(hidden @ W^T,
+                    teacher_hidden @ teacher_lm_weight^T)``, any divergence, exact at any T
+      sampled       topk_ids + topk_logprobs + sample_counts, fkl only  = ``sampled_kl``
 
     hidden:        [N, D] LM-head input at the positions that carry a loss (gather them first).
     lm_weight:     [V, D] the LM head (no bias). The matmul runs in the autocast dtype when
@@ -578,8 +769,16 @@ def fused_lm_losses(
     labels:        [N] next-token ids, ``ignore_index`` where there is no CE target; None: no CE.
     topk_ids:      int [N, k]; topk_logprobs [N, k]; tail_logmass [N] or None (renormalised
                    top-k) -- as for ``topk_divergence``. None: no divergence.
-    kd_mask:       [N] bool, False on rows without a KD target (their ids/log-probs may hold
-                   anything: they are replaced by harmless values); None: every row.
+    teacher_hidden: [N, D_t] the teacher's final-normed hidden states at the same positions;
+    teacher_lm_weight: [V, D_t] its LM head. Each chunk forms the teacher logits by one matmul
+                   in the teacher tensors' own dtype (outside autocast), takes the log-softmax
+                   at T in that dtype promoted with float32, and never differentiates them.
+    sample_counts: int [N, n] with it, topk_ids / topk_logprobs are the distinct drawn ids and
+                   their true log-probs (padding columns: count 0, id 0, log-prob -inf);
+                   tail_logmass must be None and divergence "fkl" (the only unbiased one).
+    kd_mask:       [N] bool, False on rows without a KD target (their ids/log-probs/counts/
+                   teacher hidden states may hold anything: they are replaced by harmless
+                   values); None: every row.
     divergence, temperature, params: as for ``topk_divergence`` (params e.g. {"beta": 0.5}).
     -> (ce [N] | None, kd [N] | None), float32, 0 on rows without a target, both differentiable:
     reduce them as you like (``masked_mean`` per position kind, weights, sums); the backward
@@ -588,8 +787,10 @@ def fused_lm_losses(
     if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
         raise ValueError(f"hidden must be [N, D] and lm_weight [V, D]; got {tuple(hidden.shape)} and "
                          f"{tuple(lm_weight.shape)}")
-    if labels is None and topk_ids is None:
-        raise ValueError("fused_lm_losses needs labels (CE) and/or topk_ids (divergence)")
+    exact = teacher_hidden is not None or teacher_lm_weight is not None
+    if labels is None and topk_ids is None and sample_counts is None and not exact:
+        raise ValueError("fused_lm_losses needs labels (CE) and/or a teacher target: topk_ids (top-k or, with "
+                         "sample_counts, sampled) or teacher_hidden + teacher_lm_weight (exact)")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not temperature > 0:
@@ -610,8 +811,45 @@ def fused_lm_losses(
         ce_mask = labels != ignore_index
         safe_labels = torch.where(ce_mask, labels, 0).long()
 
-    ids = lt = None
-    if topk_ids is not None:
+    ids = lt = t_hidden = t_weight = const = None
+    mode = "topk"
+    if exact:
+        if teacher_hidden is None or teacher_lm_weight is None:
+            raise ValueError("exact mode needs both teacher_hidden [N, D_t] and teacher_lm_weight [V, D_t]")
+        if topk_ids is not None or topk_logprobs is not None or tail_logmass is not None or sample_counts is not None:
+            raise ValueError("teacher_hidden/teacher_lm_weight (exact mode) exclude topk_ids, topk_logprobs, "
+                             "tail_logmass and sample_counts: pass one kind of teacher target")
+        if (teacher_hidden.dim() != 2 or teacher_lm_weight.dim() != 2 or teacher_hidden.shape[0] != N
+                or teacher_lm_weight.shape[0] != V or teacher_hidden.shape[1] != teacher_lm_weight.shape[1]):
+            raise ValueError(f"teacher_hidden must be [N, D_t] with N = {N} and teacher_lm_weight [V, D_t] with the "
+                             f"student's V = {V}; got {tuple(teacher_hidden.shape)} and "
+                             f"{tuple(teacher_lm_weight.shape)}")
+        kd_mask = _kd_mask_or_all(kd_mask, N, dev)
+        mode = "exact"
+        # Rows without a target get a zero hidden state (a uniform teacher): finite, weight 0.
+        t_hidden = torch.where(kd_mask.unsqueeze(1), teacher_hidden.detach(), 0)
+        t_weight = teacher_lm_weight.detach()
+    elif sample_counts is not None:
+        if topk_ids is None or topk_logprobs is None:
+            raise ValueError("sample_counts (sampled mode) needs topk_ids and topk_logprobs: the drawn ids and "
+                             "their teacher log-probs")
+        if tail_logmass is not None:
+            raise ValueError("sampled mode takes no tail_logmass: the draws already stand for the whole distribution")
+        if divergence != "fkl":
+            raise ValueError(f"sampled targets support divergence 'fkl' only (got {divergence!r}): sum_j c_j/n "
+                             "(lp_j - log s_j) is unbiased for forward KL alone; use exact or top-k targets for "
+                             "other divergences")
+        if sample_counts.shape != topk_ids.shape:  # before the masking below could broadcast it
+            raise ValueError(f"sample_counts {tuple(sample_counts.shape)} must have topk_ids' shape "
+                             f"{tuple(topk_ids.shape)} ([N, n]: one count per drawn id)")
+        kd_mask = _kd_mask_or_all(kd_mask, N, dev)
+        row = kd_mask.unsqueeze(1)
+        counts = torch.where(row, sample_counts, 0)  # [N, n] rows without a target draw nothing
+        _check_sampled(N, topk_ids, counts, topk_logprobs)
+        mode = "sampled"
+        ids = torch.where(counts > 0, topk_ids.long(), 0)  # [N, n] padding may hold anything
+        lt, const = _sampled_weights(counts, topk_logprobs, cdt)  # [N, n] c_j / n, [N] sum_j q_j lp_j
+    elif topk_ids is not None:
         if topk_logprobs is None:
             raise ValueError("topk_ids given without topk_logprobs")
         if topk_ids.dim() != 2 or topk_ids.shape != topk_logprobs.shape or topk_ids.shape[0] != N:
@@ -622,9 +860,7 @@ def fused_lm_losses(
             raise ValueError(f"k = {k} exceeds the student's vocabulary V = {V}")
         if tail_logmass is not None and tuple(tail_logmass.shape) != (N,):
             raise ValueError(f"tail_logmass must be [N] = [{N}], got {tuple(tail_logmass.shape)}")
-        kd_mask = torch.ones(N, dtype=torch.bool, device=dev) if kd_mask is None else kd_mask.bool()
-        if tuple(kd_mask.shape) != (N,):
-            raise ValueError(f"kd_mask must be [N] = [{N}], got {tuple(kd_mask.shape)}")
+        kd_mask = _kd_mask_or_all(kd_mask, N, dev)
         row = kd_mask.unsqueeze(1)
         # Rows without a target get distinct in-range ids and a flat teacher: finite, weight 0.
         ids = torch.where(row, topk_ids.long(), torch.arange(k, device=dev))
@@ -632,6 +868,18 @@ def fused_lm_losses(
         tail = None if tail_logmass is None else torch.where(kd_mask, tail_logmass.to(cdt), 0.0)
         lt = teacher_bucket_logprobs(lp, tail, V, temperature, cdt)  # [N, k(+1)]
 
-    meta = (tail_logmass is not None, divergence, spec, float(temperature), int(chunk_size), mm_dtype, cdt)
-    ce, kd = _FusedLMHeadLosses.apply(hidden, lm_weight, safe_labels, ce_mask, ids, lt, kd_mask, meta)
-    return (ce if labels is not None else None), (kd if topk_ids is not None else None)
+    else:
+        kd_mask = None  # no divergence (a caller's kd_mask is moot)
+
+    meta = (tail_logmass is not None, divergence, spec, float(temperature), int(chunk_size), mm_dtype, cdt, mode)
+    ce, kd = _FusedLMHeadLosses.apply(hidden, lm_weight, safe_labels, ce_mask, ids, lt, kd_mask, meta,
+                                      t_hidden, t_weight, const)
+    return (ce if labels is not None else None), (kd if kd_mask is not None else None)
+
+
+def _kd_mask_or_all(kd_mask: torch.Tensor | None, N: int, device) -> torch.Tensor:
+    """kd_mask as bool [N], all True when None; a wrong shape is refused."""
+    kd_mask = torch.ones(N, dtype=torch.bool, device=device) if kd_mask is None else kd_mask.bool()
+    if tuple(kd_mask.shape) != (N,):
+        raise ValueError(f"kd_mask must be [N] = [{N}], got {tuple(kd_mask.shape)}")
+    return kd_mask

@@ -8,6 +8,7 @@ A recipe names its inputs and lists steps; each step is one of
     init:      {name, preset | llm, tokenizer?}     a fresh model under workdir/NAME
     train:     {name, stage, student, data, cache?, teacher?, ...TrainConfig keys}
     dump:      {name, teacher, data, ...DumpConfig keys}   -> workdir/caches/NAME.zarr
+               (backend: vllm + vllm: {tensor_parallel_size, ...} for the vLLM teacher backend)
     eval:      {name, model, data, ...}             -> workdir/eval/NAME.json
 
 ``student`` / ``teacher`` / ``model`` name an earlier step, an entry of ``models:`` or a path;
@@ -15,7 +16,9 @@ A recipe names its inputs and lists steps; each step is one of
 recipes to run first (the teacher's, say). A step whose output is complete is skipped, so a
 rerun picks up where a crash stopped (and each step resumes itself). The recipe is checked
 against ``schemas/recipe.schema.json`` and every step against its typed config before
-anything runs; a wrong key or value is an error naming it.
+anything runs; a wrong key or value is an error naming it. A dump step with ``backend: vllm``
+that still has to run needs vLLM: a missing vLLM fails with the install hint before any step
+(``requires:`` included) runs.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
                       out=str(workdir / "caches" / f"{name}.zarr"))
             if "positions" in kw:
                 kw["positions"] = parse_kinds(kw["positions"])
+            if "vllm" in dump_defaults and "vllm" in args:  # engine settings merge key by key, like loss:
+                kw["vllm"] = {**dump_defaults["vllm"], **args["vllm"]}
             try:
                 cfg = from_dict(DumpConfig, kw)
                 validate(cfg)
@@ -224,15 +229,28 @@ def run_step(step: Step) -> None:
         print(format_report(evaluate(step.args["config"])))
 
 
+def check_backends(steps: list[Step]) -> None:
+    """Raise ``BackendUnavailable`` (with the install hint) if a dump step still to run needs a
+    backend that is not installed (vLLM); a finished cache needs nothing."""
+    if any(s.kind == "dump" and s.args["config"].backend == "vllm" and not is_done(s) for s in steps):
+        from .backends.vllm import import_vllm
+
+        import_vllm()
+
+
 def run_recipe(path: str | Path, *, workdir: str | Path | None = None, dry_run: bool = False,
                overrides: dict | None = None) -> list[Step]:
     """Run every step of a recipe (and its ``requires:`` first) that is not done yet."""
     recipe = load_recipe(path, overrides)
+    wd = Path(workdir) if workdir is not None else Path(recipe["workdir"])
+    # Planned (and its backends checked) before the required recipes run: a wrong key or a missing
+    # vLLM is reported before any work.
+    steps = plan(recipe, wd)
+    if not dry_run:
+        check_backends(steps)
     for req in recipe.get("requires") or []:
         run_recipe(Path(path).parent / req if not Path(req).is_absolute() else req,
                    workdir=None, dry_run=dry_run, overrides=_inherited(overrides))
-    wd = Path(workdir) if workdir is not None else Path(recipe["workdir"])
-    steps = plan(recipe, wd)
     for s in steps:
         done = is_done(s)
         print(f"[{Path(path).stem}] {s.kind:<9} {s.name:<24} {'done' if done else 'run'} -> {s.output}")

@@ -11,6 +11,33 @@ from dataclasses import dataclass
 
 import torch
 
+TARGET_MODES = ("topk", "hidden", "sampled")
+MAX_DRAWS = 65535  # sample_counts are stored as uint16
+
+
+def parse_targets(targets: str) -> tuple[str, int | None]:
+    """``"topk"`` -> ("topk", None), ``"hidden"`` -> ("hidden", None), ``"sampled:N"`` -> ("sampled", N).
+
+    topk       the k most probable ids, their log-probs and the tail log-mass (LLaVA-KD, default)
+    hidden     exact: top-k as above plus the LM head's input H at every distilled position (the
+               full distribution is softmax(H W^T / T) with the teacher's LM head W, stored once)
+    sampled:N  N ids drawn with replacement from softmax(z / T) per position (Anshumann et al.
+               2025): distinct ids, their true log-probs, draw counts, and the tail outside them
+    Raises ValueError (TypeError for a non-string) naming the accepted forms.
+    """
+    forms = f"accepted: topk, hidden, sampled:N with 1 <= N <= {MAX_DRAWS}"
+    if not isinstance(targets, str):
+        raise TypeError(f"targets: {targets!r} is not a string ({forms})")
+    if targets in ("topk", "hidden"):
+        return targets, None
+    head, sep, tail = targets.partition(":")
+    if head == "sampled" and sep and tail.isdigit() and tail == str(int(tail)):
+        n = int(tail)
+        if 1 <= n <= MAX_DRAWS:
+            return "sampled", n
+        raise ValueError(f"targets: {targets!r} draws {n} ids per position ({forms})")
+    raise ValueError(f"targets: {targets!r} is not a target mode ({forms})")
+
 
 @dataclass
 class TeacherRecord:
@@ -24,6 +51,8 @@ class TeacherRecord:
     topk_logprobs: torch.Tensor  # float [P, k] true log-probs (full-vocabulary log-softmax)
     tail_logmass: torch.Tensor  # float32 [P]  log(1 - sum exp(topk_logprobs)); -inf at k = V
     visual_hidden: torch.Tensor | None  # [N_vis, D] final-normed hidden states in the image span
+    sample_counts: torch.Tensor | None = None  # int [P, n] draws per id (targets sampled:n); 0 on padding columns
+    position_hidden: torch.Tensor | None = None  # [P, D] teacher's final-normed hidden state at every distilled position (targets hidden)
 
     @property
     def num_tokens(self) -> int:

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -111,7 +112,8 @@ class RowDataset(torch.utils.data.IterableDataset):
 
 
 RECORD_FIELDS = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass",
-                 "visual_hidden")
+                 "visual_hidden", "sample_counts", "position_hidden")
+OPTIONAL_FIELDS = ("visual_hidden", "sample_counts", "position_hidden")  # None in some caches / modes
 
 
 def pack_records(records: list[TeacherRecord]) -> dict:
@@ -119,56 +121,84 @@ def pack_records(records: list[TeacherRecord]) -> dict:
 
     Every tensor a DataLoader worker returns crosses into the trainer through its own shared-
     memory segment; 8 per record made the transfer, not the cache read, the bottleneck (~4x
-    fewer samples/s, ``bench/loader.py``). Packed, a batch costs 8 segments.
+    fewer samples/s, ``bench/loader.py``). Packed, a batch costs one segment per field.
+    Optional fields (``OPTIONAL_FIELDS``) are packed when the records have them; records of one
+    batch come from one cache, so they all have the same ones.
     """
-    hidden = [r.visual_hidden for r in records]
-    if any(h is None for h in hidden) and not all(h is None for h in hidden):
-        raise ValueError("records mix present and absent visual_hidden")
-    fields = RECORD_FIELDS if hidden[0] is not None else RECORD_FIELDS[:-1]
+    fields = []
+    for f in RECORD_FIELDS:
+        have = [getattr(r, f) is not None for r in records]
+        if any(have) and not all(have):
+            raise ValueError(f"records mix present and absent {f}")
+        if all(have):
+            fields.append(f)
     return {"sample_id": [r.sample_id for r in records], "row": [r.row for r in records],
+            "fields": fields,
             "lengths": torch.tensor([[getattr(r, f).shape[0] for f in fields] for r in records]),  # [B, F]
             **{f: torch.cat([getattr(r, f) for r in records]) for f in fields}}
 
 
 def unpack_records(packed: dict) -> list[TeacherRecord]:
     """Trainer side: ``pack_records``'s output -> records whose tensors are views (no copy)."""
-    fields = [f for f in RECORD_FIELDS if f in packed]
+    fields = packed["fields"]
     split = {f: torch.split(packed[f], packed["lengths"][:, j].tolist()) for j, f in enumerate(fields)}
-    return [TeacherRecord(sample_id=sid, row=row, visual_hidden=split["visual_hidden"][b] if "visual_hidden" in split
-                          else None, **{f: split[f][b] for f in fields if f != "visual_hidden"})
+    return [TeacherRecord(sample_id=sid, row=row, **{f: split[f][b] if f in split else None for f in RECORD_FIELDS})
             for b, (sid, row) in enumerate(zip(packed["sample_id"], packed["row"]))]
 
 
 class CacheRecordError(CacheCorrupt):
-    """A cache record that must not reach the losses (ids outside the vocabulary); a CacheCorrupt,
-    so the CLI prints it as one line."""
+    """A cache record that must not reach the losses (ids outside the vocabulary, non-finite
+    values); a CacheCorrupt, so the CLI prints it as one line."""
 
 
-def check_packed_records(packed: dict, vocab_size: int, cache: str | None) -> list[str]:
-    """Vectorised check of a packed batch on the CPU, before anything moves to the device.
+def _refuse_samples(packed: dict, bad: torch.Tensor, cache: str | None, what: str) -> None:
+    """Raise CacheRecordError naming the samples (id and row) at indices ``bad`` [n] of the batch."""
+    b = sorted({int(i) for i in bad})
+    raise CacheRecordError(
+        f"cache {cache}: samples {[packed['sample_id'][i] for i in b]} (rows {[packed['row'][i] for i in b]}) "
+        f"{what}: run `kdcache verify {cache}` (it lists every damaged sample) and re-dump the cache")
 
-    topk_ids [P, k] outside ``[0, vocab_size)`` raise CacheRecordError naming the samples: on
-    CUDA such an id in the gather is a device-side assert that kills the process, on CPU an
-    IndexError or (with clamping) a silently wrong target. Non-finite targets (NaN, or +inf in
-    log-probs / tail; -inf is a legitimate empty tail at k = V) do not crash anything: their
-    sample ids are returned so the non-finite-loss policy (``on_nan``) can name them.
+
+def check_packed_records(packed: dict, vocab_size: int, cache: str | None) -> None:
+    """Vectorised check of a packed batch on the CPU, before anything moves to the device; raises
+    CacheRecordError naming the samples (id and row), the array and the fix.
+
+    - topk_ids [P, k] outside ``[0, vocab_size)``: on CUDA such an id in the gather is a
+      device-side assert that kills the process, on CPU an IndexError or (with clamping) a
+      silently wrong target.
+    - NaN or +inf in topk_logprobs [P, k] / tail_logmass [P] (-inf is legitimate: an empty tail
+      at k = V, a zero-probability id), any non-finite value in visual_hidden [N_vis, D] or
+      position_hidden [P, D]: they would turn the step's loss into NaN, which ``on_nan`` would
+      then blame on the student; a cache holding them is broken, not the run.
     """
-    names = ("topk_ids", "topk_logprobs", "tail_logmass")
     fields = [f for f in RECORD_FIELDS if f in packed]
-    lens = {f: packed["lengths"][:, fields.index(f)] for f in names}  # [B] positions per sample
-    sample = torch.repeat_interleave(torch.arange(len(packed["sample_id"])), lens["topk_ids"])  # [P]
+    owner = {}  # field -> [R] batch index of the sample owning each row of that field
+
+    def rows_of(f: str) -> torch.Tensor:
+        if f not in owner:
+            n = packed["lengths"][:, fields.index(f)]  # [B] rows per sample
+            owner[f] = torch.repeat_interleave(torch.arange(len(packed["sample_id"])), n)
+        return owner[f]
+
     ids = packed["topk_ids"]  # [P, k]
     bad_id = ((ids < 0) | (ids >= vocab_size)).any(dim=1)  # [P]
     if bool(bad_id.any()):
-        bad = sorted({int(b) for b in sample[bad_id]})
         first = int(bad_id.nonzero()[0, 0])
-        raise CacheRecordError(
-            f"cache {cache}: samples {[packed['sample_id'][b] for b in bad]} (rows {[packed['row'][b] for b in bad]}) "
-            f"have top-k ids outside the student's vocabulary [0, {vocab_size}) (e.g. {ids[first].tolist()}); "
-            f"the cache is damaged or from another vocabulary: run `kdcache verify {cache}` and re-dump it")
-    lp, tail = packed["topk_logprobs"], packed["tail_logmass"]  # [P, k], [P]
-    bad_val = (lp.isnan() | (lp == float("inf"))).any(dim=1) | tail.isnan() | (tail == float("inf"))  # [P]
-    return [packed["sample_id"][b] for b in sorted({int(b) for b in sample[bad_val]})]
+        _refuse_samples(packed, rows_of("topk_ids")[bad_id], cache,
+                        f"have top-k ids outside the student's vocabulary [0, {vocab_size}) "
+                        f"(e.g. topk_ids {ids[first].tolist()}); the cache is damaged or from another vocabulary")
+    inf = float("inf")
+    for f in ("topk_logprobs", "tail_logmass", "visual_hidden", "position_hidden"):
+        if f not in packed:
+            continue
+        t = packed[f]  # [R] or [R, ...]
+        bad = (t.isnan() | (t == inf)) if f in ("topk_logprobs", "tail_logmass") else ~torch.isfinite(t)
+        bad = bad.reshape(t.shape[0], -1).any(dim=1)  # [R]
+        if bool(bad.any()):
+            kind = "NaN or +inf" if f in ("topk_logprobs", "tail_logmass") else "NaN or inf"
+            _refuse_samples(packed, rows_of(f)[bad], cache, f"have non-finite {f} ({kind} in {int(bad.sum())} "
+                            f"of the batch's {t.shape[0]} rows); the cache is damaged (e.g. a teacher that "
+                            "overflowed in fp16)")
 
 
 def _collate(items, pad_token_id):
@@ -206,6 +236,17 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
             raise CacheMismatchError(f"loss.{key} = {w} needs {kind} positions, but cache {cfg.cache} was dumped "
                                      f"with positions {sorted(dumped)}: set loss.{key}: 0 or dump with "
                                      f"--positions including {kind}")
+    targets = st["targets"]
+    if targets.startswith("sampled:"):
+        if lc.divergence != "fkl":
+            raise CacheMismatchError(f"cache {cfg.cache} has sampled targets ({targets}), whose unbiased loss exists for "
+                                     f"forward KL only; this run asks loss.divergence {lc.divergence!r}: set "
+                                     "loss.divergence: fkl, or dump with --targets topk / hidden")
+        if lc.kd_temperature != float(st["temperature"]):
+            raise CacheMismatchError(f"cache {cfg.cache} drew its samples at temperature {st['temperature']}, this run "
+                                     f"asks loss.kd_temperature {lc.kd_temperature}: draws cannot be re-tempered without "
+                                     f"bias; set loss.kd_temperature: {st['temperature']} or dump with --temperature "
+                                     f"{lc.kd_temperature}")
     if lc.gamma_rel and st["hidden"] == "none":
         raise CacheMismatchError(f"loss.gamma_rel = {lc.gamma_rel} needs visual hidden states, but cache "
                                  f"{cfg.cache} was dumped with hidden none: set loss.gamma_rel: 0 or dump "
@@ -228,7 +269,24 @@ def kd_kinds(cfg: TrainConfig) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, teacher_gram, cfg: TrainConfig):
+@dataclass(frozen=True)
+class TeacherSide:
+    """What the losses need from the teacher besides the per-sample records.
+
+    gram:        [D_t, D_t] M_t = W_t^T W_t for the logit-space relation loss, or None
+    lm_head:     [V, D_t] the teacher's LM head (targets "hidden": the exact mode), else None
+    temperature: the temperature the records' log-probs were computed at (the dump's; 1 online)
+    targets:     "topk" | "hidden" | "sampled:N" (the cache's settings.targets; "topk" online)
+    """
+
+    gram: torch.Tensor | None
+    lm_head: torch.Tensor | None
+    temperature: float
+    targets: str
+
+
+def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side: TeacherSide | None,
+                 cfg: TrainConfig):
     """All loss terms of one micro-batch -> dict of scalar tensors (``total`` included)."""
     lc = cfg.loss
     device = student.device
@@ -265,23 +323,17 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, teac
         rows = kd_row[flat[:, 0], flat[:, 1]]  # [N], -1 = no KD target
         kinds = kd_kind[flat[:, 0], flat[:, 1]]
         has = rows >= 0
-        k = records[0].k
-        topk_ids = torch.cat([r.topk_ids for r in records]).to(device).long()  # [P, k]
-        topk_lp = torch.cat([r.topk_logprobs for r in records]).to(device).float()
-        tail = torch.cat([r.tail_logmass for r in records]).to(device).float()
         safe = rows.clamp(min=0)
-        ce, kd = L.fused_lm_losses(
-            h, W, labels=ce_labels, kd_mask=has, topk_ids=topk_ids[safe].reshape(-1, k),
-            topk_logprobs=topk_lp[safe], tail_logmass=tail[safe] if lc.tail else None,
-            divergence=lc.divergence, temperature=lc.kd_temperature,
-            params=_div_params(cfg), chunk_size=lc.chunk_size)
+        ce, kd = L.fused_lm_losses(h, W, labels=ce_labels, kd_mask=has, divergence=lc.divergence,
+                                   temperature=lc.kd_temperature, params=_div_params(cfg),
+                                   chunk_size=lc.chunk_size, **_kd_targets(records, safe, side, cfg))
         terms["reg"] = L.masked_mean(ce, ce_labels != -100)
         for name, code, w in (("res", KIND_RESPONSE, lc.alpha_res), ("vis", KIND_VISUAL, lc.beta_vis),
                               ("prompt", KIND_PROMPT, lc.prompt_weight)):
             if w:
                 terms[name] = L.masked_mean(kd, has & (kinds == code))
         if lc.gamma_rel:
-            terms["rel"] = relation_term(hidden, batch, records, W, teacher_gram, cfg)
+            terms["rel"] = relation_term(hidden, batch, records, W, side.gram, cfg)
     else:
         ce, _ = L.fused_lm_losses(h, W, labels=ce_labels, chunk_size=lc.chunk_size)
         terms["reg"] = L.masked_mean(ce, ce_labels != -100)
@@ -292,6 +344,35 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, teac
             total = total + w * terms[name]
     terms["total"] = total
     return terms
+
+
+def _kd_targets(records: list[TeacherRecord], safe: torch.Tensor, side: TeacherSide, cfg: TrainConfig) -> dict:
+    """The teacher-target keywords of ``fused_lm_losses`` for the loss rows (``safe`` [N]: the
+    row of each loss row among the batch's distilled positions; 0 where it has none).
+
+    topk     ids + log-probs (+ tail). The log-probs are at the dump's temperature T_d and the
+             losses re-temper them by the KD temperature T, so they are passed as T_d * log p
+             (= logits up to a per-row constant): log_softmax(T_d log p_{T_d} / T) = softmax(z / T)
+             on the k ids whatever T_d is.
+    sampled  the drawn ids, their log-probs and counts (the unbiased forward-KL estimator; the
+             draws are from the dump's temperature, which must equal T: checked at start).
+    hidden   the teacher's hidden states at the positions + its LM head: the exact distribution.
+    """
+    device = safe.device
+
+    def cat(field, dtype=None):
+        t = torch.cat([getattr(r, field) for r in records]).to(device)  # [P, ...]
+        return (t if dtype is None else t.to(dtype))[safe]
+
+    if side.targets == "hidden":
+        return {"teacher_hidden": cat("position_hidden"), "teacher_lm_weight": side.lm_head.to(device)}
+    ids = cat("topk_ids", torch.long)  # [N, k]
+    if side.targets.startswith("sampled:"):
+        return {"topk_ids": ids, "topk_logprobs": cat("topk_logprobs", torch.float32),
+                "sample_counts": cat("sample_counts", torch.long)}
+    t_d = side.temperature
+    return {"topk_ids": ids, "topk_logprobs": cat("topk_logprobs", torch.float32) * t_d,
+            "tail_logmass": cat("tail_logmass", torch.float32) * t_d if cfg.loss.tail else None}
 
 
 def _div_params(cfg: TrainConfig) -> dict:
@@ -400,14 +481,16 @@ class Objective(torch.nn.Module):
         self.student = student
         self.cfg = cfg
 
-    def forward(self, batch: dict, records, teacher_gram):
-        return batch_losses(self.student, batch, records, teacher_gram, self.cfg)
+    def forward(self, batch: dict, records, side: TeacherSide | None):
+        return batch_losses(self.student, batch, records, side, self.cfg)
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run one stage; returns the output directory (a plain Hugging Face LLaVA checkpoint)."""
+    import datetime
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
 
     from .cache.reader import CacheDataset, CacheReader
@@ -430,8 +513,10 @@ def train(cfg: TrainConfig) -> Path:
     # Without CUDA a multi-process launch (torchrun, or `accelerate launch --multi_gpu`) must be
     # told it is on CPU, else every process believes it is alone; cpu=True gives DDP over gloo.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A rank that dies leaves its peers blocked in a collective: fail after dist_timeout_s instead.
+    pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     acc = Accelerator(cpu=cpu_ddp, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
-                      log_with=trackers, project_dir=str(out))
+                      log_with=trackers, project_dir=str(out), kwargs_handlers=[pg])
     set_seed(cfg.seed)
     student, processor = load_model(cfg.student, device=acc.device)
     tokenizer = processor.tokenizer
@@ -447,7 +532,7 @@ def train(cfg: TrainConfig) -> Path:
     if not kept:
         raise ValueError(f"no usable sample in {cfg.data} ({skipped.summary()})")
     join = SampleJoin(LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images))
-    teacher = teacher_gram = None
+    teacher = side = None
     if cfg.cache:
         reader = CacheReader(cfg.cache)
         check_cache_against_student(reader.attrs, student, tokenizer, cfg, n_image)
@@ -455,7 +540,10 @@ def train(cfg: TrainConfig) -> Path:
         if missing:
             raise CacheMismatchError(f"the cache holds rows the data file {cfg.data} does not: "
                                      f"{sorted(missing)[:5]}... Pass the data file the cache was dumped from.")
-        teacher_gram = torch.as_tensor(reader.gram())  # M_t = W_t^T W_t [D_t, D_t]
+        st = reader.attrs["settings"]
+        side = TeacherSide(gram=torch.as_tensor(reader.gram()),  # M_t = W_t^T W_t [D_t, D_t]
+                           lm_head=reader.lm_head() if st["targets"] == "hidden" else None,
+                           temperature=float(st["temperature"]), targets=st["targets"])
         source = cfg.cache
         _say_temperature(reader.attrs, cfg, acc)
     else:
@@ -468,7 +556,8 @@ def train(cfg: TrainConfig) -> Path:
         if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
             raise CacheMismatchError(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
                                      f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
-        teacher_gram = L.lm_gram(teacher.lm_head.weight.detach().float())  # [D_t, D_t], as the dump stores it
+        side = TeacherSide(gram=L.lm_gram(teacher.lm_head.weight.detach().float()),  # [D_t, D_t] as dumped
+                           lm_head=None, temperature=1.0, targets="topk")
 
     n_rank = _rank_count(source, acc)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -524,7 +613,6 @@ def train(cfg: TrainConfig) -> Path:
     while step < total_steps:
         sums: dict[str, float] = {}
         bad_ids: list[str] = []
-        bad_values: list[str] = []  # samples whose cached targets are NaN / +inf
         step_ids: list[str] = []
         for _ in range(cfg.grad_accum):
             t0 = time.perf_counter()
@@ -540,14 +628,15 @@ def train(cfg: TrainConfig) -> Path:
             tokens += int(batch["attention_mask"].sum())
             records = None
             if cfg.cache:
-                # ids outside [0, V) are refused here, on the CPU, before any gather sees them
-                bad_values += check_packed_records(batch["records"], V_student, cfg.cache)
+                # ids outside [0, V) and non-finite values are refused here, on the CPU, before any
+                # gather sees them: a non-finite loss after this point is the student's
+                check_packed_records(batch["records"], V_student, cfg.cache)
                 records = unpack_records(batch["records"])
             if teacher is not None:
                 records = teacher_records(teacher, batch, kinds=kinds, top_k=_online_k(cfg, teacher),
                                           with_hidden=cfg.loss.gamma_rel > 0)
             with acc.accumulate(objective), acc.autocast():
-                terms = objective(batch, records, teacher_gram)
+                terms = objective(batch, records, side)
                 loss = terms["total"]
                 if not torch.isfinite(loss):
                     bad_ids += list(batch["sample_ids"])
@@ -564,12 +653,10 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             msg = (f"non-finite loss at step {step + 1} (rank {acc.process_index}: samples "
                    f"{bad_ids or 'all finite here'}; terms " + ", ".join(f"{k_}={v:.4g}" for k_, v in sums.items()) + ")")
-            if bad_values:
-                msg += (f"; cached targets of {bad_values} are NaN/+inf: run `kdcache verify {cfg.cache}` "
-                        "and re-dump the damaged part")
             if cfg.on_nan == "stop":
                 raise FloatingPointError(msg + ". on_nan=stop: training stopped; the last checkpoint is intact. "
-                                         "Check these samples (for a cache: `kdcache verify`), or set on_nan: skip.")
+                                         "Cached targets were checked finite, so look at the student on these samples (weights, learning "
+                                         "rate, precision), or set on_nan: skip.")
             acc.print(msg + " -- step skipped (on_nan=skip)")
         else:
             if cfg.max_grad_norm:
@@ -674,9 +761,13 @@ def _online_k(cfg: TrainConfig, teacher) -> int:
 
 
 def _say_temperature(attrs: dict, cfg: TrainConfig, acc) -> None:
-    t_dump = float(attrs["settings"]["temperature"])
-    t_kd = cfg.loss.kd_temperature
-    if t_kd == t_dump:
+    st = attrs["settings"]
+    t_dump, t_kd, targets = float(st["temperature"]), cfg.loss.kd_temperature, st["targets"]
+    if targets == "hidden":
+        acc.print(f"targets hidden: the teacher's full distribution is rebuilt at KD temperature {t_kd} (exact)")
+    elif targets.startswith("sampled:"):
+        acc.print(f"targets {targets}: unbiased forward KL from draws at temperature {t_dump} = the KD temperature")
+    elif t_kd == t_dump:
         acc.print(f"KD temperature {t_kd} = the dump's: exact on the top-k ids and the tail")
     else:
         acc.print(f"KD temperature {t_kd} != the dump's {t_dump}: exact on the top-k ids relative to each "

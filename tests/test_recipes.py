@@ -152,3 +152,64 @@ def test_wrong_steps_are_errors_naming_the_step(tmp_path):
     r["steps"][5]["train"]["name"] = "sft"
     with pytest.raises(ConfigError, match="name 'sft' is used twice"):
         plan(load_recipe(_write(tmp_path, r)), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dump backend is a config field: a recipe chooses vLLM
+
+
+def _vllm_recipe() -> dict:
+    r = _base()
+    r["dump_defaults"].update(backend="vllm", vllm={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5})
+    r["steps"][2]["dump"]["vllm"] = {"max_num_batched_tokens": 4096}  # merged key by key with the defaults
+    return r
+
+
+def test_recipe_backend_vllm_parses_into_the_config(tmp_path):
+    from kdcache.config import DumpConfig, VllmConfig, vllm_gpu_memory_utilization
+
+    dumps = [s for s in plan(load_recipe(_write(tmp_path, _vllm_recipe())), tmp_path) if s.kind == "dump"]
+    cfgs = [s.args["config"] for s in dumps]
+    assert all(isinstance(c, DumpConfig) and c.backend == "vllm" for c in cfgs)
+    assert cfgs[0].vllm == VllmConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5)
+    assert cfgs[1].vllm == VllmConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5, max_num_batched_tokens=4096)
+    assert vllm_gpu_memory_utilization(cfgs[0]) == 0.5
+    # gpu_memory_utilization null: vLLM's own 0.9 alone, 0.6 when the HF teacher computes hidden states
+    auto = [DumpConfig(teacher="-", data="-", images="-", out="-", backend="vllm", hidden=h) for h in ("none", "bf16")]
+    assert [vllm_gpu_memory_utilization(c) for c in auto] == [0.9, 0.6]
+    hf = plan(load_recipe(PIPELINES / "llava_kd.yaml"), tmp_path)
+    assert {s.args["config"].backend for s in hf if s.kind == "dump"} == {"hf"}
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"dump_defaults.backend": "tgi"}, "backend"),
+    ({"dump_defaults.vllm": {"dtype": "int8"}}, "dtype"),
+    ({"dump_defaults.vllm": {"tensor_parallel": 2}}, "tensor_parallel"),
+    ({"dump_defaults.vllm": {"gpu_memory_utilization": 1.5}}, "gpu_memory_utilization"),
+])
+def test_wrong_vllm_settings_are_errors_naming_them(override, named, tmp_path):
+    with pytest.raises(ConfigError, match=named):
+        plan(load_recipe(PIPELINES / "llava_kd.yaml", override), tmp_path)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None,
+                    reason="vLLM is installed: the missing-dependency error cannot be tested")
+def test_recipe_with_vllm_fails_before_any_work_without_vllm(tmp_path, monkeypatch):
+    """``kdcache run`` on a recipe with a vLLM dump: one line with the install hint, exit code 2,
+    and nothing made, the required teacher recipe (make-data, training) included."""
+    from typer.testing import CliRunner
+
+    from kdcache.backends import BackendUnavailable
+    from kdcache.cli import app
+
+    (tmp_path / "teacher_pt_sft.yaml").write_text((PIPELINES / "teacher_pt_sft.yaml").read_text())
+    path = _write(tmp_path, _vllm_recipe())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'kdcache\[vllm\]'"):
+        run_recipe(path)
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "kdcache[vllm]" in lines[0], res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "teacher_pt_sft.yaml"]
+    assert len(run_recipe(path, dry_run=True)) == 7  # a dry run only prints: it needs no vLLM

@@ -1,12 +1,14 @@
-"""Reliability under damage from outside: out-of-range ids in a cache, a disk that fills up during a
-dump, and one of two dump ranks killed.
+"""Reliability under damage from outside: out-of-range ids or non-finite values in a cache, a disk
+that fills up during a dump, one of two dump ranks killed, and a rank that hangs (dump and train).
 
 Every test uses the real pieces: the tiny teacher's dump, the real writer for the damaged cache,
-a real (tmpfs) filesystem that runs out of space, and torchrun with SIGKILL.
+a real (tmpfs) filesystem that runs out of space, and torchrun with SIGKILL / SIGSTOP. The dump
+killed at named points is tests/test_crash.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,22 +78,73 @@ def test_out_of_range_id_is_refused_before_the_gather(ref_cache, synth_data, tin
 
 
 def test_check_packed_records_names_the_samples(ref_cache):
-    recs = CacheReader(ref_cache).read_range(0, 0, 3)
-    V = int(CacheReader(ref_cache).attrs["teacher"]["vocab_size"])
-    assert check_packed_records(pack_records(recs), V, "c.zarr") == []
-    recs[1].tail_logmass = recs[1].tail_logmass.clone()
-    recs[1].tail_logmass[-1] = float("nan")
-    recs[2].topk_logprobs = recs[2].topk_logprobs.clone()
-    recs[2].topk_logprobs[0, 0] = float("inf")
-    assert check_packed_records(pack_records(recs), V, "c.zarr") == [recs[1].sample_id, recs[2].sample_id]
-    recs[0].topk_ids = recs[0].topk_ids.clone()
-    recs[0].topk_ids[-1, 0] = -1
-    with pytest.raises(CacheRecordError, match=rf"\['{recs[0].sample_id}'\]"):
+    reader = CacheReader(ref_cache)
+    V = int(reader.attrs["teacher"]["vocab_size"])
+
+    def batch(edit=None):
+        recs = reader.read_range(0, 0, 3)
+        if edit:
+            edit(recs)
+        return recs
+
+    def refused(recs, who: int, array: str):
+        r = recs[who]
+        with pytest.raises(CacheRecordError, match=rf"c\.zarr: samples \['{r.sample_id}'\] \(rows \[{r.row}\]\) "
+                                                   rf"have non-finite {array} .*`kdcache verify c\.zarr`"):
+            check_packed_records(pack_records(recs), V, "c.zarr")
+
+    def put(field, who, index, value):
+        def edit(recs):
+            t = getattr(recs[who], field).clone()
+            t[index] = value
+            setattr(recs[who], field, t)
+        return edit
+
+    check_packed_records(pack_records(batch()), V, "c.zarr")  # a sound batch passes
+    refused(batch(put("topk_logprobs", 2, (0, 0), float("inf"))), 2, "topk_logprobs")
+    refused(batch(put("topk_logprobs", 1, (-1, 3), float("nan"))), 1, "topk_logprobs")
+    refused(batch(put("tail_logmass", 1, -1, float("nan"))), 1, "tail_logmass")
+    refused(batch(put("visual_hidden", 0, (5, 7), float("nan"))), 0, "visual_hidden")
+    refused(batch(put("visual_hidden", 2, (0, 0), float("-inf"))), 2, "visual_hidden")
+    # the exact mode's per-position hidden states, when the cache has them
+    recs = batch()
+    for r in recs:
+        r.position_hidden = torch.zeros(len(r.positions), 4, dtype=torch.bfloat16)
+    check_packed_records(pack_records(recs), V, "c.zarr")
+    recs[1].position_hidden[3, 2] = float("inf")
+    refused(recs, 1, "position_hidden")
+    # ids outside the vocabulary, named likewise
+    recs = batch(put("topk_ids", 0, (-1, 0), -1))
+    with pytest.raises(CacheRecordError, match=rf"\['{recs[0].sample_id}'\] \(rows \[{recs[0].row}\]\) have top-k ids "
+                                               rf"outside the student's vocabulary \[0, {V}\)"):
         check_packed_records(pack_records(recs), V, "c.zarr")
-    # -inf tail (k = V: nothing outside the top-k) is legitimate
-    recs = CacheReader(ref_cache).read_range(0, 0, 2)
-    recs[0].tail_logmass = torch.full_like(recs[0].tail_logmass, float("-inf"))
-    assert check_packed_records(pack_records(recs), V, "c.zarr") == []
+    # -inf in a tail (k = V: nothing outside the top-k) or a log-prob (probability 0) is legitimate
+    check_packed_records(pack_records(batch(put("tail_logmass", 0, slice(None), float("-inf")))), V, "c.zarr")
+    check_packed_records(pack_records(batch(put("topk_logprobs", 1, (0, -1), float("-inf")))), V, "c.zarr")
+
+
+def test_nonfinite_cache_is_refused_before_the_gather(ref_cache, synth_data, tiny_student, tmp_path):
+    """A cache with NaN hidden states in one sample of step 3: steps 1-2 run and are checkpointed,
+    then the run stops with the sample's id and row, the array and the fix (no NaN loss, no step
+    skipped, nothing blamed on the student)."""
+    victim = {}
+
+    def edit(reader, recs):
+        r = recs[global_order(reader.part_sizes, 0, 0, 64)[8][1]]  # first sample of step 3 (batch 4)
+        r.visual_hidden = r.visual_hidden.clone()
+        r.visual_hidden[-1, 0] = float("nan")
+        victim.update(id=r.sample_id, row=r.row)
+
+    bad = tmp_path / "nan.zarr"
+    _rewrite(ref_cache, bad, edit)
+    assert "non-finite" in str(verify_cache(bad))  # verify names it too
+    out = tmp_path / "run"
+    with pytest.raises(CacheRecordError, match=rf"\['{victim['id']}'\] \(rows \[{victim['row']}\]\) have non-finite "
+                                               rf"visual_hidden .*kdcache verify {bad}"):
+        train(make_cfg(synth_data, tiny_student, out, cache=str(bad), max_steps=4, save_every=2))
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and not any(m["skipped"] for m in metrics)
+    assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,3 +259,74 @@ def test_two_ranks_one_killed_then_rerun_equals_uninterrupted(tiny_teacher, synt
     assert "20 samples in 2 part(s)" in res.stdout
     _assert_same_cache(out, ref)
     assert np.array_equal(CacheReader(out).gram(), CacheReader(ref).gram())
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A wedged rank: its peers fail after dist_timeout_s instead of waiting forever
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (R, S, T, Z...), or 'gone'."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def _wedge_rank1_and_time_rank0(cmd, env, log: Path, ready, timeout_s: float) -> tuple[float, str]:
+    """Start ``cmd`` (torchrun, two ranks), SIGSTOP rank 1 once ``ready()`` (alive and connected,
+    it never reaches the next collective: a hung GPU, a stuck filesystem), and return how long
+    rank 0 took to exit after that, and the run's output."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    r1 = None
+    try:
+        deadline = time.monotonic() + 180
+        r0, r1 = _rank_pid(proc.pid, 0, deadline), _rank_pid(proc.pid, 1, deadline)
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        os.kill(r1, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        while _state(r0) not in ("Z", "X", "gone") and time.monotonic() < t_stop + 3 * timeout_s + 30:
+            time.sleep(0.05)
+        waited = time.monotonic() - t_stop
+    finally:
+        if r1 is not None:
+            with contextlib.suppress(ProcessLookupError):  # a stopped process only dies by SIGKILL, and
+                os.kill(r1, signal.SIGKILL)                # torchrun would wait 30 s before sending one
+        if proc.poll() is None and r1 is None:
+            proc.terminate()  # torchrun passes it on to its workers
+        proc.wait(timeout=60)
+    return waited, log.read_text()
+
+
+def test_wedged_rank_makes_the_dump_fail_after_dist_timeout(tiny_teacher, synth_data, tmp_path, cli_env):
+    out = tmp_path / "wedged.zarr"
+    cmd = _torchrun([*_cli_args(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out),
+                     "--dist-timeout-s", "5"])
+    waited, log = _wedge_rank1_and_time_rank0(cmd, cli_env(), tmp_path / "dump.log",
+                                              lambda: _committed(out / "parts" / "1") >= 2, 5)
+    # rank 0 finishes its part (~1 s), then waits 5 s in the totals' all_reduce and fails
+    assert 5 <= waited < 30, (waited, log[-3000:])
+    assert "timed out" in log.lower() or "timeout" in log.lower(), log[-3000:]
+    assert _committed(out / "parts" / "0") == 10  # rank 0's part is complete and committed
+    assert verify_cache(out).ok
+
+
+def test_wedged_rank_makes_training_fail_after_dist_timeout(ref_cache, synth_data, tiny_student, tmp_path, cli_env):
+    """The same through accelerate's process group (``InitProcessGroupKwargs(timeout=...)``)."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("log_every: 1\nmax_steps: 20\nbatch_size: 1\nlr: 1.0e-3\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           "-m", "kdcache.cli", "train", "--stage", "dft", "--student", str(tiny_student),
+           "--data", str(synth_data["instruct_small"]), "--images", str(synth_data["images_root"]),
+           "--cache", str(ref_cache), "--out", str(out), "--num-workers", "0", "--config", str(extra),
+           "--dist-timeout-s", "5"]
+    metrics = out / "metrics.jsonl"
+    waited, log = _wedge_rank1_and_time_rank0(cmd, cli_env(CUDA_VISIBLE_DEVICES=""), tmp_path / "train.log",
+                                              lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, 5)
+    assert 5 <= waited < 30, (waited, log[-3000:])
+    assert "timed out" in log.lower() or "timeout" in log.lower(), log[-3000:]
+    assert not (out / "DONE").exists()

@@ -367,55 +367,79 @@ def test_trainable_parameters_per_stage(stage, tmp_path, synth_data, tiny_studen
 
 
 @pytest.fixture(scope="module")
-def nan_cache(tmp_path_factory, caches):
-    """A copy of the top-16 cache, written by the real writer, in which the first sample of step 3
-    (batch 4, seed 0) has NaN log-probs -- what an overflowing fp16 teacher produces, in a cache
-    nobody ran ``kdcache verify`` on (it reports exactly this)."""
+def nan_student(tmp_path_factory, tiny_student, caches):
+    """A copy of the tiny student whose input embedding of one token is +inf, a token that occurs
+    only in the samples of step 3 (batch 4, seed 0, the top-16 cache's order): that step's loss is
+    NaN (inf * 0 in the first RMSNorm), every other step's is finite -- a student corrupted the
+    way a diverged run leaves one. The cache stays sound (non-finite cached values are refused
+    before any step: tests/test_reliability.py)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from kdcache.cache.reader import CacheReader, global_order
-    from kdcache.cache.verify import verify_cache
-    from kdcache.cache.writer import CacheWriter
 
     reader = CacheReader(caches["k16"])
     recs = reader.read_range(0, 0, reader.num_samples)
-    victim = recs[global_order(reader.part_sizes, 0, 0, 64)[8][1]]
-    victim.topk_logprobs = torch.full_like(victim.topk_logprobs, float("nan"))
-    path = tmp_path_factory.mktemp("nan") / "nan.zarr"
-    w = CacheWriter(path, json.loads(json.dumps(reader.attrs)), rank=0, world_size=1)
-    w.write_gram(reader.gram())
-    for r in recs:
-        w.add(r)
-    w.close(finished=True)
-    assert "non-finite" in str(verify_cache(path))
-    return {"path": str(path), "sample": victim.sample_id}
+    order = [recs[j] for _part, j in global_order(reader.part_sizes, 0, 0, 64)]
+    steps = [order[i:i + 4] for i in range(0, len(order), 4)]
+    tokens = [set().union(*(set(r.input_ids.tolist()) for r in st)) for st in steps]
+    only_step3 = tokens[2] - set().union(*tokens[:2], *tokens[3:])
+    assert only_step3, "no token occurs in step 3 alone: pick another step"
+    token = min(only_step3)
+    path = tmp_path_factory.mktemp("nan") / "student"
+    shutil.copytree(tiny_student, path)
+    (f,) = path.glob("*.safetensors")
+    w = load_file(f)
+    key = next(k for k in w if k.endswith("embed_tokens.weight"))
+    w[key][token] = float("inf")
+    save_file(w, f, metadata={"format": "pt"})
+    return {"path": str(path), "token": token, "victims": [r.sample_id for r in steps[2] if token in r.input_ids],
+            "step3": [r.sample_id for r in steps[2]]}
 
 
-def test_on_nan_stop_raises_naming_the_samples_and_keeps_the_checkpoint(tmp_path, synth_data, tiny_student,
-                                                                         nan_cache):
+def _finite_but_the_poisoned_row(params: dict[str, torch.Tensor], nan_student) -> bool:
+    """Every parameter finite except the student's +inf embedding row, which no step may touch."""
+    for name, p in params.items():
+        if name.endswith("embed_tokens.weight"):
+            row = nan_student["token"]
+            assert torch.isinf(p[row]).all(), name
+            p = torch.cat([p[:row], p[row + 1:]])
+        if not torch.isfinite(p).all():
+            return False
+    return True
+
+
+def test_on_nan_stop_raises_naming_the_samples_and_keeps_the_checkpoint(tmp_path, synth_data, caches,
+                                                                         nan_student):
     from transformers import LlavaForConditionalGeneration
 
-    cfg = make_cfg(synth_data, tiny_student, tmp_path / "run", cache=nan_cache["path"], max_steps=4,
+    cfg = make_cfg(synth_data, nan_student["path"], tmp_path / "run", cache=str(caches["k16"]), max_steps=4,
                    save_every=2, on_nan="stop")
-    with pytest.raises(FloatingPointError, match=f"step 3.*{nan_cache['sample']}"):
+    with pytest.raises(FloatingPointError, match=f"step 3.*{nan_student['victims'][0]}.*on_nan=stop"):
         train(cfg)
     out = Path(cfg.out)
     ckpt = out / "checkpoint-2"
     assert (ckpt / "trainer_state.json").is_file() and not (out / "DONE").exists()
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
     model = LlavaForConditionalGeneration.from_pretrained(ckpt)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert _finite_but_the_poisoned_row(dict(model.named_parameters()), nan_student)
     torch.load(ckpt / "train_state.pt", weights_only=True)
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
 
 
-def test_on_nan_skip_drops_that_step_and_goes_on(tmp_path, synth_data, tiny_student, nan_cache):
-    out = train(make_cfg(synth_data, tiny_student, tmp_path / "run", cache=nan_cache["path"], max_steps=5,
+def test_on_nan_skip_drops_that_step_and_goes_on(tmp_path, synth_data, caches, nan_student, capsys):
+    out = train(make_cfg(synth_data, nan_student["path"], tmp_path / "run", cache=str(caches["k16"]), max_steps=5,
                          on_nan="skip"))
     m = read_metrics(out)
     assert [x["skipped"] for x in m] == [False, False, True, False, False]
-    assert not np.isfinite(m[2]["loss/total"]) and np.isfinite(m[2]["loss/reg"])  # the KD term is the NaN one
+    assert not np.isfinite(m[2]["loss/total"])
     assert all(np.isfinite(x["loss/total"]) for i, x in enumerate(m) if i != 2)
     assert m[3]["lr"] == m[2]["lr"]  # the scheduler did not advance on the skipped step
-    assert all(torch.isfinite(p).all() for p in weights(out).values())
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "non-finite loss" in ln]
+    assert len(said) == 1 and "step 3" in said[0] and "step skipped (on_nan=skip)" in said[0]
+    assert all(sid in said[0] for sid in nan_student["step3"])  # the step's sample ids are logged
+    assert _finite_but_the_poisoned_row(weights(out), nan_student)
 
 
 # ---------------------------------------------------------------------------------------------

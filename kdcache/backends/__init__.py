@@ -5,7 +5,7 @@
 without it.
 """
 
-BACKENDS = ("hf", "vllm")
+from ..config import BACKENDS  # noqa: F401  (hf | vllm: the one list, with the configs)
 
 
 class BackendUnavailable(RuntimeError):

@@ -1,7 +1,8 @@
 """vLLM teacher backend: teacher records from vLLM's prompt log-probs (``pip install 'kdcache[vllm]'``).
 
     kdcache dump --backend vllm --teacher runs/teacher-sft --data data/instruct.json --images data \\
-        --out caches/t-vllm.zarr --top-k 64 --hidden none --batch-size 256
+        --out caches/t-vllm.zarr --top-k 64 --hidden none --batch-size 256     # log-probs only
+    kdcache dump --backend vllm --hidden bf16 ...     # hybrid: + visual hidden states from an HF forward
 
 One request per sample: the teacher-forced token ids (image span already expanded, exactly the
 ids ``kdcache.data.templates.tokenize_sample`` gives the HF path) plus the PIL image, with
@@ -23,9 +24,12 @@ API relied on (vLLM docs, checked with the project's search tool):
 - ``TokensPrompt``: ``{"prompt_token_ids": list[int], "multi_modal_data": {...}}``
   (docs.vllm.ai/en/v0.8.3/api/offline_inference/llm_inputs.html).
 
-What this backend cannot give, and what the cache says about it:
-- **No hidden states**: vLLM returns none, so the cache has ``hidden: none`` and relation
-  ``none``; L_rel (RDist) needs a cache dumped with the HF backend.
+What this backend cannot give, and what the cache says about it (settings ``backend: vllm``):
+- **No hidden states from vLLM**: the engine returns none. With ``--hidden none`` the cache has
+  ``hidden: none`` and relation ``none`` (no L_rel targets). Otherwise (hybrid mode) the dump
+  takes them from the Hugging Face teacher it has loaded anyway, run on each sample's prefix up to
+  the end of the image span (``kdcache.teacher.visual_hidden_states``), and merges them into
+  vLLM's records (``with_hidden``).
 - **Tail from the head only**: vLLM returns no logits, so the tail log-mass can only be
   ``log(1 - sum_i exp(l_i))`` over the k returned log-probs, computed here as
   ``log(-expm1(logsumexp(l)))`` in float64 (exact for the given numbers). The log-probs come in
@@ -38,15 +42,16 @@ What this backend cannot give, and what the cache says about it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..positions import select_positions, visual_span
+from ..config import VLLM_GPU_MEMORY_ALONE, VllmConfig
+from ..positions import ROLE_VISUAL, select_positions, visual_span
 from ..records import TeacherRecord
 from . import BackendUnavailable
 
@@ -157,13 +162,22 @@ def records_from_prompt_logprobs(prompt_logprobs: Sequence[Mapping | None], *, i
         tail_logmass=torch.from_numpy(tail.astype(np.float32)), visual_hidden=None)
 
 
-@dataclass(frozen=True)
-class VllmOptions:
-    """Engine settings of ``VllmTeacher`` (the dump's ``--vllm-*`` flags)."""
+def with_hidden(records: Sequence[TeacherRecord], hidden: Sequence[torch.Tensor]) -> list[TeacherRecord]:
+    """vLLM's records (``visual_hidden`` None) with each sample's visual hidden states put in.
 
-    tensor_parallel_size: int = 1
-    max_num_batched_tokens: int = 8192
-    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    hidden[i]: [N_vis_i, D] for records[i] (the HF forward's, ``kdcache.teacher.visual_hidden_states``),
+    where N_vis_i is the number of visual roles of the record; moved to the CPU like the records.
+    """
+    if len(records) != len(hidden):
+        raise ValueError(f"{len(records)} vLLM records but {len(hidden)} hidden-state blocks")
+    out = []
+    for r, h in zip(records, hidden):
+        n_vis = int((r.roles == ROLE_VISUAL).sum())
+        if h.ndim != 2 or h.shape[0] != n_vis:
+            raise ValueError(f"sample {r.sample_id!r} (row {r.row}): hidden states of shape {tuple(h.shape)} for "
+                             f"{n_vis} visual tokens: the HF forward and vLLM saw different prompts")
+        out.append(dataclasses.replace(r, visual_hidden=h.cpu()))
+    return out
 
 
 def import_vllm():
@@ -176,43 +190,54 @@ def import_vllm():
     return LLM, SamplingParams
 
 
+def vllm_prompt(input_ids, image) -> dict[str, Any]:
+    """One ``TokensPrompt``: the teacher-forced ids (image span expanded) and the PIL image."""
+    p: dict[str, Any] = {"prompt_token_ids": [int(i) for i in input_ids]}
+    if image is not None:
+        p["multi_modal_data"] = {"image": image}
+    return p
+
+
 class VllmTeacher:
     """A LLaVA teacher served by vLLM's offline engine; ``records`` gives ``TeacherRecord``s.
 
     The engine is built once: ``max_logprobs`` admits k, prefix caching is off (it would skip
     computing the log-probs of cached prompt tokens), and ``logprobs_mode="raw_logprobs"``
-    gives the model's own distribution at temperature 1.
+    gives the model's own distribution at temperature 1. ``engine``: ``kdcache.config.VllmConfig``;
+    ``gpu_memory_utilization``: vLLM's share of each GPU (``kdcache.config.vllm_gpu_memory_utilization``).
     """
 
-    def __init__(self, model_dir: str, *, top_k: int, tensor_parallel_size: int = 1,
-                 max_num_batched_tokens: int = 8192, dtype: str = "bfloat16", vocab_size: int | None = None):
+    def __init__(self, model_dir: str, *, top_k: int, engine: VllmConfig | None = None,
+                 gpu_memory_utilization: float = VLLM_GPU_MEMORY_ALONE, vocab_size: int | None = None):
         LLM, SamplingParams = import_vllm()
+        engine = engine if engine is not None else VllmConfig()
         self.top_k = int(top_k)
         self.vocab_size = vocab_size
-        self.llm = LLM(model=str(model_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+        extra = {} if engine.max_model_len is None else {"max_model_len": engine.max_model_len}
+        self.llm = LLM(model=str(model_dir), tensor_parallel_size=engine.tensor_parallel_size, dtype=engine.dtype,
                        max_logprobs=max(self.top_k, 20), logprobs_mode="raw_logprobs",
-                       max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False,
-                       limit_mm_per_prompt={"image": 1})
+                       max_num_batched_tokens=engine.max_num_batched_tokens, enable_prefix_caching=False,
+                       gpu_memory_utilization=gpu_memory_utilization, limit_mm_per_prompt={"image": 1}, **extra)
         # max_tokens=1: one generated token is the least vLLM accepts; only the prompt's log-probs are used.
         self.params = SamplingParams(prompt_logprobs=self.top_k, max_tokens=1, detokenize=False)
 
-    def records(self, items: Sequence[tuple[Any, Any]], *, kinds: tuple[str, ...]) -> list[TeacherRecord]:
-        """items: [(Tokenized, PIL image or None)] -> one TeacherRecord per item, in order."""
-        prompts = []
-        for tok, image in items:
-            p: dict[str, Any] = {"prompt_token_ids": [int(i) for i in tok.input_ids]}
-            if image is not None:
-                p["multi_modal_data"] = {"image": image}
-            prompts.append(p)
-        outs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        recs = []
+    def prompt_logprobs(self, items: Sequence[tuple[Any, Any]]) -> list[list]:
+        """items: [(Tokenized, PIL image or None)] -> vLLM's ``prompt_logprobs`` per item, in order."""
+        outs = self.llm.generate([vllm_prompt(tok.input_ids, image) for tok, image in items], self.params,
+                                 use_tqdm=False)
+        res = []
         for (tok, _), o in zip(items, outs):
             if o.prompt_logprobs is None:
                 raise RuntimeError(f"sample {tok.sample_id!r}: vLLM returned no prompt log-probs")
-            recs.append(records_from_prompt_logprobs(
-                o.prompt_logprobs, input_ids=tok.input_ids, roles=tok.roles, sample_id=tok.sample_id, row=tok.row,
-                kinds=kinds, top_k=self.top_k, vocab_size=self.vocab_size))
-        return recs
+            res.append(o.prompt_logprobs)
+        return res
+
+    def records(self, items: Sequence[tuple[Any, Any]], *, kinds: tuple[str, ...]) -> list[TeacherRecord]:
+        """items: [(Tokenized, PIL image or None)] -> one TeacherRecord per item, in order (no hidden states)."""
+        return [records_from_prompt_logprobs(pl, input_ids=tok.input_ids, roles=tok.roles, sample_id=tok.sample_id,
+                                             row=tok.row, kinds=kinds, top_k=self.top_k, vocab_size=self.vocab_size)
+                for (tok, _), pl in zip(items, self.prompt_logprobs(items))]
 
 
-__all__ = ["INSTALL_HINT", "VllmOptions", "VllmTeacher", "import_vllm", "records_from_prompt_logprobs", "tail_from_head"]
+__all__ = ["INSTALL_HINT", "VllmTeacher", "import_vllm", "records_from_prompt_logprobs", "tail_from_head",
+           "vllm_prompt", "with_hidden"]

@@ -3,7 +3,10 @@
 Columns: sample_id string, row int64, position int32, kind dictionary<int8, string>,
 target_token int32 (= input_ids[position + 1], the token the output at ``position`` predicts),
 topk_ids fixed_size_list<int32>[k], topk_logprobs fixed_size_list<float16|float32>[k],
-tail_logmass float32. The cache's root attributes travel as schema metadata ``kdcache_attrs``.
+tail_logmass float32, and for ``targets: sampled:N`` sample_counts fixed_size_list<uint16>[N]
+(draws per id; padding columns have id 0, log-prob -inf, count 0). The cache's root attributes
+travel as schema metadata ``kdcache_attrs``. Hidden states (visual_hidden, and position_hidden of
+``targets: hidden``) are not exported: they are D floats per row, for the trainer, not for tables.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
+from kdcache.cache.format import targets_of
 from kdcache.cache.reader import CacheReader
 from kdcache.positions import KIND_NAMES
 
 KIND_DICTIONARY = pa.array([KIND_NAMES[i] for i in range(len(KIND_NAMES))], type=pa.string())
 
 
-def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None) -> pa.Schema:
+def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None, *, sample_counts: bool = False
+                 ) -> pa.Schema:
+    """The table's schema; ``sample_counts`` adds that column (targets sampled:N, k = N)."""
     lp_type = pa.float16() if logprob_dtype == "float16" else pa.float32()
     fields = [
         pa.field("sample_id", pa.string()),
@@ -33,6 +39,8 @@ def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None) -> pa.Sc
         pa.field("topk_logprobs", pa.list_(lp_type, k)),
         pa.field("tail_logmass", pa.float32()),
     ]
+    if sample_counts:
+        fields.append(pa.field("sample_counts", pa.list_(pa.uint16(), k)))
     meta = {"kdcache_attrs": json.dumps(attrs, sort_keys=True)} if attrs is not None else None
     return pa.schema(fields, metadata=meta)
 
@@ -58,6 +66,9 @@ def _batch(records, schema: pa.Schema, k: int) -> pa.RecordBatch:
         pa.FixedSizeListArray.from_arrays(pa.array(tlp, type=lp_type), k),
         pa.array(tail, type=pa.float32()),
     ]
+    if schema.get_field_index("sample_counts") >= 0:
+        counts = np.concatenate([r.sample_counts.numpy() for r in records]).reshape(-1)  # [P * N]
+        cols.append(pa.FixedSizeListArray.from_arrays(pa.array(counts.astype(np.uint16), type=pa.uint16()), k))
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
@@ -66,7 +77,8 @@ def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = Non
     """(schema, record batches of ``block`` samples) of the committed ok samples."""
     reader = CacheReader(path)
     k = reader.k
-    schema = arrow_schema(k, reader.attrs["settings"]["logprob_dtype"], reader.attrs)
+    sampled = targets_of(reader.attrs["settings"])[0] == "sampled"
+    schema = arrow_schema(k, reader.attrs["settings"]["logprob_dtype"], reader.attrs, sample_counts=sampled)
     wanted = set(sample_ids) if sample_ids is not None else None
 
     def gen():

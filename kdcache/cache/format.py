@@ -4,6 +4,7 @@ One cache is one Zarr v3 group (see ``kdcache/cache/README.md``)::
 
     <cache>/zarr.json                      root attributes (validated by the JSON Schema)
     <cache>/teacher_gram                   float32 [D, D]  M_t = W^T W of the teacher's LM head
+    <cache>/teacher_lm_head                [V, D] the LM head W itself (targets hidden only)
     <cache>/parts/<rank>/<data array>      ragged, flat, no padding (DATA_ARRAYS)
     <cache>/parts/<rank>/index/<name>      one row per sample, committed or skipped (INDEX_ARRAYS)
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from kdcache import __version__
 from kdcache.positions import parse_kinds
+from kdcache.records import parse_targets
 
 FORMAT_VERSION = 1
 SCHEMA_RESOURCE = "schemas/cache_attrs.schema.json"
@@ -50,8 +52,10 @@ REASON_NAMES = {v: k for k, v in REASON_CODES.items()}
 # ---- arrays ----------------------------------------------------------------------------------
 # Data arrays of a part; the first axis is the ragged one ("T" tokens, "P" distilled positions,
 # "V" visual rows, "B" sample-id bytes). Width: None = 1-D, "k" = top-k, "D" = hidden size.
+# sample_counts (targets sampled:N) and position_hidden (targets hidden) exist only in their mode.
 TOKEN_ARRAYS = ("input_ids", "roles")
-POSITION_ARRAYS = ("positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass")
+POSITION_ARRAYS = ("positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass", "sample_counts",
+                   "position_hidden")
 VISUAL_ARRAYS = ("visual_hidden",)
 ID_ARRAYS = ("sample_id_bytes",)
 DATA_ARRAYS = TOKEN_ARRAYS + POSITION_ARRAYS + VISUAL_ARRAYS + ID_ARRAYS
@@ -80,6 +84,8 @@ INDEX_ARRAYS: dict[str, tuple[str, int | None]] = {
 
 HIDDEN_STORAGE = {"bf16": "uint16", "fp16": "float16", "float32": "float32"}
 HIDDEN_LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "float32": "float32"}
+# arrays whose shards follow their own row bytes (rows of 2-4 D bytes), not topk_ids' shard rows
+OWN_SHARD_ARRAYS = ("visual_hidden", "position_hidden")
 
 
 class CacheMismatch(ValueError):
@@ -145,9 +151,46 @@ def _divisor_chunk(shard_rows: int, max_rows: int) -> int:
     return shard_rows // d
 
 
+def targets_of(settings: dict) -> tuple[str, int | None]:
+    """``settings['targets']`` parsed: ("topk" | "hidden", None) or ("sampled", N)."""
+    return parse_targets(settings["targets"])
+
+
+def stores_visual_hidden(settings: dict) -> bool:
+    """Whether parts hold a ``visual_hidden`` array.
+
+    Not with ``hidden: none``; not with ``targets: hidden`` when both visual and response
+    positions are distilled: every output in the image span is then a distilled position (kind
+    visual, or response for the last one when a caption follows the image at once), so the
+    reader rebuilds ``visual_hidden`` from ``position_hidden`` instead of storing the rows twice.
+    With ``visual`` but not ``response`` that last output would be missing, so the rows are stored.
+    """
+    if settings["hidden"] == "none":
+        return False
+    kinds = set(settings["positions"])
+    return not (targets_of(settings)[0] == "hidden" and {"visual", "response"} <= kinds)
+
+
+def data_array_names(settings: dict) -> list[str]:
+    """Data arrays a part holds under ``settings`` (sample_id_bytes excluded), in checksum order:
+    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail_logmass, [visual_hidden],
+    [sample_counts], [position_hidden]."""
+    mode, _ = targets_of(settings)
+    names = ["input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass"]
+    if stores_visual_hidden(settings):
+        names.append("visual_hidden")
+    if mode == "sampled":
+        names.append("sample_counts")
+    if mode == "hidden":
+        names.append("position_hidden")
+    return names
+
+
 def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, ArraySpec]:
-    """Specs of the data arrays of a part, from the cache settings. Visual hidden states are
-    absent when ``settings['hidden'] == 'none'``.
+    """Specs of the data arrays of a part, from the cache settings (``data_array_names``): visual
+    hidden states absent when ``settings['hidden'] == 'none'`` (or rebuilt from position_hidden,
+    ``stores_visual_hidden``); ``sample_counts`` uint16 [P, N] for ``targets: sampled:N`` (N =
+    top_k); ``position_hidden`` [P, D] in the hidden dtype for ``targets: hidden``.
 
     Shard rows are shared by all arrays of the token, position and id axes (taken from the widest
     array, ``topk_ids``, at ``shard_bytes``): tokens and positions per sample are similar, so
@@ -167,17 +210,24 @@ def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, Ar
         ("tail_logmass", "float32", None, "byteshuffle", None),
         ("sample_id_bytes", "uint8", None, "bitshuffle", None),
     ]
-    if settings["hidden"] != "none":
-        h = settings["hidden"]
-        logical = HIDDEN_LOGICAL[h] if h == "bf16" else None
-        # hidden states barely compress (~1.3x); zstd level 1 encodes ~2.4x faster than level 3
-        table.append(("visual_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle-fast",
-                      logical))
+    mode, _ = targets_of(settings)
+    if mode == "hidden" and settings["hidden"] == "none":
+        raise CacheFormatError("settings.targets 'hidden' stores hidden states at every position, but "
+                               "settings.hidden is 'none': choose bf16, fp16 or float32")
+    h = settings["hidden"]
+    logical = HIDDEN_LOGICAL[h] if h == "bf16" else None
+    # hidden states barely compress (~1.3x); zstd level 1 encodes ~2.4x faster than level 3
+    if stores_visual_hidden(settings):
+        table.append(("visual_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle-fast", logical))
+    if mode == "sampled":
+        table.append(("sample_counts", "uint16", k, "bitshuffle", None))
+    if mode == "hidden":
+        table.append(("position_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle-fast", logical))
     _, shared_shard = layout.rows(4 * k)  # rows of a topk_ids shard
     specs = {}
     for name, dtype, width, comp, logical in table:
         row_bytes = np.dtype(dtype).itemsize * (width or 1)
-        if AXIS_OF[name] == "visual":
+        if name in OWN_SHARD_ARRAYS:
             chunk_rows, shard_rows = layout.rows(row_bytes)
         else:
             shard_rows = shared_shard
@@ -254,6 +304,29 @@ def validate_attrs(attrs: dict, *, where: str = "cache attributes") -> None:
             f"{where}: settings.positions {attrs['settings']['positions']} must be in canonical "
             "order prompt, visual, response"
         )
+    _check_targets(attrs["settings"], where)
+
+
+def _check_targets(settings: dict, where: str) -> None:
+    """What the schema cannot say about settings.targets: N's range, top_k = N, draw_seed present
+    exactly for sampled, and hidden states for the exact mode."""
+    try:
+        mode, n = parse_targets(settings["targets"])
+    except ValueError as e:
+        raise CacheFormatError(f"{where}: settings.{e}") from None
+    if mode == "sampled":
+        if int(settings["top_k"]) != n:
+            raise CacheFormatError(f"{where}: settings.top_k is {settings['top_k']} but targets "
+                                   f"{settings['targets']!r} stores {n} columns: top_k must equal N")
+        if "draw_seed" not in settings:
+            raise CacheFormatError(f"{where}: settings.draw_seed is missing (targets {settings['targets']!r} "
+                                   "records the seed of its draws)")
+    elif "draw_seed" in settings:
+        raise CacheFormatError(f"{where}: settings.draw_seed is only for targets sampled:N, not "
+                               f"{settings['targets']!r}")
+    if mode == "hidden" and settings["hidden"] == "none":
+        raise CacheFormatError(f"{where}: settings.targets 'hidden' needs hidden states, but settings.hidden "
+                               "is 'none': choose bf16, fp16 or float32")
 
 
 def make_attrs(
@@ -324,10 +397,14 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def sample_checksum(arrays: list[np.ndarray]) -> int:
-    """crc32 (zlib) over the little-endian bytes of the sample's arrays as stored, in the order
-    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail_logmass[, visual_hidden]."""
-    crc = 0
+def sample_checksum(row: int, sample_id: str | bytes, arrays: list[np.ndarray]) -> int:
+    """crc32 (zlib) of one sample: its dataset row as a little-endian int64, its sample id's utf-8
+    bytes, then the little-endian bytes of its arrays as stored (``checksum_arrays`` order), so a
+    sample moved to another row or renamed fails its check like changed data does.
+    ``sample_id`` may be the stored bytes themselves (verify passes them undecoded)."""
+    sid = sample_id.encode("utf-8") if isinstance(sample_id, str) else bytes(sample_id)
+    crc = zlib.crc32(np.asarray(row, dtype="<i8").tobytes())
+    crc = zlib.crc32(sid, crc)
     for a in arrays:
         a = np.ascontiguousarray(a)
         if a.dtype.byteorder == ">":
@@ -337,12 +414,15 @@ def sample_checksum(arrays: list[np.ndarray]) -> int:
 
 
 def checksum_arrays(
-    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail, hidden
+    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail, hidden,
+    sample_counts=None, position_hidden=None,
 ) -> list[np.ndarray]:
-    """The arrays covered by the checksum, in order (hidden omitted when None)."""
+    """The arrays covered by the checksum, in order; the optional ones (visual ``hidden``,
+    ``sample_counts``, ``position_hidden``) are omitted when None."""
     out = [input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail]
-    if hidden is not None:
-        out.append(hidden)
+    for a in (hidden, sample_counts, position_hidden):
+        if a is not None:
+            out.append(a)
     return out
 
 

@@ -22,10 +22,12 @@ from kdcache.cache.format import (
     CacheCorrupt,
     CacheFormatError,
     checksum_arrays,
+    data_array_names,
     sample_checksum,
     validate_attrs,
 )
-from kdcache.cache.writer import GRAM_ARRAY, read_json_attrs
+from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY, read_json_attrs
+from kdcache.positions import ROLE_VISUAL
 from kdcache.records import TeacherRecord
 
 # index column -> (offset column, length column) of each ragged axis
@@ -223,6 +225,17 @@ class CacheReader:
                                     "with writer.write_gram)")
         return st["zarr"].open_array(st["store"], path=GRAM_ARRAY, mode="r")[...]
 
+    def lm_head(self) -> torch.Tensor:
+        """The teacher's LM head W [V, D] (targets hidden): torch.bfloat16 when stored as bf16
+        bits, else float16 / float32 as stored. logits = position_hidden @ W^T."""
+        st = self._st()
+        if not (self.path / LM_HEAD_ARRAY / "zarr.json").exists():
+            raise FileNotFoundError(f"cache {self.path} has no {LM_HEAD_ARRAY} (targets "
+                                    f"{self.attrs['settings']['targets']!r}; rank 0 of a --targets hidden "
+                                    "dump writes it with writer.write_lm_head)")
+        arr = st["zarr"].open_array(st["store"], path=LM_HEAD_ARRAY, mode="r")
+        return hidden_from_storage(arr[...], arr.attrs.get("logical_dtype"))
+
     # ---- data --------------------------------------------------------------------------------
     def sample_ids(self, p: PartIndex, idx: np.ndarray) -> list[str]:
         """Sample ids of index rows ``idx`` (ascending) of part ``p`` (one zarr read)."""
@@ -232,7 +245,7 @@ class CacheReader:
         lo, hi = int(off.min()), int((off + ln).max())
         raw = self._array(p.rank, "sample_id_bytes")[lo:hi]
         ids = [bytes(raw[o - lo : o - lo + n]).decode("utf-8") for o, n in zip(off, ln)]
-        if any(not s or "\x00" in s for s in ids):  # ids are outside the sample checksum
+        if any(not s or "\x00" in s for s in ids):  # a lost chunk reads as NULs; skipped ids have no crc
             raise CacheCorrupt(f"cache {self.path}, part {p.rank}: empty or NUL sample ids (a damaged or "
                                "missing sample_id_bytes chunk); run `kdcache verify` and re-dump the part")
         return ids
@@ -279,13 +292,13 @@ class CacheReader:
                 f"({type(e).__name__}: {e}); run `kdcache verify` and re-dump the damaged part") from e
 
     def _read_rows(self, p: PartIndex, idx: np.ndarray) -> list[TeacherRecord]:
-        hidden_on = self.attrs["settings"]["hidden"] != "none"
-        names = ["input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs",
-                 "tail_logmass"] + (["visual_hidden"] if hidden_on else [])
+        settings = self.attrs["settings"]
+        names = data_array_names(settings)
         slabs = self.read_slab(p.rank, idx, names)
-        logical = None
-        if hidden_on:
-            logical = self._array(p.rank, "visual_hidden").attrs.get("logical_dtype")
+        logical = {n: self._array(p.rank, n).attrs.get("logical_dtype")
+                   for n in ("visual_hidden", "position_hidden") if n in names}
+        # targets hidden with visual rows not stored: rebuilt from the position rows in the span
+        rebuild_visual = "position_hidden" in names and "visual_hidden" not in names
         sids = self.sample_ids(p, idx)
         recs = []
         for j, i in enumerate(idx):
@@ -295,13 +308,22 @@ class CacheReader:
                 o = int(p.offset(axis)[i]) - lo
                 parts[name] = slab[o : o + int(p.length(axis)[i])]
             if self.check:
-                crc = sample_checksum(checksum_arrays(*(parts[n] for n in names[:7]),
-                                                      parts.get("visual_hidden")))
+                crc = sample_checksum(int(p.cols["row"][i]), sids[j], checksum_arrays(
+                    *(parts[n] for n in names[:7]), parts.get("visual_hidden"), parts.get("sample_counts"),
+                    parts.get("position_hidden")))
                 if crc != int(p.cols["checksum"][i]):
                     raise CacheCorrupt(
                         f"sample {sids[j]!r} (row {int(p.cols['row'][i])}, part {p.rank}): "
                         "checksum mismatch; run `kdcache verify` and re-dump the damaged part"
                     )
+            pos_hidden = (hidden_from_storage(parts["position_hidden"], logical["position_hidden"])
+                          if "position_hidden" in parts else None)  # [P, D]
+            if "visual_hidden" in parts:
+                vis = hidden_from_storage(parts["visual_hidden"], logical["visual_hidden"])  # [N_vis, D]
+            elif rebuild_visual:
+                vis = pos_hidden[self._span_rows(parts, sids[j], int(p.cols["row"][i]), p.rank)]
+            else:
+                vis = None
             recs.append(TeacherRecord(
                 sample_id=sids[j],
                 row=int(p.cols["row"][i]),
@@ -312,10 +334,26 @@ class CacheReader:
                 topk_ids=torch.from_numpy(parts["topk_ids"]),
                 topk_logprobs=torch.from_numpy(parts["topk_logprobs"]),
                 tail_logmass=torch.from_numpy(parts["tail_logmass"]),
-                visual_hidden=(hidden_from_storage(parts["visual_hidden"], logical)
-                               if hidden_on else None),
+                visual_hidden=vis,
+                # uint16 on disk; int32 like topk_ids (torch's uint16 lacks most ops)
+                sample_counts=(torch.from_numpy(parts["sample_counts"].astype(np.int32))
+                               if "sample_counts" in parts else None),
+                position_hidden=pos_hidden,
             ))
         return recs
+
+    @staticmethod
+    def _span_rows(parts: dict, sid: str, row: int, rank: int) -> torch.Tensor:
+        """Rows of ``positions`` inside the image span, in order (int64 [N_vis]): the visual
+        positions, plus the last visual output when it predicts a response token (kind response).
+        CacheCorrupt unless they are the whole span."""
+        span = np.nonzero(parts["roles"] == ROLE_VISUAL)[0]  # [N_vis]
+        rows = np.nonzero(np.isin(parts["positions"], span))[0]
+        if not np.array_equal(parts["positions"][rows], span):
+            raise CacheCorrupt(f"sample {sid!r} (row {row}, part {rank}): the distilled positions do not cover "
+                               f"the image span ({len(rows)} of {len(span)} outputs), so visual_hidden cannot "
+                               "be rebuilt from position_hidden; run `kdcache verify` and re-dump the part")
+        return torch.from_numpy(rows)
 
     def get_by_row(self, row: int) -> TeacherRecord:
         """The committed ok sample of dataset row ``row`` (KeyError if absent or skipped)."""

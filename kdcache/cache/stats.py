@@ -9,7 +9,7 @@ import numpy as np
 
 from kdcache.cache.format import DATA_ARRAYS, INDEX_ARRAYS, REASON_NAMES, STATUS_OK
 from kdcache.cache.reader import CacheReader
-from kdcache.cache.writer import GRAM_ARRAY
+from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
 from kdcache.positions import KIND_NAMES, KIND_RESPONSE
 
 
@@ -30,6 +30,8 @@ def disk_bytes(path: str | os.PathLike) -> dict[str, int]:
     for name in INDEX_ARRAYS:
         out[f"index/{name}"] = sum(_dir_bytes(p / "index" / name) for p in parts)
     out[GRAM_ARRAY] = _dir_bytes(path / GRAM_ARRAY)
+    if (path / LM_HEAD_ARRAY).is_dir():
+        out[LM_HEAD_ARRAY] = _dir_bytes(path / LM_HEAD_ARRAY)
     return out
 
 
@@ -47,7 +49,9 @@ def cache_stats(path: str | os.PathLike, *, block: int = 256) -> dict:
     kept mass per kind = 1 - exp(tail) (how much of the teacher's distribution the top-k keeps);
     top-1 accuracy on response positions = mean(topk_ids[:, 0] == input_ids[pos + 1]);
     entropy over the k + 1 buckets = -sum_i p_i log p_i - p_tail * tail (nats; 0 for the tail
-    bucket when tail = -inf).
+    bucket when tail = -inf, and for the padding columns of ``targets: sampled:N``, log-prob -inf).
+    With sampled targets "kept mass" is the mass of the distinct drawn ids and "top-1" the most
+    probable drawn id.
     """
     reader = CacheReader(path)
     attrs = reader.attrs
@@ -71,7 +75,9 @@ def cache_stats(path: str | os.PathLike, *, block: int = 256) -> dict:
                 for code in KIND_NAMES:
                     kept[code].append(1.0 - pt[kinds == code])
                 tail_term = np.where(pt > 0, pt * tail, 0.0)
-                ent = -(np.exp(lp) * lp).sum(axis=1) - tail_term  # [P]
+                finite = np.where(np.isneginf(lp), 0.0, lp)
+                plp = np.exp(finite) * finite * np.isfinite(lp)  # padding (-inf) adds 0, not 0 * -inf = NaN
+                ent = -plp.sum(axis=1) - tail_term  # [P]
                 entropy_sum += float(ent.sum())
                 entropy_n += int(ent.size)
                 resp = kinds == KIND_RESPONSE
@@ -88,6 +94,7 @@ def cache_stats(path: str | os.PathLike, *, block: int = 256) -> dict:
         "path": str(path),
         "teacher": attrs["teacher"]["name_or_path"],
         "k": int(attrs["settings"]["top_k"]),
+        "targets": attrs["settings"]["targets"],
         "settings": attrs["settings"],
         "parts": len(reader.parts),
         "samples": S,

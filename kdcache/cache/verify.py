@@ -21,15 +21,43 @@ from kdcache.cache.format import (
     attr_differences,
     bf16_bits_to_float32,
     checksum_arrays,
+    data_array_names,
     logprob_tolerance,
     sample_checksum,
+    targets_of,
     validate_attrs,
 )
 from kdcache.cache.reader import PartIndex, list_parts, load_part_index
-from kdcache.cache.writer import GRAM_ARRAY, read_json_attrs
+from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY, read_json_attrs
 from kdcache.positions import ROLE_VISUAL, select_positions
 
 CHECKED = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass")
+BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significand bits)
+
+
+@dataclass
+class Top1Probe:
+    """Positions kept for the targets-hidden consistency check: the stored top-1 id must be the
+    argmax of position_hidden @ lm_head^T. At most ``per_sample`` positions of a sample and
+    ``budget`` in all (the check is a matmul against the whole [V, D] head)."""
+
+    budget: int = 256
+    per_sample: int = 8
+    where: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    hidden: list[np.ndarray] = field(default_factory=list)  # float32 [D] rows
+    top1: list[int] = field(default_factory=list)
+
+    def take(self, where: str, positions: np.ndarray, hidden: np.ndarray, top1: np.ndarray) -> None:
+        n = min(self.per_sample, self.budget - len(self.top1), len(positions))
+        if n <= 0:
+            return
+        rows = np.linspace(0, len(positions) - 1, n).round().astype(np.int64)  # spread over the sample
+        for r in rows:
+            self.where.append(where)
+            self.positions.append(int(positions[r]))
+            self.hidden.append(hidden[r].astype(np.float32))
+            self.top1.append(int(top1[r]))
 
 
 @dataclass
@@ -97,6 +125,13 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
         _check_gram(zarr, store, path, attrs, rep)
     except Exception as e:
         rep.add(f"{GRAM_ARRAY}: unreadable ({type(e).__name__}: {e})")
+    lm_head = None
+    if targets_of(attrs["settings"])[0] == "hidden":
+        try:
+            lm_head = _check_lm_head(zarr, store, path, attrs, rep)
+        except Exception as e:
+            rep.add(f"{LM_HEAD_ARRAY}: unreadable ({type(e).__name__}: {e})")
+    probe = Top1Probe() if lm_head is not None else None
     ranks = list_parts(path)
     rep.parts = len(ranks)
     if not ranks:
@@ -115,10 +150,54 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
                 continue
             rep.samples_skipped += int(np.count_nonzero(p.cols["status"] != STATUS_OK))
             for s in range(0, len(p.ok), block):
-                _check_block(p, arrays, p.ok[s : s + block], attrs, vocab, rep)
+                _check_block(p, arrays, p.ok[s : s + block], attrs, vocab, rep, probe)
         except Exception as e:  # verify reports, never raises: whatever the damage, name the part
             rep.add(f"part {rank}: unreadable ({type(e).__name__}: {e})")
+    if probe is not None and probe.top1:
+        _check_top1(probe, lm_head, rep)
     return rep
+
+
+def _check_lm_head(zarr, store, path: Path, attrs: dict, rep: VerifyReport):
+    """targets hidden: teacher_lm_head present, [vocab_size, hidden_size], finite. Returns it as
+    float32 [V, D] for the top-1 probe, or None when it is not usable."""
+    V, D = int(attrs["teacher"]["vocab_size"]), int(attrs["teacher"]["hidden_size"])
+    if not (path / LM_HEAD_ARRAY / "zarr.json").exists():
+        rep.add(f"{LM_HEAD_ARRAY} missing although settings.targets is 'hidden' (rank 0 writes it with "
+                "writer.write_lm_head)")
+        return None
+    try:
+        w = zarr.open_array(store, path=LM_HEAD_ARRAY, mode="r")[...]
+    except Exception as e:
+        rep.add(f"{LM_HEAD_ARRAY}: cannot decode ({type(e).__name__}: {e})")
+        return None
+    if w.shape != (V, D):
+        rep.add(f"{LM_HEAD_ARRAY}: shape {w.shape}, expected [vocab_size, hidden_size] = [{V}, {D}]")
+        return None
+    w = bf16_bits_to_float32(w) if w.dtype == np.uint16 else w.astype(np.float32)
+    if not np.isfinite(w).all():
+        rep.add(f"{LM_HEAD_ARRAY}: non-finite values")
+        return None
+    return w
+
+
+def _check_top1(probe: Top1Probe, w: np.ndarray, rep: VerifyReport) -> None:
+    """Stored top-1 id == argmax(h W^T) at the probed positions, unless the recomputed gap between
+    the two is within bf16 rounding of both logits: |z_i - fl(z_i)| <= 2 u sum_d |h_d w_id| for
+    bf16-rounded h and W and a bf16 teacher forward (u = 2^-8), for each of the two ids."""
+    H = np.stack(probe.hidden)  # [n, D] float32
+    z = H @ w.T  # [n, V]
+    best = z.argmax(axis=1)  # [n]
+    stored = np.asarray(probe.top1)
+    for j in np.nonzero(best != stored)[0]:
+        a, b = int(best[j]), int(stored[j])
+        if not 0 <= b < w.shape[0]:
+            continue  # out-of-range ids are reported by the id check
+        bound = 2 * BF16_U * (np.abs(H[j]) @ (np.abs(w[a]) + np.abs(w[b]))) + 1e-5
+        gap = float(z[j, a] - z[j, b])
+        if gap > bound:
+            rep.add(f"{probe.where[j]}: stored top-1 id {b} at position {probe.positions[j]} is not the argmax "
+                    f"{a} of position_hidden @ {LM_HEAD_ARRAY}^T (logit gap {gap:.4g} > bf16 rounding {bound:.2g})")
 
 
 def _check_gram(zarr, store, path: Path, attrs: dict, rep: VerifyReport) -> None:
@@ -140,9 +219,7 @@ def _check_gram(zarr, store, path: Path, attrs: dict, rep: VerifyReport) -> None
 
 
 def _open_arrays(zarr, store, rank: int, attrs: dict, rep: VerifyReport) -> dict | None:
-    names = list(CHECKED) + ["sample_id_bytes"]
-    if attrs["settings"]["hidden"] != "none":
-        names.append("visual_hidden")
+    names = data_array_names(attrs["settings"]) + ["sample_id_bytes"]
     out = {}
     for n in names:
         try:
@@ -178,15 +255,15 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
                     + (" (finished parts are trimmed exactly)" if p.finished else ""))
             good = False
     k = int(attrs["settings"]["top_k"])
-    for name in ("topk_ids", "topk_logprobs"):
-        if arrays[name].shape[1:] != (k,):
+    for name in ("topk_ids", "topk_logprobs", "sample_counts"):
+        if name in arrays and arrays[name].shape[1:] != (k,):
             rep.add(f"{where}: array {name} rows are {arrays[name].shape[1:]}, "
                     f"expected top_k = {k}")
             good = False
-    if "visual_hidden" in arrays:
-        D = int(attrs["teacher"]["hidden_size"])
-        if arrays["visual_hidden"].shape[1:] != (D,):
-            rep.add(f"{where}: visual_hidden rows are {arrays['visual_hidden'].shape[1:]}, "
+    D = int(attrs["teacher"]["hidden_size"])
+    for name in ("visual_hidden", "position_hidden"):
+        if name in arrays and arrays[name].shape[1:] != (D,):
+            rep.add(f"{where}: {name} rows are {arrays[name].shape[1:]}, "
                     f"expected hidden_size = {D}")
             good = False
     rows = p.cols["row"].astype(np.int64)
@@ -222,7 +299,7 @@ def _read(arr, lo: int, hi: int):
 
 
 def _check_block(p: PartIndex, arrays: dict, idx: np.ndarray, attrs: dict, vocab: int,
-                 rep: VerifyReport) -> None:
+                 rep: VerifyReport, probe: Top1Probe | None = None) -> None:
     settings = attrs["settings"]
     kinds_wanted = tuple(settings["positions"])
     hidden_mode = settings["hidden"]
@@ -245,10 +322,12 @@ def _check_block(p: PartIndex, arrays: dict, idx: np.ndarray, attrs: dict, vocab
     for i in idx:
         rep.samples_checked += 1
         row = int(p.cols["row"][i])
+        sid_bytes = b""
         if raw_ids is not None:
             o = int(p.cols["id_offset"][i]) - id_lo
-            sid = bytes(raw_ids[o : o + int(p.cols["id_len"][i])]).decode("utf-8", "replace")
-            # ids are not in the sample checksum: a lost or garbled id chunk shows as NUL / U+FFFD
+            sid_bytes = bytes(raw_ids[o : o + int(p.cols["id_len"][i])])
+            sid = sid_bytes.decode("utf-8", "replace")
+            # the checksum covers the id too; this names the usual damage (a lost chunk reads as NUL)
             if not sid or "\x00" in sid or "\ufffd" in sid:
                 rep.add(f"part {rank} row {int(p.cols['row'][i])}: array sample_id_bytes gives an invalid "
                         f"sample id {sid!r} (damaged or missing chunk)")
@@ -270,13 +349,15 @@ def _check_block(p: PartIndex, arrays: dict, idx: np.ndarray, attrs: dict, vocab
                 data[name] = slab[o - lo : o - lo + n]
         if len(data) != len(slabs):
             continue
-        _check_sample(where, data, p, i, kinds_wanted, hidden_mode, lp_dtype, vocab, attrs, rep)
+        _check_sample(where, data, p, i, kinds_wanted, hidden_mode, lp_dtype, vocab, attrs, rep,
+                      sid_bytes=sid_bytes, probe=probe)
 
 
 def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype, vocab, attrs,
-                  rep: VerifyReport) -> None:
+                  rep: VerifyReport, *, sid_bytes: bytes, probe: Top1Probe | None = None) -> None:
     hidden = d.get("visual_hidden")
-    crc = sample_checksum(checksum_arrays(*(d[n] for n in CHECKED), hidden))
+    crc = sample_checksum(int(p.cols["row"][i]), sid_bytes, checksum_arrays(
+        *(d[n] for n in CHECKED), hidden, d.get("sample_counts"), d.get("position_hidden")))
     if crc != int(p.cols["checksum"][i]):
         rep.add(f"{where}: checksum mismatch (stored {int(p.cols['checksum'][i]):#010x}, "
                 f"data gives {crc:#010x})")
@@ -301,6 +382,41 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
     if not np.array_equal(counts, p.cols["counts"][i]):
         rep.add(f"{where}: index counts {p.cols['counts'][i].tolist()} but roles give "
                 f"{counts.tolist()} (prompt, visual, response)")
+    mode, n_draws = targets_of(attrs["settings"])
+    if mode == "sampled":
+        _check_sampled(where, d, lp_dtype, n_draws, rep)
+    else:
+        _check_topk(where, d, lp_dtype, rep)
+    n_vis = int(np.count_nonzero(roles == ROLE_VISUAL))
+    D = int(attrs["teacher"]["hidden_size"])
+    if hidden is not None:
+        if int(p.cols["num_visual"][i]) != n_vis or hidden.shape != (n_vis, D):
+            rep.add(f"{where}: array visual_hidden is {list(hidden.shape)} (index num_visual "
+                    f"{int(p.cols['num_visual'][i])}), expected [{n_vis} visual tokens, {D}]")
+        h = bf16_bits_to_float32(hidden) if hidden.dtype == np.uint16 else hidden
+        if not np.isfinite(h).all():
+            rep.add(f"{where}: array visual_hidden has non-finite values")
+    elif int(p.cols["num_visual"][i]) != 0:
+        why = "'none'" if hidden_mode == "none" else "rebuilt from position_hidden (targets hidden)"
+        rep.add(f"{where}: index num_visual {int(p.cols['num_visual'][i])} but the visual hidden states are {why}")
+    if "position_hidden" in d:
+        ph = d["position_hidden"]
+        P = len(d["positions"])
+        if ph.shape != (P, D):
+            rep.add(f"{where}: array position_hidden is {list(ph.shape)}, expected [{P} positions, {D}]")
+            return
+        h = bf16_bits_to_float32(ph) if ph.dtype == np.uint16 else ph.astype(np.float32)
+        if not np.isfinite(h).all():
+            bad = np.nonzero(~np.isfinite(h).all(axis=1))[0]
+            rep.add(f"{where}: array position_hidden has non-finite values at position "
+                    f"{int(d['positions'][bad[0]])} ({len(bad)} row(s))")
+        elif probe is not None and P:
+            probe.take(where, d["positions"], h, d["topk_ids"][:, 0])
+
+
+def _check_topk(where: str, d: dict, lp_dtype: np.dtype, rep: VerifyReport) -> None:
+    """targets topk / hidden: finite log-probs <= 0 sorted descending, tail in [-inf, 0], and the
+    k + 1 buckets sum to 1 within the stored dtype's rounding."""
     lp = d["topk_logprobs"].astype(np.float64)  # [P, k]
     tail = d["tail_logmass"].astype(np.float64)  # [P]
     tol_lp = 2 * float(np.finfo(lp_dtype).eps)
@@ -311,28 +427,73 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
         rep.add(f"{where}: array topk_logprobs has log-probs > 0 (max {lp.max():.4g})")
     if lp.shape[1] > 1 and (np.diff(lp, axis=1) > tol_lp * np.maximum(1, np.abs(lp[:, 1:]))).any():
         rep.add(f"{where}: array topk_logprobs is not sorted descending")
+    if not _tail_ok(where, tail, rep):
+        return
+    prob = np.exp(lp)
+    _check_mass(where, d, prob, lp, tail, lp_dtype, rep)
+
+
+def _tail_ok(where: str, tail: np.ndarray, rep: VerifyReport) -> bool:
     if np.isnan(tail).any() or (tail == np.inf).any():
         rep.add(f"{where}: array tail_logmass has NaN or +inf")
-        return
+        return False
     if (tail > 1e-6).any():
         rep.add(f"{where}: array tail_logmass > 0 (tail mass exp(tail) > 1, max {tail.max():.4g})")
-    prob = np.exp(lp)
+    return True
+
+
+def _check_mass(where, d, prob, lp_abs_src, tail, lp_dtype, rep: VerifyReport) -> None:
+    """sum(prob) + exp(tail) = 1 per position within ``logprob_tolerance`` (prob, |log-prob| [P, k],
+    0 on padding columns)."""
     mass = prob.sum(axis=1) + np.exp(tail)  # [P]
-    tol = logprob_tolerance(prob, lp, lp_dtype)
+    tol = logprob_tolerance(prob, lp_abs_src, lp_dtype)
     bad = np.nonzero(np.abs(mass - 1) > tol)[0]
     if len(bad):
         j = int(bad[0])
         rep.add(f"{where}: sum(exp(topk)) + exp(tail) = {mass[j]:.6f} at position "
                 f"{int(d['positions'][j])} (and {len(bad) - 1} more), tolerance {tol[j]:.2g}")
-    n_vis = int(np.count_nonzero(roles == ROLE_VISUAL))
-    if hidden_mode != "none":
-        D = int(attrs["teacher"]["hidden_size"])
-        if int(p.cols["num_visual"][i]) != n_vis or hidden.shape != (n_vis, D):
-            rep.add(f"{where}: array visual_hidden is {list(hidden.shape)} (index num_visual "
-                    f"{int(p.cols['num_visual'][i])}), expected [{n_vis} visual tokens, {D}]")
-        h = bf16_bits_to_float32(hidden) if hidden.dtype == np.uint16 else hidden
-        if not np.isfinite(h).all():
-            rep.add(f"{where}: array visual_hidden has non-finite values")
-    elif int(p.cols["num_visual"][i]) != 0:
-        rep.add(f"{where}: index num_visual {int(p.cols['num_visual'][i])} but settings.hidden "
-                "is 'none'")
+
+
+def _check_sampled(where: str, d: dict, lp_dtype: np.dtype, n: int, rep: VerifyReport) -> None:
+    """targets sampled:N: per position the counts sum to N; the columns with a count come first,
+    hold distinct ids and finite log-probs <= 0 sorted descending; padding columns have count 0,
+    id 0 and log-prob -inf; the drawn ids' mass plus the tail is 1."""
+    c = d["sample_counts"].astype(np.int64)  # [P, N]
+    ids = d["topk_ids"].astype(np.int64)  # [P, N]
+    lp = d["topk_logprobs"].astype(np.float64)  # [P, N]
+    tail = d["tail_logmass"].astype(np.float64)  # [P]
+    if not c.size:
+        return
+    pos = d["positions"]
+    sums = c.sum(axis=1)
+    bad = np.nonzero(sums != n)[0]
+    if len(bad):
+        j = int(bad[0])
+        rep.add(f"{where}: array sample_counts sums to {int(sums[j])} at position {int(pos[j])}, expected "
+                f"N = {n} draws (and {len(bad) - 1} more)")
+        return
+    drawn = c > 0  # [P, N]
+    if (drawn[:, 1:] & ~drawn[:, :-1]).any():
+        rep.add(f"{where}: array sample_counts has drawn ids after padding columns (drawn ids come first)")
+        return
+    pad = ~drawn
+    if (pad & ~np.isneginf(lp)).any() or (pad & (ids != 0)).any():
+        rep.add(f"{where}: padding columns (count 0) must hold id 0 and log-prob -inf")
+    lp_d = np.where(drawn, lp, 0.0)
+    if not np.isfinite(lp_d).all():
+        rep.add(f"{where}: array topk_logprobs has non-finite log-probs for drawn ids")
+        return
+    tol_lp = 2 * float(np.finfo(lp_dtype).eps)
+    if (lp_d > tol_lp).any():
+        rep.add(f"{where}: array topk_logprobs has log-probs > 0 (max {lp_d.max():.4g})")
+    both = drawn[:, 1:] & drawn[:, :-1]
+    if (both & (np.diff(lp_d, axis=1) > tol_lp * np.maximum(1, np.abs(lp_d[:, 1:])))).any():
+        rep.add(f"{where}: array topk_logprobs is not sorted descending over the drawn ids")
+    # distinct drawn ids: padding replaced by distinct negatives, then look for equal neighbours
+    uniq = np.where(drawn, ids, -1 - np.arange(ids.shape[1]))
+    srt = np.sort(uniq, axis=1)
+    if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
+        rep.add(f"{where}: array topk_ids repeats a drawn id at one position (ids must be distinct)")
+    if not _tail_ok(where, tail, rep):
+        return
+    _check_mass(where, d, np.where(drawn, np.exp(lp_d), 0.0), lp_d, tail, lp_dtype, rep)

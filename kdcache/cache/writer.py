@@ -6,12 +6,30 @@ for readers only once (3) is on disk. Zarr >= 3.1.3's LocalStore writes each key
 ``*.partial`` temp file and renames it into place, so a SIGKILL leaves every key either old or
 new: what can survive a crash is committed data, data past the commit point (overwritten by the
 next run), and ``*.partial`` files (swept on open).
+
+Test hook ``KDCACHE_FAULT`` (environment, parsed once at import; no effect when unset, where a
+fault point costs one dict lookup): ``<site>:<n>`` SIGKILLs this process the n-th time (from 1)
+it reaches fault point ``site``; ``count`` only counts every site and prints
+``kdcache-fault-counts {json}`` to stderr at exit. The sites (``FAULT_SITES``), in commit order:
+
+    data       after each data-array slab write (between two arrays of one drain, or before the index)
+    shard      between two shard-sized pieces of one slab that spans more than one shard
+    index      between two index-array writes
+    commit     right before the ``committed`` attribute update
+    committed  right after it
+    close      in ``close()``, after each trim/resize of an array, before ``finished: true``
+
+The crash tests (tests/test_crash.py) kill real dumps at these points and resume them.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +50,7 @@ from kdcache.cache.format import (
     check_compatible,
     checksum_arrays,
     data_specs,
+    targets_of,
     index_specs,
     sample_checksum,
     validate_attrs,
@@ -41,6 +60,54 @@ from kdcache.positions import ROLE_VISUAL, select_positions
 from kdcache.records import TeacherRecord
 
 GRAM_ARRAY = "teacher_gram"
+LM_HEAD_ARRAY = "teacher_lm_head"  # [V, D] the teacher's LM head (targets hidden), rank 0
+
+FAULT_ENV = "KDCACHE_FAULT"
+FAULT_SITES = ("data", "shard", "index", "commit", "committed", "close")
+
+
+def parse_fault_spec(spec: str | None) -> dict[str, int]:
+    """``KDCACHE_FAULT``'s value -> {site: n-th hit that kills (0: only count)}; {} when unset."""
+    if not spec:
+        return {}
+    if spec == "count":
+        return {site: 0 for site in FAULT_SITES}
+    site, _, n = spec.partition(":")
+    if site not in FAULT_SITES or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <site>:<n> with site one of {', '.join(FAULT_SITES)} "
+                         "and n >= 1, or 'count' (unset it for a normal run)")
+    return {site: int(n)}
+
+
+_FAULT_AT = parse_fault_spec(os.environ.get(FAULT_ENV))
+_FAULT_HITS: dict[str, int] = {}
+
+
+def set_fault_plan(spec: str | None) -> dict[str, int]:
+    """Replace this process's fault plan (as ``KDCACHE_FAULT=spec`` would) and zero the counters;
+    returns the live counter dict {site: hits}, for in-process counting runs."""
+    global _FAULT_AT
+    _FAULT_AT = parse_fault_spec(spec)
+    _FAULT_HITS.clear()
+    return _FAULT_HITS
+
+
+def _fault_point(site: str) -> None:
+    """Count a pass through ``site``; SIGKILL this process on the planned hit (test hook only)."""
+    n = _FAULT_AT.get(site)  # the whole cost when KDCACHE_FAULT is unset
+    if n is None:
+        return
+    hits = _FAULT_HITS[site] = _FAULT_HITS.get(site, 0) + 1
+    if hits == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _print_fault_counts() -> None:
+    if _FAULT_AT and not any(_FAULT_AT.values()):
+        print("kdcache-fault-counts " + json.dumps(dict(_FAULT_HITS)), file=sys.stderr, flush=True)
+
+
+atexit.register(_print_fault_counts)
 
 
 def _check_zarr_version(version: str) -> None:
@@ -165,6 +232,7 @@ class CacheWriter:
         self.k = int(self.settings["top_k"])
         self.lp_dtype = np.dtype(self.settings["logprob_dtype"])
         self.hidden_mode = self.settings["hidden"]
+        self.targets, self.n_draws = targets_of(self.settings)  # n_draws: N of sampled:N, else None
         self.store = LocalStore(self.path)
         self.part_dir = self.path / "parts" / str(rank)
         self._lock = _lock_part(self.path, rank)
@@ -317,7 +385,7 @@ class CacheWriter:
             )
         n_vis = int(np.count_nonzero(roles == ROLE_VISUAL))
         hidden = None
-        if self.hidden_mode != "none":
+        if "visual_hidden" in self.dspecs:
             if record.visual_hidden is None:
                 raise ValueError(f"{where}: visual_hidden is None but settings.hidden is "
                                  f"{self.hidden_mode!r}")
@@ -327,8 +395,18 @@ class CacheWriter:
                     f"{where}: visual_hidden {tuple(hidden.shape)} should be [{n_vis} visual "
                     f"tokens, hidden_size {self.hidden_size}]"
                 )
+        # targets hidden without stored visual rows: the reader rebuilds visual_hidden from the
+        # position rows inside the image span, so every output in it must be a distilled position
+        rebuilt = self.targets == "hidden" and "visual_hidden" not in self.dspecs
+        if rebuilt and n_vis and not np.isin(np.nonzero(roles == ROLE_VISUAL)[0], pos).all():
+            raise ValueError(f"{where}: an output in the image span is not a distilled position (the "
+                             "image ends the sequence?), so visual_hidden cannot be rebuilt from "
+                             "position_hidden; drop the sample or use --targets topk")
+        draws = self._sample_counts(record, where, P) if self.targets == "sampled" else None  # [P, N]
+        pos_hidden = self._position_hidden(record, where, P) if self.targets == "hidden" else None  # [P, D]
         sid_bytes = np.frombuffer(sid.encode("utf-8"), dtype=np.uint8)
-        crc = sample_checksum(checksum_arrays(ids, roles, pos, kinds, tid, tlp, tail, hidden))
+        crc = sample_checksum(record.row, sid, checksum_arrays(ids, roles, pos, kinds, tid, tlp, tail, hidden,
+                                                               draws, pos_hidden))
         counts = np.bincount(kinds, minlength=3)[:3].astype(np.int32)
 
         slabs = {"input_ids": ids, "roles": roles, "positions": pos, "kinds": kinds,
@@ -336,8 +414,35 @@ class CacheWriter:
                  "sample_id_bytes": sid_bytes}
         if hidden is not None:
             slabs["visual_hidden"] = hidden
+        if draws is not None:
+            slabs["sample_counts"] = draws
+        if pos_hidden is not None:
+            slabs["position_hidden"] = pos_hidden
         self._append(slabs, record.row, STATUS_OK, counts, crc)
         self._drain(force=False)
+
+    def _sample_counts(self, record: TeacherRecord, where: str, P: int) -> np.ndarray:
+        """record.sample_counts -> uint16 [P, N], checked: 0 <= count, sum per position = N."""
+        if record.sample_counts is None:
+            raise ValueError(f"{where}: sample_counts is None but settings.targets is "
+                             f"{self.settings['targets']!r}")
+        c = _tensor_np(record.sample_counts).astype(np.int64)  # [P, N]
+        if c.shape != (P, self.k):
+            raise ValueError(f"{where}: sample_counts {tuple(c.shape)} should be [P={P}, N={self.k}]")
+        if P and (c.min() < 0 or (c.sum(axis=1) != self.n_draws).any()):
+            raise ValueError(f"{where}: sample_counts must be >= 0 and sum to N={self.n_draws} at every "
+                             "position (draws per distinct id)")
+        return c.astype(np.uint16)
+
+    def _position_hidden(self, record: TeacherRecord, where: str, P: int) -> np.ndarray:
+        """record.position_hidden -> stored [P, D] (bf16 as uint16 bits)."""
+        if record.position_hidden is None:
+            raise ValueError(f"{where}: position_hidden is None but settings.targets is 'hidden'")
+        h = _hidden_to_storage(record.position_hidden, self.hidden_mode)  # [P, D]
+        if h.shape != (P, self.hidden_size):
+            raise ValueError(f"{where}: position_hidden {tuple(h.shape)} should be [P={P} positions, "
+                             f"hidden_size {self.hidden_size}]")
+        return h
 
     def skip(self, row: int, sample_id: str, reason: int | str) -> None:
         """Record that dataset ``row`` was skipped for ``reason`` (a name or code of
@@ -364,9 +469,11 @@ class CacheWriter:
             n = self.totals[AXIS_OF[name]]
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
+                _fault_point("close")
         for arr in self.index.values():
             if arr.shape[0] != self.num_committed:
                 arr.resize((self.num_committed, *arr.shape[1:]))
+                _fault_point("close")
         self.part.attrs.update({"finished": bool(finished)})
         if self._lock is not None:
             self._lock.close()  # releases the flock
@@ -397,6 +504,35 @@ class CacheWriter:
         zarr.create_array(self.store, name=GRAM_ARRAY, data=g, chunks=g.shape, overwrite=True,
                           compressors=zarr_compressors(ArraySpec(GRAM_ARRAY, "float32", None, 1,
                                                                  None, "byteshuffle")))
+
+    def write_lm_head(self, w) -> None:
+        """Store the teacher's LM head W [V, D] once at the root (rank 0; targets hidden), in the
+        hidden states' storage dtype (bf16 as uint16 bits with ``logical_dtype``), chunked like a
+        hidden-state array. ``w``: numpy float array or torch tensor (a bf16 tensor is stored
+        exactly). Rewritten whole on every run, like ``teacher_gram``."""
+        import zarr
+
+        if self.rank != 0:
+            raise ValueError(f"only rank 0 writes {LM_HEAD_ARRAY}")
+        if self.hidden_mode == "none":
+            raise ValueError(f"{LM_HEAD_ARRAY} is stored in the hidden states' dtype, but settings.hidden "
+                             "is 'none'")
+        t = w.detach() if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w, dtype=np.float32))
+        V = int(self.attrs["teacher"]["vocab_size"])
+        if tuple(t.shape) != (V, self.hidden_size):
+            raise ValueError(f"{LM_HEAD_ARRAY} must be [vocab_size, hidden_size] = [{V}, {self.hidden_size}], "
+                             f"got {tuple(t.shape)}")
+        data = _hidden_to_storage(t, self.hidden_mode)  # [V, D]
+        dtype = str(data.dtype)
+        spec = ArraySpec(LM_HEAD_ARRAY, dtype, self.hidden_size, 1, None, "byteshuffle-fast")
+        chunk_rows, shard_rows = self.layout.rows(spec.row_bytes)
+        logical = "bfloat16" if self.hidden_mode == "bf16" else None
+        arr = zarr.create_array(self.store, name=LM_HEAD_ARRAY, shape=data.shape, dtype=dtype,
+                                chunks=(min(chunk_rows, V), self.hidden_size),
+                                shards=(ceil_to(min(shard_rows, V), min(chunk_rows, V)), self.hidden_size),
+                                compressors=zarr_compressors(spec), fill_value=0, overwrite=True,
+                                attributes={"logical_dtype": logical} if logical else None)
+        arr[...] = data
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -450,9 +586,17 @@ class CacheWriter:
         slab = self._take(name, n)
         start = self._written[name]
         arr = self.data[name]
-        self._grow(arr, start + n, self.dspecs[name].shard_rows)
-        arr[start : start + n] = slab
+        step = self.dspecs[name].shard_rows
+        self._grow(arr, start + n, step)
+        # one zarr call per shard the slab touches: a crash between them leaves whole shards, and
+        # costs nothing (zarr would encode and write each shard separately anyway)
+        cuts = [start, *range(ceil_to(start + 1, step), start + n, step), start + n] if step else [start, start + n]
+        for j, (a, b) in enumerate(itertools.pairwise(cuts)):
+            if j:
+                _fault_point("shard")
+            arr[a:b] = slab[a - start : b - start]
         self._written[name] = start + n
+        _fault_point("data")
 
     def _write_big(self, force: bool) -> None:
         """Step 1a: big arrays, in whole shards (everything if ``force``)."""
@@ -496,7 +640,9 @@ class CacheWriter:
         """Step 2: index rows after the committed ones (one zarr write per index array)."""
         n = len(rows)
         start = self.num_committed
-        for name, (dtype, _w) in INDEX_ARRAYS.items():
+        for j, (name, (dtype, _w)) in enumerate(INDEX_ARRAYS.items()):
+            if j:
+                _fault_point("index")
             slab = np.asarray([r[name] for r in rows], dtype=dtype)
             arr = self.index[name]
             self._grow(arr, start + n, self.layout.index_chunk_rows)
@@ -507,7 +653,9 @@ class CacheWriter:
         samples visible."""
         n = self.num_committed + j
         totals = {key: int(ends[key]) for key in TOTAL_KEYS}
+        _fault_point("commit")
         self.part.attrs.update({"committed": {"samples": n, **totals}, "finished": False})
+        _fault_point("committed")
         self.num_committed = n
         self.totals = totals
         del self._pending[:j]
@@ -516,9 +664,10 @@ class CacheWriter:
 def sweep_partials_root(path: Path) -> list[Path]:
     """Sweep ``*.partial`` files of root-level nodes (zarr.json, teacher_gram), not other parts."""
     found = [p for p in Path(path).glob("*.partial") if p.is_file()]
-    gram = Path(path) / GRAM_ARRAY
-    if gram.is_dir():
-        found += [p for p in gram.rglob("*.partial") if p.is_file()]
+    for name in (GRAM_ARRAY, LM_HEAD_ARRAY):
+        node = Path(path) / name
+        if node.is_dir():
+            found += [p for p in node.rglob("*.partial") if p.is_file()]
     for p in found:
         p.unlink(missing_ok=True)
     return found
@@ -542,4 +691,5 @@ def cache_finished(path: Path) -> bool:
     return True
 
 
-__all__ = ["CacheWriter", "cache_finished", "open_writer", "sweep_partials", "GRAM_ARRAY", "DATA_ARRAYS"]
+__all__ = ["CacheWriter", "cache_finished", "open_writer", "sweep_partials", "GRAM_ARRAY", "LM_HEAD_ARRAY",
+           "DATA_ARRAYS"]

@@ -11,6 +11,9 @@ Tolerances: the reference log-probs are the float64 log-softmax of the forward's
 of log-sum-exp over the tiny teacher's vocabulary). The tail from the head (``tail_from_head``) is exact
 in float64 for the numbers given (1e-9 here), except when the head holds nearly all the mass: the
 caveat, tested separately.
+
+The dump's vLLM path (``kdcache.dump._dump_vllm``) runs here with ``HfShapedEngine`` in place of
+vLLM's engine, with and without the hybrid mode's HF hidden states, against an HF dump.
 """
 
 from __future__ import annotations
@@ -226,15 +229,18 @@ def test_missing_vllm_says_how_to_install(tmp_path, synth_data, tiny_teacher):
     assert not (tmp_path / "c.zarr" / "zarr.json").exists()
 
 
-def test_dump_vllm_refuses_hidden_and_temperature(tmp_path, synth_data, tiny_teacher):
+def test_dump_vllm_refuses_temperature_and_unknown_backend(tmp_path, synth_data, tiny_teacher):
     base = ["dump", "--backend", "vllm", "--teacher", str(tiny_teacher), "--data", str(synth_data["instruct_small"]),
             "--images", str(synth_data["images_root"]), "--out", str(tmp_path / "c.zarr")]
-    res = CliRunner().invoke(app, base + ["--hidden", "bf16"])
-    assert res.exit_code == 2 and "--hidden none" in res.output and "--backend hf" in res.output, res.output
     res = CliRunner().invoke(app, base + ["--temperature", "2"])
     assert res.exit_code == 2 and "temperature 1" in res.output, res.output
+    res = CliRunner().invoke(app, base + ["--targets", "sampled:16"])
+    assert res.exit_code == 2 and "targets topk" in res.output, res.output
     res = CliRunner().invoke(app, base[:2] + ["tgi"] + base[3:])
-    assert res.exit_code == 2 and "unknown backend" in res.output, res.output
+    assert res.exit_code == 2 and "backend: 'tgi' is not one of hf, vllm" in res.output, res.output
+    res = CliRunner().invoke(app, base + ["--vllm-gpu-memory-utilization", "1.5"])
+    assert res.exit_code == 2 and "vllm.gpu_memory_utilization" in res.output, res.output
+    assert not (tmp_path / "c.zarr").exists()
 
 
 def _has_cuda() -> bool:
@@ -252,7 +258,9 @@ def test_real_vllm_matches_hf(hf_refs, tiny_teacher, synth_data):
 
     recs, _, V = hf_refs
     model_dir = str(tiny_teacher)
-    teacher = VllmTeacher(model_dir, top_k=K, dtype="float32", vocab_size=V)
+    from kdcache.config import VllmConfig
+
+    teacher = VllmTeacher(model_dir, top_k=K, engine=VllmConfig(dtype="float32"), vocab_size=V)
     hf_model, processor = load_model(model_dir, device="cpu")
     conf = hf_model.config
     samples = read_llava_json(synth_data["instruct"])[:len(recs)]
@@ -269,54 +277,137 @@ def test_real_vllm_matches_hf(hf_refs, tiny_teacher, synth_data):
     assert same >= 0.99 * total
 
 
-def test_dump_path_writes_vllm_records_like_hf(tmp_path, synth_data, tiny_teacher):
-    """The dump's vLLM path (``_dump_part`` with a records factory, as ``_dump_vllm`` wires it)
-    with vLLM-shaped outputs built from the plain HF forward: a verified cache with hidden none,
-    teacher.backend vllm, and the same top-k ids and log-probs (float16 storage) as an HF dump."""
+@pytest.mark.vllm
+@pytest.mark.skipif(not (HAVE_VLLM and _has_cuda()),
+                    reason=f"needs vLLM and a GPU (vllm installed: {HAVE_VLLM}, CUDA: {torch.cuda.is_available()})")
+def test_real_vllm_hybrid_dump_verifies(tmp_path, tiny_teacher, synth_data):
+    """``kdcache dump --backend vllm --hidden bf16`` with the real engine and the HF teacher on the
+    same GPU: a cache that verifies, with hidden states for every visual token."""
     from kdcache.cache.reader import CacheReader
     from kdcache.cache.verify import verify_cache
-    from kdcache.config import DumpConfig
-    from kdcache.data.llava import load_image
-    from kdcache.dump import _dump_part, dump, load_teacher
+
+    res = CliRunner().invoke(app, ["dump", "--backend", "vllm", "--hidden", "bf16", "--vllm-dtype", "float32",
+                                   "--teacher", str(tiny_teacher), "--data", str(synth_data["instruct_small"]),
+                                   "--images", str(synth_data["images_root"]), "--out", str(tmp_path / "c.zarr"),
+                                   "--top-k", str(K), "--batch-size", "16"])
+    assert res.exit_code == 0, res.output
+    rep = verify_cache(tmp_path / "c.zarr")
+    assert rep.ok, str(rep)
+    r = CacheReader(tmp_path / "c.zarr")
+    assert r.attrs["settings"]["backend"] == "vllm" and r.attrs["settings"]["hidden"] == "bf16"
+    assert r.num_samples > 0
+
+
+class HfShapedEngine:
+    """Stands in for vLLM's engine (not installed here): ``prompt_logprobs`` of vLLM's documented
+    shape (``vllm_shaped``) from a plain HF forward of the same teacher, one sample at a time."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+        self.requests = 0
+
+    def prompt_logprobs(self, items):
+        out = []
+        for tok, image in items:
+            pix = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.from_numpy(tok.input_ids)[None], pixel_values=pix,
+                                    use_cache=False).logits[0]  # [T, V]
+            out.append(vllm_shaped(torch.log_softmax(logits.double(), -1).numpy(), tok.input_ids, K))
+            self.requests += 1
+        return out
+
+
+def test_visual_hidden_states_equal_teacher_records(tiny_teacher, synth_data):
+    """The prefix-only forward gives teacher_records' visual hidden states (float32, padded batch
+    of samples of different lengths), and [0, D] without running anything for image-less rows."""
+    from kdcache.positions import ROLE_PROMPT
+    from kdcache.teacher import visual_hidden_states
+
+    model, processor = load_model(str(tiny_teacher))
+    model.eval()
+    samples = read_llava_json(synth_data["instruct"])[:4]
+    kept, toks, _ = prepare_samples(
+        samples, processor.tokenizer, images_root=synth_data["images_root"], template="chat",
+        image_token_id=image_token_id(model.config), num_image_tokens=num_image_tokens(model.config, processor),
+        max_length=2048, on_too_long="error")
+    ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, synth_data["images_root"])
+    batch = collate([ds[i] for i in range(len(ds))], processor.tokenizer.pad_token_id)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # padding is exercised
+    recs = teacher_records(model, batch, kinds=KINDS, top_k=K, with_hidden=True)
+    got = visual_hidden_states(model, batch)
+    last_vis = max(int(np.nonzero(r.roles.numpy() == ROLE_VISUAL)[0][-1]) for r in recs)
+    assert last_vis + 1 < batch["input_ids"].shape[1]  # the prefix really is shorter than the batch
+    for g, r in zip(got, recs):
+        assert g.shape == r.visual_hidden.shape and g.dtype == torch.float32
+        torch.testing.assert_close(g, r.visual_hidden, atol=1e-5, rtol=1e-5)
+    D = model.lm_head.weight.shape[1]
+    text_only = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+                 "roles": torch.full((2, 5), ROLE_PROMPT, dtype=torch.uint8), "pixel_values": None}
+    assert [tuple(h.shape) for h in visual_hidden_states(model, text_only)] == [(0, D), (0, D)]
+
+
+def test_with_hidden_refuses_a_wrong_row_count(hf_refs):
+    from kdcache.backends.vllm import with_hidden
+
+    recs, refs, _ = hf_refs
+    rec, (logp, ids, roles) = recs[0], refs[0]
+    r = _convert(vllm_shaped(logp, ids, K), ids, roles, rec)
+    n_vis = int((roles == ROLE_VISUAL).sum())
+    assert with_hidden([r], [torch.zeros(n_vis, 4)])[0].visual_hidden.shape == (n_vis, 4)
+    with pytest.raises(ValueError, match=rf"sample '{rec.sample_id}'.*\({n_vis - 1}, 4\) for {n_vis} visual"):
+        with_hidden([r], [torch.zeros(n_vis - 1, 4)])
+
+
+@pytest.mark.parametrize("hidden", ["none", "bf16"])
+def test_vllm_dump_equals_hf_dump(hidden, tmp_path, synth_data, tiny_teacher):
+    """The dump's vLLM path (``_dump_vllm``: its HF copy for fingerprints, W^T W and, with
+    ``hidden bf16``, the visual hidden states from the prefix forward; vLLM's log-probs from
+    ``HfShapedEngine``) against an HF dump of the same samples: a verified cache with the same
+    positions, top-k ids, log-probs and tails (float16 storage), the same hidden states bit for
+    bit, the same Gram matrix, and settings that differ only in ``backend``."""
+    import dataclasses
+
+    from kdcache.cache.reader import CacheReader
+    from kdcache.cache.verify import verify_cache
+    from kdcache.config import DumpConfig, VllmConfig
+    from kdcache.dump import _dump_vllm, dump
 
     rows = json.loads(Path(synth_data["instruct"]).read_text())[:4]
     data = tmp_path / "four.json"
     data.write_text(json.dumps(rows))
-    images = Path(synth_data["images_root"])
-
-    def cfg(out):
-        return DumpConfig(teacher=str(tiny_teacher), data=str(data), images=str(images), out=str(out), top_k=K,
-                          positions=KINDS, hidden="none", batch_size=2, num_workers=0, device="cpu",
-                          commit_every_s=0.0)
-
-    dump(cfg(tmp_path / "hf.zarr"))
-    model, processor = load_teacher(cfg(tmp_path / "v.zarr"), torch.device("cpu"))
-
-    def factory(kept, toks):
-        def records(chunk):
-            recs = []
-            for s, t in chunk:
-                pix = processor.image_processor(images=[load_image(images / s.image, s)],
-                                                return_tensors="pt")["pixel_values"]
-                with torch.no_grad():
-                    logits = model(input_ids=torch.from_numpy(t.input_ids)[None], pixel_values=pix,
-                                   use_cache=False).logits[0]  # [T, V]
-                pl = vllm_shaped(torch.log_softmax(logits.double(), -1).numpy(), t.input_ids, K)
-                recs.append(records_from_prompt_logprobs(pl, input_ids=t.input_ids, roles=t.roles, sample_id=s.id,
-                                                         row=s.row, kinds=KINDS, top_k=K))
-            return recs
-        return records
-
-    _dump_part(cfg(tmp_path / "v.zarr"), tmp_path / "v.zarr", model, processor, read_llava_json(data), 0, 1, 0.0,
-               vllm_records=factory)
+    cfg = DumpConfig(teacher=str(tiny_teacher), data=str(data), images=str(synth_data["images_root"]),
+                     out=str(tmp_path / "hf.zarr"), top_k=K, positions=KINDS, hidden=hidden, batch_size=2,
+                     num_workers=0, device="cpu", commit_every_s=0.0)
+    dump(cfg)
+    vcfg = dataclasses.replace(cfg, out=str(tmp_path / "v.zarr"), backend="vllm", vllm=VllmConfig(dtype="float32", hf_batch_size=1))
+    model, processor = load_model(str(tiny_teacher))
+    engine = HfShapedEngine(model.eval(), processor)
+    _dump_vllm(vcfg, Path(vcfg.out), read_llava_json(data), 0.0, torch.device("cpu"), make_engine=lambda: engine)
+    assert engine.requests == 4
     rep = verify_cache(tmp_path / "v.zarr")
     assert rep.ok, str(rep)
     hf, v = CacheReader(tmp_path / "hf.zarr"), CacheReader(tmp_path / "v.zarr")
-    assert v.attrs["teacher"]["backend"] == "vllm" and "backend" not in hf.attrs["teacher"]
-    assert v.attrs["settings"]["hidden"] == "none" and v.attrs["settings"] == hf.attrs["settings"]
+    assert hf.attrs["settings"]["backend"] == "hf"
+    assert v.attrs["settings"] == {**hf.attrs["settings"], "backend": "vllm"}
+    assert v.attrs["teacher"] == hf.attrs["teacher"]  # same weights, same dtype (float32)
+    np.testing.assert_array_equal(v.gram(), hf.gram())
     for row in range(4):
         a, b = hf.get_by_row(row), v.get_by_row(row)
-        assert torch.equal(a.positions, b.positions) and torch.equal(a.topk_ids, b.topk_ids)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.positions, b.positions)
+        assert torch.equal(a.kinds, b.kinds) and torch.equal(a.topk_ids, b.topk_ids)
         # float16 storage: the two may round to neighbouring float16 values (one ulp = 2^-10 relative)
         torch.testing.assert_close(a.topk_logprobs.float(), b.topk_logprobs.float(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(a.tail_logmass, b.tail_logmass, atol=1e-4, rtol=0)
+        if hidden == "none":
+            assert a.visual_hidden is None and b.visual_hidden is None
+        else:
+            assert b.visual_hidden.dtype == torch.bfloat16
+            assert b.visual_hidden.shape[0] == int((b.roles == ROLE_VISUAL).sum())
+            # The prefix forward computes the same numbers in other shapes: float32 rounding (~1e-6,
+            # see test_visual_hidden_states_equal_teacher_records) flips the bf16 rounding of a rare
+            # element by one bf16 ulp (2^-8 relative); everything else is bit-identical.
+            x, y = a.visual_hidden.float(), b.visual_hidden.float()
+            same = (x == y).float().mean().item()
+            assert same >= 0.999, same
+            assert ((x - y).abs() <= x.abs().clamp_min(1e-30) * 2.0 ** -7).all()

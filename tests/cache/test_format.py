@@ -99,9 +99,20 @@ def test_layout_rows_are_whole_chunks_per_shard():
 def test_checksum_sees_one_flipped_bit():
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 100, 10).astype(np.int32), rng.random((4, 3)).astype(np.float16)]
-    c = sample_checksum(arrays)
+    c = sample_checksum(7, "s7", arrays)
     arrays[1].view(np.uint16)[2, 1] ^= 1
-    assert sample_checksum(arrays) != c
+    assert sample_checksum(7, "s7", arrays) != c
+
+
+def test_checksum_covers_row_and_sample_id():
+    """Issue 8: the crc starts with the row (little-endian int64) and the id's utf-8 bytes."""
+    import zlib
+
+    arrays = [np.arange(5, dtype=np.int32)]
+    c = sample_checksum(3, "é1", arrays)
+    assert c == zlib.crc32(arrays[0].tobytes(), zlib.crc32("é1".encode(), zlib.crc32(np.int64(3).tobytes())))
+    assert c == sample_checksum(3, "é1".encode(), arrays)  # stored bytes give the same
+    assert len({c, sample_checksum(4, "é1", arrays), sample_checksum(3, "é2", arrays)}) == 3
 
 
 def test_bf16_bits_round_trip_exact():

@@ -71,7 +71,7 @@ def test_truncated_chunk_is_caught(copy):
 
 def stored_checksum(rec) -> int:
     h = rec.visual_hidden.view(torch.int16).numpy().view(np.uint16)
-    return sample_checksum(checksum_arrays(rec.input_ids.numpy(), rec.roles.numpy(),
+    return sample_checksum(rec.row, rec.sample_id, checksum_arrays(rec.input_ids.numpy(), rec.roles.numpy(),
                                            rec.positions.numpy(), rec.kinds.numpy(),
                                            rec.topk_ids.numpy(), rec.topk_logprobs.numpy(),
                                            rec.tail_logmass.numpy(), h))
