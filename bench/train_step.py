@@ -11,6 +11,9 @@ projector + LLM trainable (the DFT stage), on batches already in memory:
 - ``cached KD``      the trainer's ``batch_losses`` with cache-like records (top-k int32 ids,
                      float16 log-probs, float32 tail, bf16 visual hidden states, on the host as
                      the reader yields them): L_reg + L_res + L_vis + 0.5 L_rel, fused LM head.
+- ``cached KD, exact`` ``targets: hidden``: the teacher's bf16 hidden states at every distilled
+                     position + its LM head; the full teacher distribution is rebuilt per chunk
+                     inside the fused loss (one extra [c, D_t] x [D_t, V] matmul per chunk).
 - ``online KD``      the teacher in memory: ``teacher_records`` (top-k + tail) on the batch
                      every step, then the same losses (``--online-k``, default the cached k; the
                      trainer's own online mode uses k = V, the exactness reference: ``--online-k 0``).
@@ -35,6 +38,7 @@ cached KD 1.39x time, +14 GiB; online KD with the teacher in memory 2.44x.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import time
@@ -219,8 +223,16 @@ def main(argv=None):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=args.top_k, with_hidden=True)
     cached = as_cached(recs)
-    del recs
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        exact_recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=8, with_hidden=True,
+                                     targets="hidden")
+    exact_cached = [dataclasses.replace(c, position_hidden=r.position_hidden.to(torch.bfloat16).cpu())
+                    for c, r in zip(as_cached(exact_recs), exact_recs)]
+    del recs, exact_recs
     W_t = teacher.lm_head.weight.detach().float()
+    # targets: hidden -- the teacher's LM head as the cache stores it (bf16), on the device once
+    side_exact = TeacherSide(gram=(W_t.T @ W_t).to(device), lm_head=W_t.to(torch.bfloat16).to(device),
+                             temperature=1.0, targets="hidden")
     gram = (W_t.T @ W_t).cpu()  # the cache's M_t, on the host like the reader's
     side = TeacherSide(gram=gram.to(device), lm_head=None, temperature=1.0, targets="topk")
     del W_t
@@ -246,7 +258,10 @@ def main(argv=None):
 
     rows = [run("SFT (L_reg)", step(lambda: batch_losses(student, batch, None, None, sft)), device, steps, args.warmup),
             run(f"cached KD, k={args.top_k} (kdcache)",
-                step(lambda: batch_losses(student, batch, cached, side, dft)), device, steps, args.warmup)]
+                step(lambda: batch_losses(student, batch, cached, side, dft)), device, steps, args.warmup),
+            run("cached KD, exact (targets hidden)",
+                step(lambda: batch_losses(student, batch, exact_cached, side_exact, dft)), device, steps,
+                args.warmup)]
     if teacher is not None:
         def online():
             recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=online_k, with_hidden=True)

@@ -51,9 +51,13 @@ class VllmConfig:
 
 def vllm_gpu_memory_utilization(cfg: "DumpConfig") -> float:
     """vLLM's GPU memory share for this dump (``VllmConfig.gpu_memory_utilization`` resolved)."""
+    from .relation import stored_relation
+
     if cfg.vllm.gpu_memory_utilization is not None:
         return cfg.vllm.gpu_memory_utilization
-    return VLLM_GPU_MEMORY_ALONE if cfg.hidden == "none" else VLLM_GPU_MEMORY_WITH_HF
+    # the HF teacher shares the GPU exactly when relation targets are dumped (hybrid mode)
+    alone = stored_relation(cfg.relation, cfg.hidden) == "none"
+    return VLLM_GPU_MEMORY_ALONE if alone else VLLM_GPU_MEMORY_WITH_HF
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,11 @@ class DumpConfig:
     top_k: int = 64
     positions: tuple[str, ...] = ("visual", "response")
     hidden: str = "bf16"  # bf16 | fp16 | float32 | none  (dtype of the stored visual hidden states)
+    # Relation targets for L_rel (kdcache.relation.parse_relation): hidden (the visual hidden states
+    # in the hidden dtype; relation none when hidden is none) | none | lowrank:R (a rank-R factor F
+    # of the logit Gram in the hidden dtype, F F^T ~ H W^T W H^T, and its error per sample; R = 64
+    # by default: ~93 KB per sample in bf16 at N = 729 instead of ~2.9 MB).
+    relation: str = "hidden"
     logprob_dtype: str = "float16"  # float16 | float32
     temperature: float = 1.0  # the dump's softmax temperature (KD temperature is the trainer's)
     # What is stored per position (kdcache.records.parse_targets): topk (top_k ids, log-probs, tail) |
@@ -224,6 +233,19 @@ def validate(cfg) -> None:
         if mode == "hidden" and cfg.hidden == "none":
             raise ConfigError("targets: 'hidden' stores the hidden state at every position in the hidden dtype, "
                               "but hidden is 'none': choose hidden bf16, fp16 or float32")
+        from .relation import parse_relation
+
+        try:
+            rel_mode, _r = parse_relation(cfg.relation)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+        if rel_mode == "lowrank" and cfg.hidden == "none":
+            raise ConfigError(f"relation: {cfg.relation!r} factors the visual hidden states and stores the factor in "
+                              "the hidden dtype, but hidden is 'none': choose hidden bf16 (or fp16, float32)")
+        if rel_mode == "lowrank" and mode == "hidden":
+            raise ConfigError(f"relation: {cfg.relation!r} with targets 'hidden': that mode stores every hidden state "
+                              "of the image span already, so the factor would save nothing; use relation hidden, "
+                              "or targets topk with the factor")
         if cfg.draw_seed < 0:
             raise ConfigError(f"draw_seed must be >= 0, got {cfg.draw_seed}")
         if not cfg.dist_timeout_s > 0:

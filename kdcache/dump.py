@@ -144,14 +144,16 @@ def dump_settings(cfg: DumpConfig, world_size: int) -> dict:
     """The cache's ``settings`` attribute: everything in ``cfg`` that changes what is stored.
 
     ``targets: sampled:N`` stores N columns, so ``top_k`` is N (``cfg.top_k`` is not used) and
-    ``draw_seed`` is recorded; the other modes have no ``draw_seed``."""
+    ``draw_seed`` is recorded; the other modes have no ``draw_seed``. ``relation`` is
+    ``kdcache.relation.stored_relation`` (``none`` for the default ``hidden`` with hidden none)."""
     from .records import parse_targets
+    from .relation import stored_relation
 
     mode, n_draws = parse_targets(cfg.targets)
     settings = {"top_k": int(n_draws if mode == "sampled" else cfg.top_k), "positions": list(cfg.positions),
                 "logprob_dtype": cfg.logprob_dtype,
                 "hidden": cfg.hidden, "temperature": float(cfg.temperature), "backend": cfg.backend,
-                "relation": "none" if cfg.hidden == "none" else "hidden", "max_length": int(cfg.max_length),
+                "relation": stored_relation(cfg.relation, cfg.hidden), "max_length": int(cfg.max_length),
                 "world_size": int(world_size), "targets": cfg.targets}
     if mode == "sampled":
         settings["draw_seed"] = int(cfg.draw_seed)
@@ -337,10 +339,15 @@ def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
     from .backends.vllm import records_from_prompt_logprobs, with_hidden
     from .data.collate import collate
     from .data.llava import load_image
+    from .relation import HIDDEN_TORCH_DTYPES, factor_records, parse_relation, stored_relation
     from .teacher import visual_hidden_states
 
     vocab = int(model.lm_head.weight.shape[0])  # read now: the model may be freed before the engine starts
     pad_id = processor.tokenizer.pad_token_id
+    relation = stored_relation(cfg.relation, cfg.hidden)
+    rel_mode, rel_rank = parse_relation(relation)
+    # lowrank: C = sqrt(W^T W) once, now, while the HF weights are there
+    c = relation_sqrt(model) if rel_mode == "lowrank" else None
 
     def make(kept, toks):
         engine = make_engine()
@@ -351,7 +358,7 @@ def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
             recs = [records_from_prompt_logprobs(pl, input_ids=t.input_ids, roles=t.roles, sample_id=t.sample_id,
                                                  row=t.row, kinds=cfg.positions, top_k=cfg.top_k, vocab_size=vocab)
                     for (_, t), pl in zip(chunk, pls)]
-            if cfg.hidden == "none":
+            if relation == "none":
                 return recs
             # The same PIL image vLLM got, through the teacher's image processor as the HF backend does.
             items = [{"sample_id": t.sample_id, "row": t.row, "input_ids": torch.from_numpy(t.input_ids),
@@ -362,9 +369,18 @@ def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
             step = cfg.vllm.hf_batch_size
             hidden = [h for i in range(0, len(items), step)
                       for h in visual_hidden_states(model, collate(items[i:i + step], pad_id))]
-            return with_hidden(recs, hidden)
+            recs = with_hidden(recs, hidden)
+            return factor_records(recs, c, rel_rank, HIDDEN_TORCH_DTYPES[cfg.hidden]) if c is not None else recs
         return records
     return make
+
+
+def relation_sqrt(model) -> torch.Tensor:
+    """C [D, D] = ``gram_sqrt(W^T W)`` of the model's LM head (float32, on its device): the factor
+    of every sample's logit Gram in ``relation: lowrank:R`` (``kdcache.relation``)."""
+    from .relation import gram_sqrt
+
+    return gram_sqrt(lm_gram(model.lm_head.weight.detach().float()))
 
 
 def _dump_vllm(cfg: DumpConfig, out: Path, samples, interval: float, device: torch.device,
@@ -380,13 +396,15 @@ def _dump_vllm(cfg: DumpConfig, out: Path, samples, interval: float, device: tor
     from .backends.vllm import VllmTeacher
     from .config import vllm_gpu_memory_utilization
 
+    from .relation import stored_relation
+
     hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.vllm.dtype]
-    hybrid = cfg.hidden != "none"
+    hybrid = stored_relation(cfg.relation, cfg.hidden) != "none"  # relation targets need HF hidden states
     if hybrid:
         print(f"[vllm] log-probs from vLLM, visual hidden states from the HF teacher on {device} (prefix up to "
               "the image's end)", file=sys.stderr, flush=True)
     else:
-        print("[vllm] --hidden none: no hidden states, no L_rel targets in this cache", file=sys.stderr, flush=True)
+        print("[vllm] relation none: no hidden states, no L_rel targets in this cache", file=sys.stderr, flush=True)
     model, processor = load_teacher(cfg, device if hybrid else torch.device("cpu"), dtype=hf_dtype)
     vocab = int(model.lm_head.weight.shape[0])
     gpu_share = vllm_gpu_memory_utilization(cfg)
@@ -432,6 +450,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
     from .cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
     from .data.collate import LlavaTorchDataset, collate, prepare_samples
     from .models import image_token_id
+    from .relation import HIDDEN_TORCH_DTYPES, parse_relation, stored_relation
     from .teacher import teacher_records
 
     done = set(writer.committed_rows())
@@ -463,10 +482,16 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                              collate_fn=functools.partial(collate, pad_token_id=tok.pad_token_id),
                                              prefetch_factor=4 if cfg.num_workers else None)
+        relation = stored_relation(cfg.relation, cfg.hidden)
+        # lowrank: C = sqrt(W^T W) [D, D] once per dump (an eigh), each sample's factor per batch
+        c = relation_sqrt(model) if parse_relation(relation)[0] == "lowrank" else None
         record_batches = (teacher_records(model, batch, kinds=cfg.positions, top_k=cfg.top_k,
-                                          temperature=cfg.temperature, with_hidden=cfg.hidden != "none",
+                                          temperature=cfg.temperature, with_hidden=relation != "none",
                                           chunk_size=cfg.chunk_size, targets=cfg.targets,
-                                          draw_seed=cfg.draw_seed) for batch in loader)
+                                          draw_seed=cfg.draw_seed, relation=relation, relation_sqrt=c,
+                                          relation_dtype=HIDDEN_TORCH_DTYPES[cfg.hidden] if c is not None
+                                          else torch.bfloat16)  # not used without a factor
+                          for batch in loader)
     else:
         if free_model:
             # vLLM loads its own copy of the weights: drop the CPU copy's storage (every reference

@@ -38,7 +38,22 @@ def summary_lines(stats: dict) -> list[str]:
     lines += ["", f"teacher top-1 accuracy on response tokens: {acc:.4f}" if acc is not None else
               "teacher top-1 accuracy: n/a (no response positions)",
               f"mean entropy over the k+1 buckets: {ent:.4f} nats" if ent is not None else ""]
+    lines += relation_lines(stats["relation"])
     lines += ["", "bytes per array:"] + [f"  {k:<22}{_mb(v):>12}" for k, v in stats["bytes"].items() if v]
+    return lines
+
+
+def relation_lines(rel: dict) -> list[str]:
+    """The relation targets (``kdcache.cache.stats.relation_stats``): mode, bytes per sample, and
+    for lowrank:R the relative Gram error ||R - F F^T||_F / ||R||_F over samples."""
+    if rel["array"] is None:
+        return ["", f"relation   {rel['mode']}: no relation targets stored"]
+    lines = ["", f"relation   {rel['mode']}: {rel['array']} {_mb(rel['bytes_per_sample'])}/sample on disk "
+                 f"({_mb(rel['raw_bytes_per_sample'])}/sample raw)"]
+    e = rel.get("relation_error")
+    if e is not None:
+        lines.append(f"relative Gram error over {e['n']} samples: " + (
+            f"mean {e['mean']:.3g}  p50 {e['p50']:.3g}  p95 {e['p95']:.3g}  max {e['max']:.3g}" if e["n"] else "n/a"))
     return lines
 
 

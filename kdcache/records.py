@@ -53,6 +53,9 @@ class TeacherRecord:
     visual_hidden: torch.Tensor | None  # [N_vis, D] final-normed hidden states in the image span
     sample_counts: torch.Tensor | None = None  # int [P, n] draws per id (targets sampled:n); 0 on padding columns
     position_hidden: torch.Tensor | None = None  # [P, D] teacher's final-normed hidden state at every distilled position (targets hidden)
+    # relation lowrank:R (kdcache.relation): F [N_vis, R] with F F^T ~ H M H^T, stored instead of visual_hidden
+    visual_factor: torch.Tensor | None = None
+    relation_error: float | None = None  # ||H M H^T - F F^T||_F / ||H M H^T||_F of that factor (lowrank:R)
 
     @property
     def num_tokens(self) -> int:

@@ -163,7 +163,8 @@ def sample_from_hidden(hidden: torch.Tensor, lm_weight: torch.Tensor, n: int, *,
 @torch.no_grad()
 def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, temperature: float = 1.0,
                     with_hidden: bool = True, chunk_size: int = 2048, targets: str = "topk",
-                    draw_seed: int = 0) -> list[TeacherRecord]:
+                    draw_seed: int = 0, relation: str = "hidden", relation_sqrt: torch.Tensor | None = None,
+                    relation_dtype: torch.dtype = torch.bfloat16) -> list[TeacherRecord]:
     """Run the teacher on a collated batch (``kdcache.data.collate``) and return its records.
 
     batch: input_ids [B, T], attention_mask [B, T], roles [B, T] (255 = pad),
@@ -178,8 +179,20 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
                      uniforms of ``sample_uniforms(draw_seed, row, P, N)``; ids / log-probs / tail
                      as it returns them and ``sample_counts`` int32 [P, N]
     ``visual_hidden`` (``with_hidden``) is filled in every mode.
+
+    relation (``kdcache.relation.parse_relation``): ``hidden`` (default) or ``none`` leave the
+    records as above; ``lowrank:R`` (needs ``with_hidden``) replaces ``visual_hidden`` by
+    ``visual_factor`` [N_vis, R] in ``relation_dtype`` with F F^T ~ H M H^T, and its
+    ``relation_error`` (``kdcache.relation.factor_records``). ``relation_sqrt``: C [D, D] =
+    ``gram_sqrt(W^T W)``, computed from the LM head when None (an eigh of D x D: pass it to a
+    loop over batches, as the dump does).
     """
+    from .relation import factor_records, gram_sqrt, parse_relation
+
     mode, n_draws = parse_targets(targets)
+    rel_mode, rel_rank = parse_relation(relation)
+    if rel_mode == "lowrank" and not with_hidden:
+        raise ValueError(f"relation {relation!r} factors the visual hidden states: it needs with_hidden=True")
     lm = model.lm_head
     if mode == "hidden" and lm.bias is not None:
         raise ValueError("targets 'hidden' needs logits = H W^T, but the teacher's lm_head has a bias "
@@ -234,6 +247,12 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
         off += P
     if was_training:
         model.train()
+    if rel_mode == "lowrank":
+        if relation_sqrt is None:
+            from .losses import lm_gram
+
+            relation_sqrt = gram_sqrt(lm_gram(lm.weight.detach().float()))  # [D, D]
+        records = factor_records(records, relation_sqrt, rel_rank, relation_dtype)
     return records
 
 

@@ -112,8 +112,9 @@ class RowDataset(torch.utils.data.IterableDataset):
 
 
 RECORD_FIELDS = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass",
-                 "visual_hidden", "sample_counts", "position_hidden")
-OPTIONAL_FIELDS = ("visual_hidden", "sample_counts", "position_hidden")  # None in some caches / modes
+                 "visual_hidden", "sample_counts", "position_hidden", "visual_factor")
+# None in some caches / modes; a record's relation_error (lowrank:R) is not carried: the losses do not read it
+OPTIONAL_FIELDS = ("visual_hidden", "sample_counts", "position_hidden", "visual_factor")
 
 
 def pack_records(records: list[TeacherRecord]) -> dict:
@@ -167,8 +168,8 @@ def check_packed_records(packed: dict, vocab_size: int, cache: str | None) -> No
       device-side assert that kills the process, on CPU an IndexError or (with clamping) a
       silently wrong target.
     - NaN or +inf in topk_logprobs [P, k] / tail_logmass [P] (-inf is legitimate: an empty tail
-      at k = V, a zero-probability id), any non-finite value in visual_hidden [N_vis, D] or
-      position_hidden [P, D]: they would turn the step's loss into NaN, which ``on_nan`` would
+      at k = V, a zero-probability id), any non-finite value in visual_hidden [N_vis, D],
+      position_hidden [P, D] or visual_factor [N_vis, R]: they would turn the step's loss into NaN, which ``on_nan`` would
       then blame on the student; a cache holding them is broken, not the run.
     """
     fields = [f for f in RECORD_FIELDS if f in packed]
@@ -188,7 +189,7 @@ def check_packed_records(packed: dict, vocab_size: int, cache: str | None) -> No
                         f"have top-k ids outside the student's vocabulary [0, {vocab_size}) "
                         f"(e.g. topk_ids {ids[first].tolist()}); the cache is damaged or from another vocabulary")
     inf = float("inf")
-    for f in ("topk_logprobs", "tail_logmass", "visual_hidden", "position_hidden"):
+    for f in ("topk_logprobs", "tail_logmass", "visual_hidden", "position_hidden", "visual_factor"):
         if f not in packed:
             continue
         t = packed[f]  # [R] or [R, ...]
@@ -247,10 +248,15 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
                                      f"asks loss.kd_temperature {lc.kd_temperature}: draws cannot be re-tempered without "
                                      f"bias; set loss.kd_temperature: {st['temperature']} or dump with --temperature "
                                      f"{lc.kd_temperature}")
-    if lc.gamma_rel and st["hidden"] == "none":
-        raise CacheMismatchError(f"loss.gamma_rel = {lc.gamma_rel} needs visual hidden states, but cache "
-                                 f"{cfg.cache} was dumped with hidden none: set loss.gamma_rel: 0 or dump "
-                                 "with --hidden bf16")
+    # caches made before the relation option have relation none exactly when hidden is none
+    if lc.gamma_rel and (st["relation"] == "none" or st["hidden"] == "none"):
+        raise CacheMismatchError(f"loss.gamma_rel = {lc.gamma_rel} needs relation targets, but cache "
+                                 f"{cfg.cache} was dumped with relation none (hidden {st['hidden']}): set "
+                                 "loss.gamma_rel: 0 or dump with --hidden bf16 --relation hidden (or lowrank:64)")
+    if lc.gamma_rel and st["relation"].startswith("lowrank:") and lc.relation_features != "logits":
+        raise CacheMismatchError(f"loss.relation_features {lc.relation_features!r} needs the teacher's hidden states, "
+                                 f"but cache {cfg.cache} has relation {st['relation']!r}: a factor of the logit Gram "
+                                 "only. Set loss.relation_features: logits, or dump with --relation hidden")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,26 +390,41 @@ def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
     """L_rel = mean over samples with an image of 1 - cos(vec R_s, vec R_t), R = Y Y^T.
 
     Y = logits (default): R = H (W^T W) H^T on both sides, no N x V matrix; Y = hidden: R = H H^T.
+    A ``relation: lowrank:R`` cache gives the teacher's side as a factor F [N, R] of its logit
+    Gram instead of H: R_t = F F^T (logits only; ``check_cache_against_student`` refuses hidden).
     """
     device = hidden.device
     roles = batch["roles"].to(device)
-    idx = [b for b, r in enumerate(records) if r.visual_hidden is not None and r.visual_hidden.shape[0] > 0]
+    factored = any(r.visual_factor is not None for r in records)
+    field = "visual_factor" if factored else "visual_hidden"
+
+    def target(r):  # [N_vis, D_t] hidden states or [N_vis, R] factor of one record, or None
+        return getattr(r, field)
+
+    idx = [b for b, r in enumerate(records) if target(r) is not None and target(r).shape[0] > 0]
     if not idx:
         return hidden.sum() * 0.0
-    n = max(records[b].visual_hidden.shape[0] for b in idx)
+    n = max(target(records[b]).shape[0] for b in idx)
     Hs = hidden.new_zeros(len(idx), n, hidden.shape[-1])  # [B', N, D_s]
-    Ht = torch.zeros(len(idx), n, records[idx[0]].visual_hidden.shape[-1], device=device)
+    Ht = torch.zeros(len(idx), n, target(records[idx[0]]).shape[-1], device=device)  # [B', N, D_t or R]
     mask = torch.zeros(len(idx), n, dtype=torch.bool, device=device)
     for j, b in enumerate(idx):
         vis = (roles[b] == 1).nonzero().squeeze(1)
         m = len(vis)
-        if m != records[b].visual_hidden.shape[0]:
+        if m != target(records[b]).shape[0]:
             raise CacheMismatchError(f"sample {records[b].sample_id!r}: {m} visual tokens, cache has "
-                                     f"{records[b].visual_hidden.shape[0]}")
+                                     f"{target(records[b]).shape[0]} rows of {field}")
         Hs[j, :m] = hidden[b, vis]
-        Ht[j, :m] = records[b].visual_hidden.to(device).float()
+        Ht[j, :m] = target(records[b]).to(device).float()
         mask[j, :m] = True
-    if cfg.loss.relation_features == "logits":
+    if factored:
+        if cfg.loss.relation_features != "logits":
+            raise CacheMismatchError(f"loss.relation_features {cfg.loss.relation_features!r}: the cache holds a factor "
+                                     "of the teacher's logit Gram only; set loss.relation_features: logits")
+        Ms = L.lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
+        Rs = L.gram_relation(Hs.float(), Ms, mask=mask, normalize=cfg.loss.relation_normalize)
+        Rt = L.gram_relation(Ht, None, mask=mask, normalize=cfg.loss.relation_normalize)  # F F^T ~ H M_t H^T
+    elif cfg.loss.relation_features == "logits":
         Ms = L.lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
         Rs = L.gram_relation(Hs.float(), Ms, mask=mask, normalize=cfg.loss.relation_normalize)
         Rt = L.gram_relation(Ht, teacher_gram.to(device).float(), mask=mask, normalize=cfg.loss.relation_normalize)

@@ -3,7 +3,13 @@
 Knows arrays and schemas, not models: it takes and gives ``kdcache.records.TeacherRecord``.
 """
 
-from kdcache.cache.format import (
+import warnings
+
+# The log-probs' delta filter is numcodecs' Delta, which zarr-python reads and writes but flags on
+# every array open as outside the core Zarr v3 spec: said once in README.md instead.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+from kdcache.cache.format import (  # noqa: E402
     FORMAT_VERSION,
     REASON_CODES,
     REASON_NAMES,
@@ -16,8 +22,8 @@ from kdcache.cache.format import (
     make_attrs,
     validate_attrs,
 )
-from kdcache.cache.reader import CacheDataset, CacheReader, global_order
-from kdcache.cache.writer import CacheWriter, open_writer
+from kdcache.cache.reader import CacheDataset, CacheReader, global_order  # noqa: E402
+from kdcache.cache.writer import CacheWriter, open_writer  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",

@@ -56,7 +56,7 @@ REASON_NAMES = {v: k for k, v in REASON_CODES.items()}
 TOKEN_ARRAYS = ("input_ids", "roles")
 POSITION_ARRAYS = ("positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass", "sample_counts",
                    "position_hidden")
-VISUAL_ARRAYS = ("visual_hidden",)
+VISUAL_ARRAYS = ("visual_hidden", "visual_factor")  # visual_factor [V, R]: relation lowrank:R, instead
 ID_ARRAYS = ("sample_id_bytes",)
 DATA_ARRAYS = TOKEN_ARRAYS + POSITION_ARRAYS + VISUAL_ARRAYS + ID_ARRAYS
 AXIS_OF = {
@@ -81,11 +81,14 @@ INDEX_ARRAYS: dict[str, tuple[str, int | None]] = {
     "id_len": ("int32", None),
     "checksum": ("uint32", None),
 }
+# Index arrays of one relation mode only (``index_arrays``): relation lowrank:R records the relative
+# Gram error of each sample's factor (float32, 0 for skipped samples).
+RELATION_INDEX_ARRAYS: dict[str, tuple[str, int | None]] = {"relation_error": ("float32", None)}
 
 HIDDEN_STORAGE = {"bf16": "uint16", "fp16": "float16", "float32": "float32"}
 HIDDEN_LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "float32": "float32"}
 # arrays whose shards follow their own row bytes (rows of 2-4 D bytes), not topk_ids' shard rows
-OWN_SHARD_ARRAYS = ("visual_hidden", "position_hidden")
+OWN_SHARD_ARRAYS = ("visual_hidden", "position_hidden", "visual_factor")
 
 
 class CacheMismatch(ValueError):
@@ -130,7 +133,7 @@ class ArraySpec:
     width: int | None  # None = 1-D
     chunk_rows: int
     shard_rows: int | None
-    compressor: str  # "bitshuffle" (integers), "byteshuffle" (floats), "byteshuffle-fast"
+    compressor: str  # a key of CLEVEL: "bitshuffle", "byteshuffle", "byteshuffle-fast", "zstd", "delta-zstd"
     logical_dtype: str | None = None  # e.g. "bfloat16" stored as uint16 bit patterns
     aligned: bool = False  # big array: the writer writes it in whole shards only
 
@@ -156,25 +159,44 @@ def targets_of(settings: dict) -> tuple[str, int | None]:
     return parse_targets(settings["targets"])
 
 
-def stores_visual_hidden(settings: dict) -> bool:
-    """Whether parts hold a ``visual_hidden`` array.
+def relation_rank(settings: dict) -> int | None:
+    """R of ``settings.relation == "lowrank:R"``, else None (relation ``hidden`` or ``none``)."""
+    rel = settings["relation"]
+    return int(rel.split(":", 1)[1]) if rel.startswith("lowrank:") else None
 
-    Not with ``hidden: none``; not with ``targets: hidden`` when both visual and response
-    positions are distilled: every output in the image span is then a distilled position (kind
-    visual, or response for the last one when a caption follows the image at once), so the
-    reader rebuilds ``visual_hidden`` from ``position_hidden`` instead of storing the rows twice.
-    With ``visual`` but not ``response`` that last output would be missing, so the rows are stored.
-    """
-    if settings["hidden"] == "none":
-        return False
+
+def rebuilds_visual_hidden(settings: dict) -> bool:
+    """Whether the reader rebuilds ``visual_hidden`` from ``position_hidden`` instead of reading it:
+    relation ``hidden`` with ``targets: hidden`` when both visual and response positions are
+    distilled. Every output in the image span is then a distilled position (kind visual, or
+    response for the last one when a caption follows the image at once), so storing the rows twice
+    is waste. With ``visual`` but not ``response`` that last output would be missing."""
     kinds = set(settings["positions"])
-    return not (targets_of(settings)[0] == "hidden" and {"visual", "response"} <= kinds)
+    return (settings["relation"] == "hidden" and targets_of(settings)[0] == "hidden"
+            and {"visual", "response"} <= kinds)
+
+
+def stores_visual_hidden(settings: dict) -> bool:
+    """Whether parts hold a ``visual_hidden`` array: with relation ``hidden`` only (``none``
+    stores no relation targets, ``lowrank:R`` a ``visual_factor`` instead), and not when the
+    reader rebuilds the rows (``rebuilds_visual_hidden``). Caches made before ``relation`` was a
+    dump option have relation ``none`` exactly when ``hidden`` is ``none``, so this is unchanged
+    for them."""
+    return (settings["relation"] == "hidden" and settings["hidden"] != "none"
+            and not rebuilds_visual_hidden(settings))
+
+
+def index_arrays(settings: dict) -> dict[str, tuple[str, int | None]]:
+    """Index arrays of a part under ``settings``: ``INDEX_ARRAYS``, plus ``relation_error`` with
+    relation lowrank:R."""
+    extra = RELATION_INDEX_ARRAYS if relation_rank(settings) is not None else {}
+    return {**INDEX_ARRAYS, **extra}
 
 
 def data_array_names(settings: dict) -> list[str]:
     """Data arrays a part holds under ``settings`` (sample_id_bytes excluded), in checksum order:
     input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail_logmass, [visual_hidden],
-    [sample_counts], [position_hidden]."""
+    [sample_counts], [position_hidden], [visual_factor]."""
     mode, _ = targets_of(settings)
     names = ["input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass"]
     if stores_visual_hidden(settings):
@@ -183,6 +205,8 @@ def data_array_names(settings: dict) -> list[str]:
         names.append("sample_counts")
     if mode == "hidden":
         names.append("position_hidden")
+    if relation_rank(settings) is not None:
+        names.append("visual_factor")
     return names
 
 
@@ -190,7 +214,8 @@ def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, Ar
     """Specs of the data arrays of a part, from the cache settings (``data_array_names``): visual
     hidden states absent when ``settings['hidden'] == 'none'`` (or rebuilt from position_hidden,
     ``stores_visual_hidden``); ``sample_counts`` uint16 [P, N] for ``targets: sampled:N`` (N =
-    top_k); ``position_hidden`` [P, D] in the hidden dtype for ``targets: hidden``.
+    top_k); ``position_hidden`` [P, D] in the hidden dtype for ``targets: hidden``;
+    ``visual_factor`` [V, R] in the hidden dtype for ``relation: lowrank:R``.
 
     Shard rows are shared by all arrays of the token, position and id axes (taken from the widest
     array, ``topk_ids``, at ``shard_bytes``): tokens and positions per sample are similar, so
@@ -205,8 +230,12 @@ def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, Ar
         ("roles", "uint8", None, "bitshuffle", None),
         ("positions", "int32", None, "bitshuffle", None),
         ("kinds", "uint8", None, "bitshuffle", None),
-        ("topk_ids", "int32", k, "bitshuffle", None),
-        ("topk_logprobs", lp, k, "byteshuffle", None),
+        ("topk_ids", "int32", k, "zstd", None),
+        # float16 log-probs sorted descending are non-decreasing as uint16 bit patterns (the sign
+        # bit is set and larger magnitudes have larger patterns): stored as those bits with a
+        # delta filter, so zstd sees small non-negative steps. Lossless; float32 stays as is.
+        ("topk_logprobs", "uint16", k, "delta-zstd", "float16") if lp == "float16"
+        else ("topk_logprobs", lp, k, "byteshuffle", None),
         ("tail_logmass", "float32", None, "byteshuffle", None),
         ("sample_id_bytes", "uint8", None, "bitshuffle", None),
     ]
@@ -223,6 +252,9 @@ def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, Ar
         table.append(("sample_counts", "uint16", k, "bitshuffle", None))
     if mode == "hidden":
         table.append(("position_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle-fast", logical))
+    rank = relation_rank(settings)
+    if rank is not None:  # the factor's columns are as noisy as hidden states: the fast level too
+        table.append(("visual_factor", HIDDEN_STORAGE[h], rank, "byteshuffle-fast", logical))
     _, shared_shard = layout.rows(4 * k)  # rows of a topk_ids shard
     specs = {}
     for name, dtype, width, comp, logical in table:
@@ -237,38 +269,62 @@ def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, Ar
     return specs
 
 
-def index_specs(layout: Layout) -> dict[str, ArraySpec]:
-    """Specs of the per-sample index arrays (chunked by rows, not sharded)."""
+def index_specs(layout: Layout, settings: dict) -> dict[str, ArraySpec]:
+    """Specs of the per-sample index arrays (``index_arrays(settings)``; chunked by rows, not
+    sharded)."""
     return {
         name: ArraySpec(name, dtype, width, layout.index_chunk_rows, None, "byteshuffle")
-        for name, (dtype, width) in INDEX_ARRAYS.items()
+        for name, (dtype, width) in index_arrays(settings).items()
     }
 
 
 def zarr_compressors(spec: ArraySpec) -> list:
-    """Blosc zstd with bit-shuffle for integers (ids ~1.9x), byte-shuffle for floats (sorted fp16
-    log-probs ~1.7x), then crc32c so a flipped byte fails the read instead of returning garbage."""
-    from zarr.codecs import BloscCodec, Crc32cCodec
+    """The compressor chain of an array, then crc32c so a flipped byte fails the read instead of
+    returning garbage. Chosen by measurement on the trained demo teacher's k = 64 cache
+    (``bench/cache_size.py``; bytes per position): top-k ids plain zstd-3 73 (blosc zstd-3 with
+    bit-shuffle 86: shuffling breaks up the ids that neighbouring positions share), float16
+    log-probs as delta-coded bit patterns + zstd-3 45 (blosc byte-shuffle 69); other integers
+    blosc zstd-3 with bit-shuffle, other floats blosc zstd with byte-shuffle."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+    if spec.compressor in ("zstd", "delta-zstd"):
+        return [ZstdCodec(level=CLEVEL[spec.compressor]), Crc32cCodec()]
     shuffle = "bitshuffle" if spec.compressor == "bitshuffle" else "shuffle"
     return [BloscCodec(cname="zstd", clevel=CLEVEL[spec.compressor], shuffle=shuffle),
             Crc32cCodec()]
 
 
-CLEVEL = {"bitshuffle": 3, "byteshuffle": 3, "byteshuffle-fast": 1}
+def zarr_filters(spec: ArraySpec) -> list | None:
+    """Array-to-array filters: numcodecs' Delta for ``delta-zstd`` (zarr-python >= 3.1.3 reads it
+    through ``zarr.codecs.numcodecs``; it is not a core Zarr v3 codec), else none."""
+    if spec.compressor != "delta-zstd":
+        return None
+    import warnings
+
+    from zarr.codecs.numcodecs import Delta
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        return [Delta(dtype=np.dtype(spec.dtype).str)]
+
+
+CLEVEL = {"bitshuffle": 3, "byteshuffle": 3, "byteshuffle-fast": 1, "zstd": 3, "delta-zstd": 3}
+COMPRESSOR_NAMES = {"bitshuffle": "blosc-zstd-3-bitshuffle", "byteshuffle": "blosc-zstd-3-byteshuffle",
+                    "byteshuffle-fast": "blosc-zstd-1-byteshuffle", "zstd": "zstd-3",
+                    "delta-zstd": "delta-zstd-3"}
 
 
 def codec_table(settings: dict, hidden_size: int, layout: Layout) -> dict[str, dict]:
     """The ``codecs`` root attribute: one entry per array path under ``parts/<rank>/``."""
     out = {}
     specs = {**data_specs(settings, hidden_size, layout)}
-    specs.update({f"index/{n}": s for n, s in index_specs(layout).items()})
+    specs.update({f"index/{n}": s for n, s in index_specs(layout, settings).items()})
     for path, s in specs.items():
         entry = {
             "dtype": s.dtype,
             "chunk_rows": s.chunk_rows,
             "shard_rows": s.shard_rows,
-            "compressor": f"blosc-zstd-{CLEVEL[s.compressor]}-{s.compressor.split('-')[0]}",
+            "compressor": COMPRESSOR_NAMES[s.compressor],
             "crc32c": True,
         }
         if s.logical_dtype:
@@ -327,6 +383,21 @@ def _check_targets(settings: dict, where: str) -> None:
     if mode == "hidden" and settings["hidden"] == "none":
         raise CacheFormatError(f"{where}: settings.targets 'hidden' needs hidden states, but settings.hidden "
                                "is 'none': choose bf16, fp16 or float32")
+    _check_relation(settings, where)
+
+
+def _check_relation(settings: dict, where: str) -> None:
+    """What the schema cannot say about settings.relation: ``lowrank:R`` stores its factor in the
+    ``hidden`` dtype, so that must not be none (``hidden`` with hidden none stores nothing, like
+    ``none``: writers before the relation option made such attributes); ``lowrank:R`` with
+    ``targets: hidden`` would store a factor beside every hidden state of the image span."""
+    rel = settings["relation"]
+    if rel.startswith("lowrank:") and settings["hidden"] == "none":
+        raise CacheFormatError(f"{where}: settings.relation {rel!r} stores its rows in the hidden dtype, but "
+                               "settings.hidden is 'none': choose bf16, fp16 or float32, or relation none")
+    if rel.startswith("lowrank:") and targets_of(settings)[0] == "hidden":
+        raise CacheFormatError(f"{where}: settings.relation {rel!r} with targets 'hidden': that mode stores "
+                               "every hidden state already; use relation hidden")
 
 
 def make_attrs(
@@ -415,12 +486,13 @@ def sample_checksum(row: int, sample_id: str | bytes, arrays: list[np.ndarray]) 
 
 def checksum_arrays(
     input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail, hidden,
-    sample_counts=None, position_hidden=None,
+    sample_counts=None, position_hidden=None, visual_factor=None,
 ) -> list[np.ndarray]:
     """The arrays covered by the checksum, in order; the optional ones (visual ``hidden``,
-    ``sample_counts``, ``position_hidden``) are omitted when None."""
+    ``sample_counts``, ``position_hidden``, ``visual_factor``) are omitted when None. The index's
+    ``relation_error`` is not covered (index chunks have their own crc32c)."""
     out = [input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail]
-    for a in (hidden, sample_counts, position_hidden):
+    for a in (hidden, sample_counts, position_hidden, visual_factor):
         if a is not None:
             out.append(a)
     return out

@@ -16,13 +16,14 @@ import torch
 
 from kdcache.cache.format import (
     AXIS_OF,
-    INDEX_ARRAYS,
     REASON_NAMES,
     STATUS_OK,
     CacheCorrupt,
     CacheFormatError,
     checksum_arrays,
     data_array_names,
+    index_arrays,
+    rebuilds_visual_hidden,
     sample_checksum,
     validate_attrs,
 )
@@ -71,14 +72,15 @@ class PartIndex:
         return self.cols[AXIS_INDEX[axis][0]]
 
 
-def load_part_index(zarr, store, root: Path, rank: int) -> PartIndex:
-    """Read the committed index rows of ``parts/<rank>`` (one zarr read per index column)."""
+def load_part_index(zarr, store, root: Path, rank: int, settings: dict) -> PartIndex:
+    """Read the committed index rows of ``parts/<rank>`` (one zarr read per index column of
+    ``index_arrays(settings)``, the cache's settings)."""
     attrs = read_json_attrs(root / "parts" / str(rank))
     if attrs is None or "committed" not in attrs:
         raise CacheFormatError(f"{root}/parts/{rank}: missing part attributes")
     n = int(attrs["committed"]["samples"])
     cols = {}
-    for name in INDEX_ARRAYS:
+    for name in index_arrays(settings):
         arr = zarr.open_array(store, path=f"parts/{rank}/index/{name}", mode="r")
         if arr.shape[0] < n:
             raise CacheFormatError(
@@ -115,6 +117,12 @@ def list_parts(root: Path) -> list[int]:
         return []
     return sorted(int(p.name) for p in parts_dir.iterdir()
                   if p.name.isdigit() and (p / "zarr.json").exists())
+
+
+def storage_view(a: np.ndarray, logical: str | None) -> np.ndarray:
+    """Stored rows -> their logical numpy dtype where numpy has it: float16 kept as uint16 bits
+    (delta-coded log-probs) is viewed back as float16 (no copy); anything else as stored."""
+    return a.view(np.float16) if logical == "float16" else a
 
 
 def hidden_from_storage(a: np.ndarray, logical: str | None) -> torch.Tensor:
@@ -157,7 +165,8 @@ class CacheReader:
 
             store = LocalStore(self.path, read_only=True)
             try:
-                parts = {r: load_part_index(zarr, store, self.path, r) for r in list_parts(self.path)}
+                parts = {r: load_part_index(zarr, store, self.path, r, self.attrs["settings"])
+                         for r in list_parts(self.path)}
             except (CacheCorrupt, CacheFormatError):
                 raise
             except Exception as e:  # damaged part attributes or index chunks: zarr/numpy errors of any kind
@@ -267,7 +276,7 @@ class CacheReader:
                     f"parts/{rank}/{name} rows {lo}:{hi}: cannot decode ({type(e).__name__}: {e}); "
                     "run `kdcache verify` and re-dump the damaged part"
                 ) from e
-            out[name] = (slab, lo)
+            out[name] = (storage_view(slab, self._array(rank, name).attrs.get("logical_dtype")), lo)
         return out
 
     def read_range(self, part: int, start: int, stop: int) -> list[TeacherRecord]:
@@ -296,9 +305,10 @@ class CacheReader:
         names = data_array_names(settings)
         slabs = self.read_slab(p.rank, idx, names)
         logical = {n: self._array(p.rank, n).attrs.get("logical_dtype")
-                   for n in ("visual_hidden", "position_hidden") if n in names}
+                   for n in ("visual_hidden", "position_hidden", "visual_factor") if n in names}
         # targets hidden with visual rows not stored: rebuilt from the position rows in the span
-        rebuild_visual = "position_hidden" in names and "visual_hidden" not in names
+        rebuild_visual = rebuilds_visual_hidden(settings)
+        rel_err = p.cols.get("relation_error")  # [S] float32, relation lowrank:R only
         sids = self.sample_ids(p, idx)
         recs = []
         for j, i in enumerate(idx):
@@ -310,7 +320,7 @@ class CacheReader:
             if self.check:
                 crc = sample_checksum(int(p.cols["row"][i]), sids[j], checksum_arrays(
                     *(parts[n] for n in names[:7]), parts.get("visual_hidden"), parts.get("sample_counts"),
-                    parts.get("position_hidden")))
+                    parts.get("position_hidden"), parts.get("visual_factor")))
                 if crc != int(p.cols["checksum"][i]):
                     raise CacheCorrupt(
                         f"sample {sids[j]!r} (row {int(p.cols['row'][i])}, part {p.rank}): "
@@ -339,6 +349,9 @@ class CacheReader:
                 sample_counts=(torch.from_numpy(parts["sample_counts"].astype(np.int32))
                                if "sample_counts" in parts else None),
                 position_hidden=pos_hidden,
+                visual_factor=(hidden_from_storage(parts["visual_factor"], logical["visual_factor"])
+                               if "visual_factor" in parts else None),  # [N_vis, R]
+                relation_error=float(rel_err[i]) if rel_err is not None else None,
             ))
         return recs
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache.format import DATA_ARRAYS, INDEX_ARRAYS, REASON_NAMES, STATUS_OK
+from kdcache.cache.format import (
+    DATA_ARRAYS,
+    INDEX_ARRAYS,
+    RELATION_INDEX_ARRAYS,
+    REASON_NAMES,
+    STATUS_OK,
+    Layout,
+    data_specs,
+    relation_rank,
+)
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
 from kdcache.positions import KIND_NAMES, KIND_RESPONSE
@@ -29,6 +38,10 @@ def disk_bytes(path: str | os.PathLike) -> dict[str, int]:
             out[name] = b
     for name in INDEX_ARRAYS:
         out[f"index/{name}"] = sum(_dir_bytes(p / "index" / name) for p in parts)
+    for name in RELATION_INDEX_ARRAYS:  # only in their relation mode
+        b = sum(_dir_bytes(p / "index" / name) for p in parts)
+        if b:
+            out[f"index/{name}"] = b
     out[GRAM_ARRAY] = _dir_bytes(path / GRAM_ARRAY)
     if (path / LM_HEAD_ARRAY).is_dir():
         out[LM_HEAD_ARRAY] = _dir_bytes(path / LM_HEAD_ARRAY)
@@ -41,6 +54,30 @@ def _summary(x: np.ndarray) -> dict:
     p5, p50, p95 = np.percentile(x, [5, 50, 95])
     return {"n": int(x.size), "mean": float(x.mean()), "p5": float(p5), "p50": float(p50),
             "p95": float(p95)}
+
+
+def relation_stats(reader: CacheReader, sizes: dict[str, int]) -> dict:
+    """The relation targets of a cache: mode, bytes per sample (on disk, and raw: N_vis x width x
+    itemsize before compression), and for ``lowrank:R`` the per-sample relative Gram error
+    ``index/relation_error`` summarised over ok samples (mean, p50, p95, max)."""
+    settings = reader.attrs["settings"]
+    names = [n for n in ("visual_hidden", "visual_factor") if n in sizes]
+    S = reader.num_samples
+    n_vis = sum(int(p.cols["num_visual"][p.ok].sum()) for p in reader.parts.values())
+    out = {"mode": settings["relation"], "array": names[0] if names else None,
+           "bytes_per_sample": sum(sizes[n] for n in names) / S if S and names else 0.0,
+           "raw_bytes_per_sample": 0.0}
+    if names and S:
+        # row bytes as stored; the layout only sets chunking
+        spec = data_specs(settings, int(reader.attrs["teacher"]["hidden_size"]), Layout())[names[0]]
+        out["raw_bytes_per_sample"] = n_vis * spec.row_bytes / S
+    if relation_rank(settings) is not None:
+        err = np.concatenate([p.cols["relation_error"][p.ok].astype(np.float64) for p in reader.parts.values()]
+                             or [np.zeros(0)])
+        out["relation_error"] = ({"n": int(err.size), "mean": float(err.mean()), "p50": float(np.percentile(err, 50)),
+                                  "p95": float(np.percentile(err, 95)), "max": float(err.max())}
+                                 if err.size else {"n": 0})
+    return out
 
 
 def cache_stats(path: str | os.PathLike, *, block: int = 256) -> dict:
@@ -109,4 +146,5 @@ def cache_stats(path: str | os.PathLike, *, block: int = 256) -> dict:
                       for c in KIND_NAMES},
         "top1_accuracy_response": top1_hit / top1_n if top1_n else None,
         "mean_entropy_k1": entropy_sum / entropy_n if entropy_n else None,
+        "relation": relation_stats(reader, sizes),
     }

@@ -23,11 +23,12 @@ from kdcache.cache.format import (
     checksum_arrays,
     data_array_names,
     logprob_tolerance,
+    relation_rank,
     sample_checksum,
     targets_of,
     validate_attrs,
 )
-from kdcache.cache.reader import PartIndex, list_parts, load_part_index
+from kdcache.cache.reader import PartIndex, list_parts, load_part_index, storage_view
 from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY, read_json_attrs
 from kdcache.positions import ROLE_VISUAL, select_positions
 
@@ -138,7 +139,7 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
         rep.add("no parts/<rank> groups: nothing was committed")
     for rank in ranks:
         try:
-            p = load_part_index(zarr, store, path, rank)
+            p = load_part_index(zarr, store, path, rank, attrs["settings"])
         except Exception as e:  # corrupt index chunk, missing array, bad attributes
             rep.add(f"part {rank}: cannot read the index ({type(e).__name__}: {e})")
             continue
@@ -266,6 +267,18 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
             rep.add(f"{where}: {name} rows are {arrays[name].shape[1:]}, "
                     f"expected hidden_size = {D}")
             good = False
+    R = relation_rank(attrs["settings"])
+    if "visual_factor" in arrays and arrays["visual_factor"].shape[1:] != (R,):
+        rep.add(f"{where}: visual_factor rows are {arrays['visual_factor'].shape[1:]}, expected the rank "
+                f"{R} of settings.relation {attrs['settings']['relation']!r}")
+        good = False
+    if R is not None:
+        err = p.cols["relation_error"].astype(np.float64)
+        bad = np.nonzero(~np.isfinite(err) | (err < 0) | (err > 1.5) | ((p.cols["status"] != STATUS_OK) & (err != 0)))[0]
+        if len(bad):
+            i = int(bad[0])
+            rep.add(f"{where}: index/relation_error of index row {i} (row {int(p.cols['row'][i])}) is {err[i]!r}, "
+                    f"expected a relative Gram error in [0, 1.5] (0 for a skipped sample); {len(bad)} such row(s)")
     rows = p.cols["row"].astype(np.int64)
     n_rows = int(attrs["dataset"]["num_rows"])
     bad = np.nonzero((rows < 0) | (rows >= n_rows))[0]
@@ -293,7 +306,7 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
 
 def _read(arr, lo: int, hi: int):
     try:
-        return arr[lo:hi], None
+        return storage_view(arr[lo:hi], arr.attrs.get("logical_dtype")), None
     except Exception as e:  # truncated shard, crc32c mismatch, blosc error, ...
         return None, f"{type(e).__name__}: {e}"
 
@@ -356,8 +369,9 @@ def _check_block(p: PartIndex, arrays: dict, idx: np.ndarray, attrs: dict, vocab
 def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype, vocab, attrs,
                   rep: VerifyReport, *, sid_bytes: bytes, probe: Top1Probe | None = None) -> None:
     hidden = d.get("visual_hidden")
+    factor = d.get("visual_factor")
     crc = sample_checksum(int(p.cols["row"][i]), sid_bytes, checksum_arrays(
-        *(d[n] for n in CHECKED), hidden, d.get("sample_counts"), d.get("position_hidden")))
+        *(d[n] for n in CHECKED), hidden, d.get("sample_counts"), d.get("position_hidden"), factor))
     if crc != int(p.cols["checksum"][i]):
         rep.add(f"{where}: checksum mismatch (stored {int(p.cols['checksum'][i]):#010x}, "
                 f"data gives {crc:#010x})")
@@ -396,8 +410,17 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
         h = bf16_bits_to_float32(hidden) if hidden.dtype == np.uint16 else hidden
         if not np.isfinite(h).all():
             rep.add(f"{where}: array visual_hidden has non-finite values")
+    elif factor is not None:
+        R = relation_rank(attrs["settings"])
+        if int(p.cols["num_visual"][i]) != n_vis or factor.shape != (n_vis, R):
+            rep.add(f"{where}: array visual_factor is {list(factor.shape)} (index num_visual "
+                    f"{int(p.cols['num_visual'][i])}), expected [{n_vis} visual tokens, rank {R}]")
+        f = bf16_bits_to_float32(factor) if factor.dtype == np.uint16 else factor
+        if not np.isfinite(f).all():
+            rep.add(f"{where}: array visual_factor has non-finite values")
     elif int(p.cols["num_visual"][i]) != 0:
-        why = "'none'" if hidden_mode == "none" else "rebuilt from position_hidden (targets hidden)"
+        why = ("'none'" if hidden_mode == "none" or attrs["settings"]["relation"] == "none"
+               else "rebuilt from position_hidden (targets hidden)")
         rep.add(f"{where}: index num_visual {int(p.cols['num_visual'][i])} but the visual hidden states are {why}")
     if "position_hidden" in d:
         ph = d["position_hidden"]

@@ -39,7 +39,6 @@ import torch
 from kdcache.cache.format import (
     AXIS_OF,
     DATA_ARRAYS,
-    INDEX_ARRAYS,
     REASON_CODES,
     STATUS_OK,
     TOTAL_KEYS,
@@ -52,9 +51,12 @@ from kdcache.cache.format import (
     data_specs,
     targets_of,
     index_specs,
+    rebuilds_visual_hidden,
+    relation_rank,
     sample_checksum,
     validate_attrs,
     zarr_compressors,
+    zarr_filters,
 )
 from kdcache.positions import ROLE_VISUAL, select_positions
 from kdcache.records import TeacherRecord
@@ -233,6 +235,7 @@ class CacheWriter:
         self.lp_dtype = np.dtype(self.settings["logprob_dtype"])
         self.hidden_mode = self.settings["hidden"]
         self.targets, self.n_draws = targets_of(self.settings)  # n_draws: N of sampled:N, else None
+        self.relation_rank = relation_rank(self.settings)  # R of relation lowrank:R, else None
         self.store = LocalStore(self.path)
         self.part_dir = self.path / "parts" / str(rank)
         self._lock = _lock_part(self.path, rank)
@@ -245,7 +248,7 @@ class CacheWriter:
         self.part = self._open_part(zarr)
 
         self.dspecs = data_specs(self.settings, self.hidden_size, layout)
-        self.ispecs = index_specs(layout)
+        self.ispecs = index_specs(layout, self.settings)
         self.data = {n: self._require_array(zarr, n, s) for n, s in self.dspecs.items()}
         self.index = {n: self._require_array(zarr, f"index/{n}", s) for n, s in self.ispecs.items()}
 
@@ -331,6 +334,7 @@ class CacheWriter:
             chunks=(spec.chunk_rows, *spec.row_shape),
             shards=(spec.shard_rows, *spec.row_shape) if spec.shard_rows else None,
             dtype=spec.dtype,
+            filters=zarr_filters(spec),
             compressors=zarr_compressors(spec),
             fill_value=0,
             attributes=attributes,
@@ -397,16 +401,17 @@ class CacheWriter:
                 )
         # targets hidden without stored visual rows: the reader rebuilds visual_hidden from the
         # position rows inside the image span, so every output in it must be a distilled position
-        rebuilt = self.targets == "hidden" and "visual_hidden" not in self.dspecs
+        rebuilt = rebuilds_visual_hidden(self.settings)
         if rebuilt and n_vis and not np.isin(np.nonzero(roles == ROLE_VISUAL)[0], pos).all():
             raise ValueError(f"{where}: an output in the image span is not a distilled position (the "
                              "image ends the sequence?), so visual_hidden cannot be rebuilt from "
                              "position_hidden; drop the sample or use --targets topk")
         draws = self._sample_counts(record, where, P) if self.targets == "sampled" else None  # [P, N]
         pos_hidden = self._position_hidden(record, where, P) if self.targets == "hidden" else None  # [P, D]
+        factor, rel_err = self._visual_factor(record, where, n_vis) if self.relation_rank else (None, 0.0)  # [N_vis, R]
         sid_bytes = np.frombuffer(sid.encode("utf-8"), dtype=np.uint8)
         crc = sample_checksum(record.row, sid, checksum_arrays(ids, roles, pos, kinds, tid, tlp, tail, hidden,
-                                                               draws, pos_hidden))
+                                                               draws, pos_hidden, factor))
         counts = np.bincount(kinds, minlength=3)[:3].astype(np.int32)
 
         slabs = {"input_ids": ids, "roles": roles, "positions": pos, "kinds": kinds,
@@ -418,8 +423,27 @@ class CacheWriter:
             slabs["sample_counts"] = draws
         if pos_hidden is not None:
             slabs["position_hidden"] = pos_hidden
-        self._append(slabs, record.row, STATUS_OK, counts, crc)
+        if factor is not None:
+            slabs["visual_factor"] = factor
+        self._append(slabs, record.row, STATUS_OK, counts, crc, rel_err)
         self._drain(force=False)
+
+    def _visual_factor(self, record: TeacherRecord, where: str, n_vis: int) -> tuple[np.ndarray, float]:
+        """relation lowrank:R: record.visual_factor -> stored [N_vis, R] (hidden dtype) and
+        record.relation_error, checked (finite, the error in [0, 1.5]: a rank-R truncation keeps
+        it <= 1, rounding adds little)."""
+        f, err = record.visual_factor, record.relation_error
+        if f is None or err is None:
+            raise ValueError(f"{where}: settings.relation is {self.settings['relation']!r} but the record has no "
+                             "visual_factor / relation_error: make records with teacher_records(relation=...) or "
+                             "kdcache.relation.factor_records")
+        a = _hidden_to_storage(f, self.hidden_mode)  # [N_vis, R]
+        if a.shape != (n_vis, self.relation_rank):
+            raise ValueError(f"{where}: visual_factor {tuple(a.shape)} should be [{n_vis} visual tokens, "
+                             f"rank {self.relation_rank}]")
+        if not (np.isfinite(err) and 0.0 <= err <= 1.5):
+            raise ValueError(f"{where}: relation_error {err!r} is not a relative error in [0, 1.5]")
+        return a, float(err)
 
     def _sample_counts(self, record: TeacherRecord, where: str, P: int) -> np.ndarray:
         """record.sample_counts -> uint16 [P, N], checked: 0 <= count, sum per position = N."""
@@ -452,7 +476,7 @@ class CacheWriter:
             raise ValueError(f"unknown skip reason {reason!r}: choose from {sorted(REASON_CODES)}")
         self._check_new_row(row, sample_id)
         sid_bytes = np.frombuffer(sample_id.encode("utf-8"), dtype=np.uint8)
-        self._append({"sample_id_bytes": sid_bytes}, row, code, np.zeros(3, np.int32), 0)
+        self._append({"sample_id_bytes": sid_bytes}, row, code, np.zeros(3, np.int32), 0, 0.0)
         self._drain(force=False)
 
     def flush(self) -> None:
@@ -549,8 +573,9 @@ class CacheWriter:
                 "listed by committed_rows() when resuming"
             )
 
-    def _append(self, slabs: dict[str, np.ndarray], row, status, counts, crc) -> None:
-        """Buffer a sample's rows and its (not yet committed) index row."""
+    def _append(self, slabs: dict[str, np.ndarray], row, status, counts, crc, relation_error: float) -> None:
+        """Buffer a sample's rows and its (not yet committed) index row (``relation_error`` is
+        written only with relation lowrank:R)."""
         nx = self._next
         lens = {axis: 0 for axis in TOTAL_KEYS}
         for name, a in slabs.items():
@@ -562,6 +587,7 @@ class CacheWriter:
             "num_tokens": lens["tokens"], "pos_offset": nx["positions"], "counts": counts,
             "vis_offset": nx["visual"], "num_visual": lens["visual"],
             "id_offset": nx["id_bytes"], "id_len": lens["id_bytes"], "checksum": crc,
+            "relation_error": relation_error,
         })
         for axis in TOTAL_KEYS:
             nx[axis] += lens[axis]
@@ -584,6 +610,8 @@ class CacheWriter:
         if n <= 0:
             return
         slab = self._take(name, n)
+        if self.dspecs[name].logical_dtype == "float16":  # float16 stored as its bits (delta-coded)
+            slab = slab.view(np.uint16)
         start = self._written[name]
         arr = self.data[name]
         step = self.dspecs[name].shard_rows
@@ -640,10 +668,10 @@ class CacheWriter:
         """Step 2: index rows after the committed ones (one zarr write per index array)."""
         n = len(rows)
         start = self.num_committed
-        for j, (name, (dtype, _w)) in enumerate(INDEX_ARRAYS.items()):
+        for j, (name, spec) in enumerate(self.ispecs.items()):
             if j:
                 _fault_point("index")
-            slab = np.asarray([r[name] for r in rows], dtype=dtype)
+            slab = np.asarray([r[name] for r in rows], dtype=spec.dtype)
             arr = self.index[name]
             self._grow(arr, start + n, self.layout.index_chunk_rows)
             arr[start : start + n] = slab

@@ -37,7 +37,10 @@ def test_make_attrs_valid_and_canonical():
     # every data array has a codec entry; bf16 hidden is a uint16 with a logical dtype
     assert a["codecs"]["visual_hidden"]["dtype"] == "uint16"
     assert a["codecs"]["visual_hidden"]["logical_dtype"] == "bfloat16"
-    assert a["codecs"]["topk_logprobs"]["dtype"] == "float16"
+    # float16 log-probs are stored as their uint16 bits, delta-coded (lossless)
+    assert a["codecs"]["topk_logprobs"]["dtype"] == "uint16"
+    assert a["codecs"]["topk_logprobs"]["logical_dtype"] == "float16"
+    assert a["codecs"]["topk_logprobs"]["compressor"] == "delta-zstd-3"
     assert "index/checksum" in a["codecs"]
     assert "visual_hidden" not in make_attrs_for(hidden="none")["codecs"]
 
