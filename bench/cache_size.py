@@ -3,10 +3,12 @@
     python bench/cache_size.py --teacher runs/teacher/sft --data data/instruct_small.json \\
         --images data/images [--ks 16,32,64,128] [--limit 200]
 
-For each k and relation mode (hidden bf16 / none) it dumps the first ``--limit`` samples and
-prints, side by side: the naive bytes of the top-k (int32 ids + float16 log-probs = 6k bytes per
-position), what the cache stores for the same arrays after its codecs, the ratio, the visual
-hidden-state bytes per sample, and the whole cache per sample. Log-probs are stored exactly
+For each k and relation mode (``--relation hidden`` with bf16 hidden states, ``lowrank:R`` with
+``--rank`` R = 64 in bf16, ``none``) it dumps the first ``--limit`` samples and prints, side by
+side: the naive bytes of the top-k (int32 ids + float16 log-probs = 6k bytes per position), what
+the cache stores for the same arrays after its codecs, the ratio, the relation data's bytes per
+sample on disk (visual_hidden or visual_factor), the relative Gram error of the factor
+||R - F F^T||_F / ||R||_F over samples (mean and max, lowrank only), and the whole cache per sample. Log-probs are stored exactly
 (float16 rounding only): the max |error| against a float32 dump of the same k is printed with the
 KL between the two coarsened distributions. Choose codecs on a trained teacher's cache (the
 demo's), not on random weights: trained distributions are peaked and compress differently.
@@ -32,6 +34,7 @@ def main(argv=None) -> None:
     ap.add_argument("--images", required=True)
     ap.add_argument("--ks", default="16,32,64,128")
     ap.add_argument("--limit", type=int, default=200, help="samples to dump (first N of --data)")
+    ap.add_argument("--rank", type=int, default=64, help="R of the lowrank:R relation row")
     ap.add_argument("--out", default=None, help="where to keep the caches (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -48,10 +51,10 @@ def main(argv=None) -> None:
         ref = work / f"k{k}-f32.zarr"
         dump(DumpConfig(teacher=args.teacher, data=str(data), images=args.images, out=str(ref), top_k=k,
                         logprob_dtype="float32", hidden="none", num_workers=0))
-        for hidden in ("bf16", "none"):
-            p = work / f"k{k}-{hidden}.zarr"
+        for relation in ("hidden", f"lowrank:{args.rank}", "none"):
+            p = work / f"k{k}-{relation.replace(':', '')}.zarr"
             dump(DumpConfig(teacher=args.teacher, data=str(data), images=args.images, out=str(p), top_k=k,
-                            hidden=hidden, num_workers=0))
+                            hidden="bf16", relation=relation, num_workers=0))
             r, rr = CacheReader(p), CacheReader(ref)
             P = sum(len(x.positions) for x in r.read_range(0, 0, r.part_sizes[0]))  # one rank: part 0
             b = disk_bytes(p)
@@ -67,16 +70,23 @@ def main(argv=None) -> None:
                 p32 = np.exp(t32)
                 kls.append(np.where(p32 > 0, p32 * (t32 - t16), 0).sum(1))
             S = r.num_samples
-            rows.append((k, hidden, 6 * k, topk / P, 6 * k / (topk / P), b.get("visual_hidden", 0) / S,
-                         sum(b.values()) / S, err, float(np.concatenate(kls).mean())))
-    head = (f"{'k':>4} {'hidden':>7} {'naive B/pos':>12} {'stored B/pos':>13} {'ratio':>6} {'hidden KB/smp':>14}"
-            f" {'cache KB/smp':>13} {'max|dlp|':>9} {'KL(f32||f16)':>13}")
+            rel = b.get("visual_hidden", 0) + b.get("visual_factor", 0) + b.get("index/relation_error", 0)
+            errs = (np.concatenate([part.cols["relation_error"][part.ok] for part in r.parts.values()])
+                    if relation.startswith("lowrank:") else np.zeros(0))  # [S] per-sample relative Gram error
+            rows.append((k, relation, 6 * k, topk / P, 6 * k / (topk / P), rel / S, errs, sum(b.values()) / S, err,
+                         float(np.concatenate(kls).mean())))
+    head = (f"{'k':>4} {'relation':>11} {'naive B/pos':>12} {'stored B/pos':>13} {'ratio':>6} {'rel KB/smp':>11}"
+            f" {'rel err mean':>13} {'rel err max':>12} {'cache KB/smp':>13} {'max|dlp|':>9} {'KL(f32||f16)':>13}")
     print(head)
     print("-" * len(head))
-    for k, h, naive, stored, ratio, hid, tot, err, kl in rows:
-        print(f"{k:>4} {h:>7} {naive:>12.0f} {stored:>13.1f} {ratio:>6.2f} {hid / 1024:>14.1f} {tot / 1024:>13.1f}"
-              f" {err:>9.2e} {kl:>13.2e}")
-    print(f"\ncaches under {work}; relation mode lowrank:R is not implemented yet (see the issue notes)")
+    for k, rel, naive, stored, ratio, rel_b, errs, tot, err, kl in rows:
+        e_mean, e_max = (f"{errs.mean():.2e}", f"{errs.max():.2e}") if errs.size else ("-", "-")
+        print(f"{k:>4} {rel:>11} {naive:>12.0f} {stored:>13.1f} {ratio:>6.2f} {rel_b / 1024:>11.2f} {e_mean:>13}"
+              f" {e_max:>12} {tot / 1024:>13.1f} {err:>9.2e} {kl:>13.2e}")
+    n_vis = r.attrs["teacher"]["num_image_tokens"]
+    print(f"\ncaches under {work}; {n_vis} visual tokens per image: relation bytes per sample before compression "
+          f"are 2 N D (hidden bf16) and 2 N R (lowrank:R bf16) -- at N = 729, D = 2048: "
+          f"{2 * 729 * 2048 / 1e6:.1f} MB vs {2 * 729 * args.rank / 1e3:.0f} KB at R = {args.rank}")
 
 
 if __name__ == "__main__":

@@ -146,8 +146,8 @@ def main(argv=None):
             rate = m["n"] / m["total"]
             print(f"{w:>7} {'packed' if packed else 'per-record':>10} {m['first']:>11.2f} {rate:>10.1f} {m['steady']:>9.1f} {disk / N * m['steady'] / 1e6:>10.1f} "
                   f"{m['bytes'] / m['n'] * m['steady'] / 1e6:>13.1f} {m['steady'] / args.need:>7.2f}")
-        print("steady = after the first batch; MB/s and x need at the steady rate. Each (rank, worker) reads "
-              "every block it has a sample in, so k workers read the cache ~k times (see CacheDataset).")
+        print("steady = after the first batch; MB/s and x need at the steady rate. Each (rank, worker) decodes "
+              "only its own samples' hidden states; the narrow arrays of a block are read once per worker.")
 
 
 if __name__ == "__main__":

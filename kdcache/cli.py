@@ -154,6 +154,9 @@ def dump(
     hidden: str = typer.Option(_DUMP.hidden, help="Visual hidden states for L_rel: bf16 | fp16 | float32 | none. With "
                                             "--backend vllm they come from an HF forward of the teacher (none: "
                                             "skip it, no L_rel targets)."),
+    relation: str = typer.Option(_DUMP.relation, help="L_rel targets: hidden (visual hidden states) | none | "
+                                                      "lowrank:R (rank-R factor of the logit Gram in the --hidden "
+                                                      "dtype, ~93 KB/sample at R = 64; error recorded per sample)."),
     logprob_dtype: str = typer.Option("float16", help="float16 | float32"),
     temperature: float = typer.Option(1.0, help="Dump softmax temperature (recorded; KD temperature is train's)."),
     targets: str = typer.Option(_DUMP.targets, help="topk: the --top-k ids, log-probs and tail mass per position | "
@@ -215,7 +218,8 @@ def dump(
 
     try:
         cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
-                         positions=parse_kinds(positions), hidden=hidden, logprob_dtype=logprob_dtype,
+                         positions=parse_kinds(positions), hidden=hidden, relation=relation,
+                         logprob_dtype=logprob_dtype,
                          temperature=temperature, targets=targets, draw_seed=draw_seed, batch_size=batch_size,
                          max_length=max_length, on_too_long=on_too_long, template=template,
                          num_workers=num_workers, device=device,

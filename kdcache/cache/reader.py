@@ -132,6 +132,10 @@ def hidden_from_storage(a: np.ndarray, logical: str | None) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+# Arrays whose rows to read exceed this are read run by run instead of over the whole span.
+WIDE_READ_BYTES = 4 << 20
+
+
 class CacheReader:
     """Read-only view of the committed samples of a cache (a snapshot taken when first used;
     ``refresh()`` takes a new one).
@@ -259,24 +263,44 @@ class CacheReader:
                                "missing sample_id_bytes chunk); run `kdcache verify` and re-dump the part")
         return ids
 
-    def read_slab(self, rank: int, idx: np.ndarray, arrays) -> dict[str, tuple[np.ndarray, int]]:
-        """One zarr read per array covering index rows ``idx`` (ascending): name -> (slab, first
-        offset). Raises CacheCorrupt naming the array on a decode error."""
+    def read_slab(self, rank: int, idx: np.ndarray, arrays) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The rows of index rows ``idx`` (ascending) of every array in ``arrays``: name ->
+        (slab, starts), sample ``idx[j]``'s rows being ``slab[starts[j] : starts[j] + length]``.
+
+        Narrow arrays are read in one zarr call over the whole span (a call costs ~1 ms whatever
+        its size). Wide ones (hidden states, factors: a chunk holds about a sample) are read one
+        run of consecutive samples at a time, so a DataLoader worker that needs a few samples of
+        a block decodes only theirs, not the block. Raises CacheCorrupt naming the array on a
+        decode error."""
         p = self.parts[rank]
         out = {}
         for name in arrays:
             axis = AXIS_OF[name]
-            off = p.offset(axis)[idx]
-            ln = p.length(axis)[idx]
-            lo, hi = int(off[0]), int(off[-1] + ln[-1])
-            try:
-                slab = self._array(rank, name)[lo:hi]
-            except Exception as e:  # zarr raises assorted errors for corrupt/truncated chunks
-                raise CacheCorrupt(
-                    f"parts/{rank}/{name} rows {lo}:{hi}: cannot decode ({type(e).__name__}: {e}); "
-                    "run `kdcache verify` and re-dump the damaged part"
-                ) from e
-            out[name] = (storage_view(slab, self._array(rank, name).attrs.get("logical_dtype")), lo)
+            off = p.offset(axis)[idx].astype(np.int64)
+            ln = p.length(axis)[idx].astype(np.int64)
+            arr = self._array(rank, name)
+            row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+            if row_bytes * int(ln.sum()) >= WIDE_READ_BYTES:
+                # runs of samples stored back to back: one read each
+                brk = np.nonzero(off[1:] != off[:-1] + ln[:-1])[0] + 1
+                runs = [(int(off[a]), int(off[b - 1] + ln[b - 1])) for a, b in
+                        zip(np.r_[0, brk], np.r_[brk, len(idx)])]
+            else:
+                runs = [(int(off[0]), int(off[-1] + ln[-1]))]
+            pieces, base, starts = [], 0, np.empty(len(idx), dtype=np.int64)
+            for lo, hi in runs:
+                try:
+                    pieces.append(arr[lo:hi])
+                except Exception as e:  # zarr raises assorted errors for corrupt/truncated chunks
+                    raise CacheCorrupt(
+                        f"parts/{rank}/{name} rows {lo}:{hi}: cannot decode ({type(e).__name__}: {e}); "
+                        "run `kdcache verify` and re-dump the damaged part"
+                    ) from e
+                inside = (off >= lo) & (off < hi) | ((ln == 0) & (off == hi))
+                starts[inside] = off[inside] - lo + base
+                base += hi - lo
+            slab = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            out[name] = (storage_view(slab, arr.attrs.get("logical_dtype")), starts)
         return out
 
     def read_range(self, part: int, start: int, stop: int) -> list[TeacherRecord]:
@@ -313,10 +337,9 @@ class CacheReader:
         recs = []
         for j, i in enumerate(idx):
             parts = {}
-            for name, (slab, lo) in slabs.items():
-                axis = AXIS_OF[name]
-                o = int(p.offset(axis)[i]) - lo
-                parts[name] = slab[o : o + int(p.length(axis)[i])]
+            for name, (slab, starts) in slabs.items():
+                o = int(starts[j])
+                parts[name] = slab[o : o + int(p.length(AXIS_OF[name])[i])]
             if self.check:
                 crc = sample_checksum(int(p.cols["row"][i]), sids[j], checksum_arrays(
                     *(parts[n] for n in names[:7]), parts.get("visual_hidden"), parts.get("sample_counts"),
@@ -429,11 +452,13 @@ class CacheDataset(torch.utils.data.IterableDataset):
     skips the first N of that rank's sequence (mid-epoch resume: resume state is just
     (epoch, samples consumed)). The rest is dealt to workers in groups of ``batch_size`` (set it
     to the DataLoader's batch_size) so the order seen through a DataLoader is the same for any
-    ``num_workers``. Each worker reads whole blocks with ``read_range`` and yields
-    ``transform(record)`` (or the record).
+    ``num_workers``. On entering a block a worker reads its own samples of it (``read_rows``: the
+    narrow arrays over the block's span in one call each, the wide ones -- hidden states,
+    factors -- sample run by sample run) and yields ``transform(record)`` (or the record).
 
-    Note: every (rank, worker) reads each block it has a sample in, i.e. about every block, so
-    the bytes read per epoch grow with world_size * num_workers; keep block_size modest.
+    Cost to know: the narrow arrays (ids, top-k) of a block are read by every (rank, worker)
+    with a sample in it, i.e. ``world_size * num_workers`` times per epoch; the hidden states,
+    most of the bytes, once.
     """
 
     def __init__(self, path, *, seed: int, epoch: int = 0, block_size: int = 64, rank: int = 0,
@@ -468,12 +493,20 @@ class CacheDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         seq = self.order()
-        cache_key, cache = None, []
-        for j in worker_slice(len(seq), worker, nw, self.batch_size):
+        mine = worker_slice(len(seq), worker, nw, self.batch_size)
+        # this worker's samples of each block, read together when the worker enters the block
+        wanted: dict[tuple[int, int], list[int]] = {}
+        for j in mine:
             part, i = seq[j]
-            b0 = (i // self.block_size) * self.block_size
-            if cache_key != (part, b0):
-                cache_key = (part, b0)
-                cache = self.reader.read_range(part, b0, b0 + self.block_size)
-            rec = cache[i - b0]
+            wanted.setdefault((part, (i // self.block_size) * self.block_size), []).append(i)
+        cache_key, cache = None, {}
+        for j in mine:
+            part, i = seq[j]
+            key = (part, (i // self.block_size) * self.block_size)
+            if cache_key != key:
+                cache_key = key
+                rows = sorted(set(wanted[key]))
+                p = self.reader.parts[part]
+                cache = dict(zip(rows, self.reader.read_rows(p, p.ok[np.asarray(rows)])))
+            rec = cache[i]
             yield self.transform(rec) if self.transform is not None else rec

@@ -200,3 +200,28 @@ def collate(items: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any
         "sample_ids": [it["sample_id"] for it in items],
         "rows": [int(it["row"]) for it in items],
     }
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, window: int) -> list[list[int]]:
+    """Batches of indices with little padding, in windows of consecutive samples.
+
+    The samples are cut into consecutive windows of ``window`` (a multiple of ``batch_size``);
+    inside each window they are sorted by length (longest first, ties by index) and cut into
+    batches. A sample never leaves its window, so a consumer that restores the original order
+    (``kdcache.dump`` writes in row order) buffers at most one window, and the batches are a pure
+    function of the lengths: a resumed dump batches its remaining samples the same way.
+    lengths [S] -> list of index batches covering range(S) once.
+    """
+    if batch_size < 1 or window < batch_size or window % batch_size:
+        raise ValueError(f"window ({window}) must be a positive multiple of batch_size ({batch_size})")
+    out: list[list[int]] = []
+    for w0 in range(0, len(lengths), window):
+        idx = sorted(range(w0, min(w0 + window, len(lengths))), key=lambda i: (-int(lengths[i]), i))
+        out += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    return out
+
+
+def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of the batches' [B, T_max] token slots that are padding."""
+    slots = sum(len(b) * max(int(lengths[i]) for i in b) for b in batches if b)
+    return 1.0 - sum(int(n) for n in lengths) / slots if slots else 0.0

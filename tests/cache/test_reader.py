@@ -41,6 +41,22 @@ def test_round_trip_exact(cache, records):
     assert r.skipped() == [(100, "bad-1", "no_response"), (101, "bad-2", "too_long")]
 
 
+@pytest.mark.parametrize("wide_bytes", [1, 1 << 40])  # wide arrays run by run / everything in one span
+def test_sparse_rows_read_only_what_they_need_and_equal_the_dense_read(cache, records, monkeypatch, wide_bytes):
+    """What a DataLoader worker does: its own, scattered samples of a block."""
+    import numpy as np
+
+    from kdcache.cache import reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "WIDE_READ_BYTES", wide_bytes)
+    r = CacheReader(cache)
+    p = r.parts[0]
+    want = [3, 4, 9, 17, 18, 19, 33]
+    got = r.read_rows(p, p.ok[np.asarray(want)])
+    for i, b in zip(want, got):
+        records_equal(records[i], b)
+
+
 @pytest.mark.parametrize("hidden", ["fp16", "float32", "none"])
 def test_round_trip_other_hidden_modes(tmp_path, hidden):
     recs = [make_record(i, hidden="float32" if hidden != "none" else "none") for i in range(5)]

@@ -171,3 +171,23 @@ def test_truncate_flag_keeps_long_samples(syn, tok, proc, tmp_path):
     n = dataset(ok, syn, tok, proc)[0]["input_ids"].shape[0]
     ds = dataset(ok, syn, tok, proc, on_too_long="truncate", max_length=n - 1)
     assert ds[0]["input_ids"].shape[0] == n - 1
+
+
+def test_length_batches_cover_each_index_once_and_cut_padding():
+    import random
+
+    from kdcache.data.collate import length_batches, padding_fraction
+
+    rng = random.Random(0)
+    lengths = [rng.randint(750, 2048) for _ in range(1000)]
+    plain = [list(range(i, min(i + 8, 1000))) for i in range(0, 1000, 8)]
+    bucketed = length_batches(lengths, 8, 128)
+    assert sorted(i for b in bucketed for i in b) == list(range(1000))
+    assert all(len(b) <= 8 for b in bucketed)
+    # a sample stays in its window of 128 consecutive samples
+    for b in bucketed:
+        assert len({i // 128 for i in b}) == 1
+    assert padding_fraction(lengths, bucketed) < 0.1 * padding_fraction(lengths, plain)
+    assert length_batches(lengths, 8, 128) == bucketed  # a pure function of the lengths
+    with pytest.raises(ValueError, match="multiple"):
+        length_batches(lengths, 8, 12)
