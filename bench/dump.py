@@ -164,7 +164,8 @@ def run_vllm(teacher_dir: str, batches, images, warmup_index: int, out: Path, at
     dt = time.perf_counter() - t0
     nbytes = sum(f.stat().st_size for f in (out / "parts" / "0").rglob("*") if f.is_file())
     return {"path": "vllm", "samples": n_samples, "seconds": dt, "tokens/s": n_tok / dt, "samples/s": n_samples / dt,
-            "positions/s": n_pos / dt, "B/position": nbytes / max(n_pos, 1), "hidden B/vis-row": 0.0,
+            "positions/s": n_pos / dt, "TFLOP/s": float("nan"), "MFU": float("nan"),  # vLLM's model FLOPs: not counted
+            "B/position": nbytes / max(n_pos, 1), "hidden B/vis-row": 0.0,
             "peak GiB": float("nan")}
 
 
@@ -200,7 +201,7 @@ def sync(device: torch.device) -> None:
 
 
 def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, device, top_k: int,
-             hidden: bool) -> dict:
+             hidden: bool, peak: float) -> dict:
     """Warm up, then time forward + records + writer over ``batches``; returns a row of the table."""
     fn(model, warmup, kinds=KINDS, top_k=top_k, with_hidden=hidden)
     sync(device)
@@ -208,10 +209,13 @@ def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, devi
         torch.cuda.reset_peak_memory_stats(device)
     writer = CacheWriter(out, attrs)
     n_tok = n_pos = n_samples = 0
+    flops = 0.0
     sync(device)
     t0 = time.perf_counter()
     for batch in batches:
-        for r in fn(model, batch, kinds=KINDS, top_k=top_k, with_hidden=hidden):
+        recs = fn(model, batch, kinds=KINDS, top_k=top_k, with_hidden=hidden)
+        flops += sample_flops(model, batch, sum(len(r.positions) for r in recs))
+        for r in recs:
             writer.add(r)  # copies to the host: a sync point per record
             n_tok += r.num_tokens
             n_pos += len(r.positions)
@@ -224,9 +228,46 @@ def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, devi
     hbytes = sum(f.stat().st_size for f in (part / "visual_hidden").rglob("*") if f.is_file()) if hidden else 0
     n_vis = CacheReader(out, check=False).parts[0].totals["visual"]
     return {"path": name, "samples": n_samples, "seconds": dt, "tokens/s": n_tok / dt, "samples/s": n_samples / dt,
-            "positions/s": n_pos / dt, "B/position": nbytes / max(n_pos, 1),
+            "positions/s": n_pos / dt, "TFLOP/s": flops / dt / 1e12, "MFU": flops / dt / peak,
+            "B/position": nbytes / max(n_pos, 1),
             "hidden B/vis-row": hbytes / max(n_vis, 1),
             "peak GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul FLOP/s in ``dtype`` on ``device`` (the MFU denominator): the best of
+    a few square products, 8192 on CUDA, 1024 on CPU."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def sample_flops(model, batch: dict, positions: int) -> float:
+    """Forward FLOPs the dump needs for a batch: 2 x parameters per token for the LLM body (embedding
+    excluded), causal attention 2 L T^2 d per sample, the vision tower over its patches and the
+    projector over the image tokens (2 x parameters each), and the LM head at the distilled
+    ``positions`` only (2 V D each). Padding is not counted: it is waste, not work."""
+    lm = model.model.language_model
+    p_llm = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    cfg = model.config.text_config
+    p_vis = sum(p.numel() for p in model.model.vision_tower.parameters())
+    p_proj = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    v_cfg = model.config.vision_config
+    patches = (v_cfg.image_size // v_cfg.patch_size) ** 2
+    lengths = batch["attention_mask"].sum(1).tolist()
+    n_img = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
+    n_image_tokens = int((batch["roles"] == ROLE_VISUAL).sum())
+    V, D = model.lm_head.weight.shape
+    return (2 * p_llm * sum(lengths) + sum(2 * cfg.num_hidden_layers * t * t * cfg.hidden_size for t in lengths)
+            + 2 * p_vis * patches * n_img + 2 * p_proj * n_image_tokens + 2 * V * D * positions)
 
 
 def agreement(a: Path, b: Path, n: int = 8) -> str:
@@ -241,9 +282,10 @@ def agreement(a: Path, b: Path, n: int = 8) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["path", "samples", "seconds", "tokens/s", "samples/s", "positions/s", "B/position",
+    cols = ["path", "samples", "seconds", "tokens/s", "samples/s", "positions/s", "TFLOP/s", "MFU", "B/position",
             "hidden B/vis-row", "peak GiB"]
     fmt = {"seconds": "{:.2f}", "tokens/s": "{:.0f}", "samples/s": "{:.1f}", "positions/s": "{:.0f}",
+           "TFLOP/s": "{:.3g}", "MFU": "{:.1%}",
            "B/position": "{:.0f}", "hidden B/vis-row": "{:.0f}", "peak GiB": "{:.2f}"}
     cells = [[("n/a" if isinstance(r[c], float) and np.isnan(r[c]) else fmt.get(c, "{}").format(r[c]))
               for c in cols] for r in rows]
@@ -322,15 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name} on {device} ({dtype}): vocab {V}, hidden {D}, {n_image} visual + {args.text_tokens} "
           f"text = {T} tokens/sample, batch {args.batch_size}, {args.num_samples} samples, top-{args.top_k}, "
           f"hidden {args.hidden}, torch {torch.__version__}")
+    peak = matmul_peak(device, dtype)
+    print(f"measured matmul peak ({dtype}): {peak / 1e12:.3g} TFLOP/s (the MFU denominator)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         rows.append(run_path("kdcache", ours, model, batches, warmup, Path(tmp) / "ours.zarr", attrs, device,
-                             args.top_k, hidden))
+                             args.top_k, hidden, peak))
         if args.compare_naive:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(run_path("naive", naive_records, model, batches, warmup, Path(tmp) / "naive.zarr",
-                                 attrs, device, args.top_k, hidden))
+                                 attrs, device, args.top_k, hidden, peak))
             check = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "naive.zarr")
         if use_vllm:
             import dataclasses

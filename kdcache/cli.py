@@ -175,6 +175,9 @@ def dump(
                                                     "crash may lose; 0 = after every batch)."),
     dist_timeout_s: float = typer.Option(_DUMP.dist_timeout_s, help="Multi-rank: how long a rank waits for a "
                                                                     "dead peer before failing."),
+    bucket_batches: int = typer.Option(_DUMP.bucket_batches, help="Sort each window of this many batches by "
+                                                                  "length before batching (less padding); 1 = data "
+                                                                  "order. The cache is written in row order either way."),
     backend: str = typer.Option(_DUMP.backend, help="hf (Hugging Face, the reference) | vllm (needs `pip install "
                                            "'kdcache\\[vllm]'`: log-probs from vLLM with the tail from the top-k "
                                            "alone; temperature 1; one process; hidden states from HF, see below)."),
@@ -223,7 +226,8 @@ def dump(
                          temperature=temperature, targets=targets, draw_seed=draw_seed, batch_size=batch_size,
                          max_length=max_length, on_too_long=on_too_long, template=template,
                          num_workers=num_workers, device=device,
-                         commit_every_s=commit_every_s, dist_timeout_s=dist_timeout_s, backend=backend,
+                         commit_every_s=commit_every_s, dist_timeout_s=dist_timeout_s, bucket_batches=bucket_batches,
+                         backend=backend,
                          vllm=_VLLM(tensor_parallel_size=vllm_tensor_parallel_size,
                                     max_num_batched_tokens=vllm_max_num_batched_tokens, dtype=vllm_dtype,
                                     gpu_memory_utilization=vllm_gpu_memory_utilization,

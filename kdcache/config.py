@@ -90,6 +90,9 @@ class DumpConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     commit_every_s: float = 60.0  # at most this much teacher work is redone after a crash (0: every batch)
     dist_timeout_s: float = 600.0  # how long a rank waits in a collective for a dead peer before failing
+    # Batches per window of consecutive samples sorted by length before batching (less padding;
+    # the cache is still written in row order); 1: batches in data order.
+    bucket_batches: int = 16
     # hf: the reference (kdcache.teacher). vllm: log-probs from vLLM's prompt log-probs (tail from
     # the head, temperature 1, one process); hidden states, unless none, from an HF forward.
     backend: str = "hf"
@@ -224,6 +227,8 @@ def validate(cfg) -> None:
             raise ConfigError(f"logprob_dtype: {cfg.logprob_dtype!r} is not float16 or float32")
         if cfg.top_k < 1:
             raise ConfigError("top_k must be >= 1")
+        if cfg.bucket_batches < 1:
+            raise ConfigError(f"bucket_batches must be >= 1 (1: no length bucketing), got {cfg.bucket_batches}")
         from .records import parse_targets
 
         try:

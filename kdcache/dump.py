@@ -47,6 +47,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,6 +256,26 @@ class RunStats:
     seconds: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
     already_done: int = 0  # samples committed by earlier runs (resume)
+    padding: float = 0.0  # share of the teacher's [B, T_max] token slots that were padding
+
+
+def in_row_order(record_batches, rows: list[int], drop=frozenset()):
+    """Re-emit records in ``rows`` order: each output batch is the longest run of rows, from the
+    next one due, that has arrived; records of rows in ``drop`` (already committed) are dropped.
+    Batches sorted by length inside windows of consecutive rows (``length_batches``) arrive at
+    most one window early, so that is all this buffers."""
+    pending, nxt = {}, 0
+    for recs in record_batches:
+        for r in recs:
+            if r.row not in drop:
+                pending[r.row] = r
+        out = []
+        while nxt < len(rows) and rows[nxt] in pending:
+            out.append(pending.pop(rows[nxt]))
+            nxt += 1
+        yield out
+    if pending:
+        raise RuntimeError(f"records of rows {sorted(pending)[:5]} arrived but rows {rows[nxt:nxt + 5]} never did")
 
 
 def dir_bytes(path: Path) -> int:
@@ -448,7 +469,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
     from tqdm.auto import tqdm
 
     from .cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
-    from .data.collate import LlavaTorchDataset, collate, prepare_samples
+    from .data.collate import LlavaTorchDataset, collate, length_batches, padding_fraction, prepare_samples
     from .models import image_token_id
     from .relation import HIDDEN_TORCH_DTYPES, parse_relation, stored_relation
     from .teacher import teacher_records
@@ -473,13 +494,30 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
         writer.write_gram(lm_gram(model.lm_head.weight.detach().float()).cpu().numpy())
         if exact:  # W [V, D] itself: the trainer recovers the full distribution as softmax(H W^T / T)
             writer.write_lm_head(model.lm_head.weight.detach().cpu())
-    kept, toks, skipped = prepare_samples(
-        [s for s in mine if s.row not in done], tok, images_root=cfg.images, template=cfg.template,
-        image_token_id=image_token_id(model.config), num_image_tokens=n_image, max_length=cfg.max_length,
-        on_too_long=cfg.on_too_long)
+    # Batches are sorted by length inside windows of W consecutive samples of this rank (little
+    # padding). A sample's batch -- hence its padded shape, hence its exact float results -- is a
+    # pure function of the rank's rows, whatever a crash left committed: commits go in row order,
+    # so only the window holding the first undone row is partly done, and it is rerun whole (its
+    # done rows' records dropped). That keeps a resumed cache equal, bit for bit, to an
+    # uninterrupted one.
+    W = cfg.batch_size * cfg.bucket_batches
+    first_todo = next((i for i, s in enumerate(mine) if s.row not in done), len(mine))
+    start = (first_todo // W) * W if vllm_records is None else first_todo
+    window_of = {s.row: (start + i) // W for i, s in enumerate(mine[start:])}
+    kept_all, toks_all, skipped = prepare_samples(
+        [s for s in mine[start:] if s.row not in done or vllm_records is None], tok, images_root=cfg.images,
+        template=cfg.template, image_token_id=image_token_id(model.config), num_image_tokens=n_image,
+        max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+    skipped.items = [it for it in skipped.items if it[0] not in done]
+    skipped.counts = Counter(why for _row, _sid, why in skipped.items)
+    todo = [j for j, s in enumerate(kept_all) if s.row not in done]
+    kept, toks = [kept_all[j] for j in todo], [toks_all[j] for j in todo]
     if vllm_records is None:
-        ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images)
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        ds = LlavaTorchDataset.from_prepared(kept_all, toks_all, processor.image_processor, cfg.images)
+        lengths = [len(t.input_ids) for t in toks_all]
+        batches = length_batches(lengths, cfg.batch_size, [window_of[s.row] for s in kept_all])
+        stats.padding = padding_fraction(lengths, batches)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
                                              collate_fn=functools.partial(collate, pad_token_id=tok.pad_token_id),
                                              prefetch_factor=4 if cfg.num_workers else None)
         relation = stored_relation(cfg.relation, cfg.hidden)
@@ -492,6 +530,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
                                           relation_dtype=HIDDEN_TORCH_DTYPES[cfg.hidden] if c is not None
                                           else torch.bfloat16)  # not used without a factor
                           for batch in loader)
+        record_batches = in_row_order(record_batches, [s.row for s in kept], drop=done)
     else:
         if free_model:
             # vLLM loads its own copy of the weights: drop the CPU copy's storage (every reference
@@ -550,12 +589,12 @@ def _reduce(stats: RunStats, world: int, device: torch.device) -> RunStats:
     dev = device if device.type == "cuda" else torch.device("cpu")
     v = torch.tensor([stats.samples, stats.tokens, stats.positions, stats.bytes_written, stats.already_done]
                      + [stats.skipped.get(r, 0) for r in SKIP_REASONS], dtype=torch.float64, device=dev)
-    t = torch.tensor([stats.seconds], dtype=torch.float64, device=dev)
+    t = torch.tensor([stats.seconds, stats.padding], dtype=torch.float64, device=dev)
     tdist.all_reduce(v, op=tdist.ReduceOp.SUM)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     v = [int(x) for x in v.tolist()]
     return RunStats(samples=v[0], tokens=v[1], positions=v[2], bytes_written=v[3], already_done=v[4],
-                    seconds=float(t.item()),
+                    seconds=float(t[0]), padding=float(t[1]),  # padding: the worst rank's
                     skipped={r: n for r, n in zip(SKIP_REASONS, v[5:]) if n})
 
 
@@ -579,7 +618,8 @@ def final_line(out: Path, stats: RunStats) -> str:
     run = (f"dump done: {stats.samples} samples, {stats.tokens} tokens, {stats.positions} positions "
            f"in {stats.seconds:.1f} s ({stats.samples / dt:.1f} samples/s, {stats.tokens / dt:.0f} tokens/s); "
            f"wrote {stats.bytes_written / 2**20:.2f} MiB"
-           + (f" ({stats.bytes_written / stats.positions:.0f} bytes/position)" if stats.positions else ""))
+           + (f" ({stats.bytes_written / stats.positions:.0f} bytes/position)" if stats.positions else "")
+           + (f"; padding {100 * stats.padding:.1f}% of the teacher's token slots" if stats.samples else ""))
     if stats.samples == 0 and stats.already_done:
         run = f"nothing to do: all {stats.already_done} rows were already committed"
     elif stats.already_done:

@@ -248,7 +248,7 @@ def test_bad_samples_are_skipped_counted_and_recorded(tiny_teacher, synth_data, 
     final = captured.out.strip().splitlines()[-1]
     m = re.fullmatch(
         r"dump done: 6 samples, (\d+) tokens, (\d+) positions in [\d.]+ s \([\d.]+ samples/s, \d+ tokens/s\); "
-        r"wrote [\d.]+ MiB \((\d+) bytes/position\); cache .*bad\.zarr: 6 samples in 1 part\(s\), [\d.]+ MiB; "
+        r"wrote [\d.]+ MiB \((\d+) bytes/position\); padding [\d.]+% of the teacher's token slots; cache .*bad\.zarr: 6 samples in 1 part\(s\), [\d.]+ MiB; "
         r"skipped 2 samples: 1 missing_image, 1 no_image_token", final)
     assert m, final
     reader = CacheReader(out)

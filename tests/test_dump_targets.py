@@ -71,8 +71,9 @@ def test_sampled_dump_verifies_and_a_rerun_is_identical(dumped, tiny_teacher, sy
 @pytest.mark.parametrize("targets", ["hidden", SAMPLED])
 def test_interrupted_dump_resumes_to_the_same_cache(dumped, tiny_teacher, synth_data, tmp_path, monkeypatch,
                                                     targets):
-    """The 9th add fails (after 4 batches of 2 were committed): the rerun keeps those, redoes the
-    rest, and ends equal, array by array, to the uninterrupted dump."""
+    """The 9th add fails (up to 8 samples committed, depending on how the length-sorted batches
+    fall): the rerun keeps those, redoes the rest, and ends equal, array by array, to the
+    uninterrupted dump."""
     out = tmp_path / "c.zarr"
     cfg = _cfg(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out, top_k=5,
                targets=targets, draw_seed=3, commit_every_s=0.0)
@@ -88,7 +89,7 @@ def test_interrupted_dump_resumes_to_the_same_cache(dumped, tiny_teacher, synth_
     with pytest.raises(RuntimeError, match="simulated crash"):
         dump(cfg)
     monkeypatch.setattr(CacheWriter, "add", add)
-    assert CacheReader(out).num_samples == 8
+    assert 0 < CacheReader(out).num_samples <= 8
     dump(cfg)
     _assert_same_cache(out, dumped[targets])
 

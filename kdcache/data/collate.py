@@ -202,22 +202,29 @@ def collate(items: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any
     }
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, window: int) -> list[list[int]]:
-    """Batches of indices with little padding, in windows of consecutive samples.
+def length_batches(lengths: Sequence[int], batch_size: int, windows: Sequence[int]) -> list[list[int]]:
+    """Batches of indices with little padding: sorted by length inside windows.
 
-    The samples are cut into consecutive windows of ``window`` (a multiple of ``batch_size``);
-    inside each window they are sorted by length (longest first, ties by index) and cut into
-    batches. A sample never leaves its window, so a consumer that restores the original order
-    (``kdcache.dump`` writes in row order) buffers at most one window, and the batches are a pure
-    function of the lengths: a resumed dump batches its remaining samples the same way.
-    lengths [S] -> list of index batches covering range(S) once.
+    ``windows[i]`` is sample i's window (non-decreasing: windows are runs of consecutive
+    samples); inside each window the samples are sorted by length (longest first, ties by index)
+    and cut into batches of ``batch_size``. A sample never leaves its window, so a consumer that
+    restores the original order (``kdcache.dump`` writes in row order) buffers at most one
+    window, and the batches are a pure function of (lengths, windows).
+    lengths [S], windows [S] -> list of index batches covering range(S) once.
     """
-    if batch_size < 1 or window < batch_size or window % batch_size:
-        raise ValueError(f"window ({window}) must be a positive multiple of batch_size ({batch_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(windows) != len(lengths) or any(b < a for a, b in zip(windows, windows[1:])):
+        raise ValueError("windows must give one non-decreasing window number per sample")
     out: list[list[int]] = []
-    for w0 in range(0, len(lengths), window):
-        idx = sorted(range(w0, min(w0 + window, len(lengths))), key=lambda i: (-int(lengths[i]), i))
-        out += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    i = 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and windows[j] == windows[i]:
+            j += 1
+        idx = sorted(range(i, j), key=lambda t: (-int(lengths[t]), t))
+        out += [idx[b:b + batch_size] for b in range(0, len(idx), batch_size)]
+        i = j
     return out
 
 

@@ -181,13 +181,14 @@ def test_length_batches_cover_each_index_once_and_cut_padding():
     rng = random.Random(0)
     lengths = [rng.randint(750, 2048) for _ in range(1000)]
     plain = [list(range(i, min(i + 8, 1000))) for i in range(0, 1000, 8)]
-    bucketed = length_batches(lengths, 8, 128)
+    windows = [i // 128 for i in range(1000)]
+    bucketed = length_batches(lengths, 8, windows)
     assert sorted(i for b in bucketed for i in b) == list(range(1000))
     assert all(len(b) <= 8 for b in bucketed)
     # a sample stays in its window of 128 consecutive samples
     for b in bucketed:
         assert len({i // 128 for i in b}) == 1
     assert padding_fraction(lengths, bucketed) < 0.1 * padding_fraction(lengths, plain)
-    assert length_batches(lengths, 8, 128) == bucketed  # a pure function of the lengths
-    with pytest.raises(ValueError, match="multiple"):
-        length_batches(lengths, 8, 12)
+    assert length_batches(lengths, 8, windows) == bucketed  # a pure function of lengths and windows
+    with pytest.raises(ValueError, match="non-decreasing"):
+        length_batches(lengths, 8, windows[::-1])
