@@ -32,6 +32,16 @@ from .positions import select_positions, visual_span
 from .records import TeacherRecord, parse_targets
 
 
+def _chunk_logits(h: torch.Tensor, lm_weight: torch.Tensor, lm_bias: torch.Tensor | None,
+                  temperature: float) -> torch.Tensor:
+    """z / T for a chunk of rows: h [c, D] @ W^T in the weights' dtype (bf16 on GPU, like
+    ``model(...).logits``), then float32 -> [c, V]."""
+    z = (h @ lm_weight.T).float()
+    if lm_bias is not None:
+        z = z + lm_bias.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 @torch.no_grad()
 def topk_from_hidden(hidden: torch.Tensor, lm_weight: torch.Tensor, k: int, *, temperature: float = 1.0,
                      chunk_size: int = 2048, lm_bias: torch.Tensor | None = None):
@@ -50,11 +60,7 @@ def topk_from_hidden(hidden: torch.Tensor, lm_weight: torch.Tensor, k: int, *, t
     lps = torch.empty(P, k, dtype=torch.float32, device=hidden.device)
     tail = torch.empty(P, dtype=torch.float32, device=hidden.device)
     for s in range(0, P, chunk_size):
-        z = (hidden[s:s + chunk_size] @ lm_weight.T).float()  # [c, V]
-        if lm_bias is not None:
-            z = z + lm_bias.float()
-        if temperature != 1.0:
-            z = z / temperature
+        z = _chunk_logits(hidden[s:s + chunk_size], lm_weight, lm_bias, temperature)  # [c, V] float32
         lse = torch.logsumexp(z, dim=-1)  # [c]
         top, idx = torch.topk(z, k, dim=-1, sorted=True)  # [c, k]
         ids[s:s + chunk_size] = idx
@@ -120,11 +126,7 @@ def sample_from_hidden(hidden: torch.Tensor, lm_weight: torch.Tensor, n: int, *,
     tail = torch.empty(P, dtype=torch.float32, device=dev)
     counts = torch.zeros(P, n, dtype=torch.int64, device=dev)
     for s in range(0, P, chunk_size):
-        z = (hidden[s:s + chunk_size] @ lm_weight.T).float()  # [c, V]
-        if lm_bias is not None:
-            z = z + lm_bias.float()
-        if temperature != 1.0:
-            z = z / temperature
+        z = _chunk_logits(hidden[s:s + chunk_size], lm_weight, lm_bias, temperature)  # [c, V] float32
         c = z.shape[0]
         lse = torch.logsumexp(z, dim=-1)  # [c]
         logp = z - lse[:, None]  # [c, V] float32
