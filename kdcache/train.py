@@ -562,8 +562,9 @@ def train(cfg: TrainConfig) -> Path:
             raise CacheMismatchError(f"the cache holds rows the data file {cfg.data} does not: "
                                      f"{sorted(missing)[:5]}... Pass the data file the cache was dumped from.")
         st = reader.attrs["settings"]
-        side = TeacherSide(gram=torch.as_tensor(reader.gram()),  # M_t = W_t^T W_t [D_t, D_t]
-                           lm_head=reader.lm_head() if st["targets"] == "hidden" else None,
+        # on the device once: the exact mode's LM head is [V, D_t] (0.6 GB in bf16 for Qwen2.5-3B)
+        side = TeacherSide(gram=torch.as_tensor(reader.gram()).to(acc.device),  # M_t = W_t^T W_t [D_t, D_t]
+                           lm_head=reader.lm_head().to(acc.device) if st["targets"] == "hidden" else None,
                            temperature=float(st["temperature"]), targets=st["targets"])
         source = cfg.cache
         _say_temperature(reader.attrs, cfg, acc)
