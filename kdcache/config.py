@@ -93,6 +93,9 @@ class DumpConfig:
     # Batches per window of consecutive samples sorted by length before batching (less padding;
     # the cache is still written in row order); 1: batches in data order.
     bucket_batches: int = 16
+    # Copy records to the host, compress and write them on a thread while the teacher runs the
+    # next batch (False: in the main thread, one after the other).
+    write_thread: bool = True
     # hf: the reference (kdcache.teacher). vllm: log-probs from vLLM's prompt log-probs (tail from
     # the head, temperature 1, one process); hidden states, unless none, from an HF forward.
     backend: str = "hf"

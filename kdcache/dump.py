@@ -259,6 +259,64 @@ class RunStats:
     padding: float = 0.0  # share of the teacher's [B, T_max] token slots that were padding
 
 
+class BackgroundWriter:
+    """A ``CacheWriter``'s adds, skips and timed flushes, run in order on one thread.
+
+    ``submit(ops)`` queues one batch: TeacherRecords to ``add`` and (row, sample id, reason)
+    tuples to ``skip``, then a ``flush`` when ``interval`` seconds have passed since the last.
+    At most ``depth`` batches wait (their records hold device memory until written); depth 0
+    runs every batch in the caller's thread instead. An error on the thread (a full disk) is
+    raised in the caller at its next ``submit`` or at ``join``; later batches are not written.
+    """
+
+    def __init__(self, writer, interval: float, depth: int):
+        import queue
+        import threading
+
+        self.writer, self.interval = writer, interval
+        self.last_commit = time.perf_counter()
+        self.error: BaseException | None = None
+        self.q = queue.Queue(maxsize=depth) if depth else None
+        self.thread = threading.Thread(target=self._loop, name="kdcache-writer", daemon=True) if depth else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def _write(self, ops) -> None:
+        for op in ops:
+            if isinstance(op, tuple):
+                self.writer.skip(*op)
+            else:
+                self.writer.add(op)
+        if time.perf_counter() - self.last_commit >= self.interval:
+            self.writer.flush()
+            self.last_commit = time.perf_counter()
+
+    def _loop(self) -> None:
+        while (ops := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(ops)
+                except BaseException as e:  # handed to the caller's thread
+                    self.error = e
+
+    def submit(self, ops) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.q is None:
+            self._write(ops)
+        else:
+            self.q.put(ops)
+
+    def join(self, reraise: bool = True) -> None:
+        """Wait until every queued batch is written; raise the thread's error if ``reraise``."""
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join()
+            self.thread = None
+        if reraise and self.error is not None:
+            raise self.error
+
+
 def in_row_order(record_batches, rows: list[int], drop=frozenset()):
     """Re-emit records in ``rows`` order: each output batch is the longest run of rows, from the
     next one due, that has arrived; records of rows in ``drop`` (already committed) are dropped.
@@ -546,30 +604,34 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
 
     bar = tqdm(total=len(mine), initial=len(done), desc=f"dump rank {rank}", unit="sample",
                dynamic_ncols=True, file=sys.stderr)
-    t0 = last_commit = time.perf_counter()
+    t0 = time.perf_counter()
     cursor = 0
-    for recs in record_batches:
-        n_skip = 0
-        for r in recs:
-            while order[cursor] != r.row:  # skipped rows that come before this one
-                writer.skip(*skip_at[order[cursor]])
+    # The writer runs on its own thread (cfg.write_thread): while it copies a batch's records to
+    # the host, compresses and writes them, this thread already runs the teacher on the next one.
+    bg = BackgroundWriter(writer, interval, depth=2 if cfg.write_thread else 0)
+    try:
+        for recs in record_batches:
+            ops = []
+            for r in recs:
+                while order[cursor] != r.row:  # skipped rows that come before this one
+                    ops.append(skip_at[order[cursor]])
+                    cursor += 1
+                ops.append(r)
                 cursor += 1
-                n_skip += 1
-            writer.add(r)
-            cursor += 1
-            stats.samples += 1
-            stats.tokens += r.num_tokens
-            stats.positions += len(r.positions)
-        if time.perf_counter() - last_commit >= interval:
-            writer.flush()
-            last_commit = time.perf_counter()
-        bar.update(len(recs) + n_skip)
-        dt = time.perf_counter() - t0
-        bar.set_postfix({"tok/s": f"{stats.tokens / dt:.0f}", "pos/s": f"{stats.positions / dt:.0f}"},
-                        refresh=False)
-    for row in order[cursor:]:
-        writer.skip(*skip_at[row])
-    bar.update(len(order) - cursor)
+                stats.samples += 1
+                stats.tokens += r.num_tokens
+                stats.positions += len(r.positions)
+            bg.submit(ops)
+            bar.update(len(ops))
+            dt = time.perf_counter() - t0
+            bar.set_postfix({"tok/s": f"{stats.tokens / dt:.0f}", "pos/s": f"{stats.positions / dt:.0f}"},
+                            refresh=False)
+        bg.submit([skip_at[row] for row in order[cursor:]])
+        bar.update(len(order) - cursor)
+    except BaseException:
+        bg.join(reraise=False)  # the loop's own error wins; what the thread committed stays
+        raise
+    bg.join()  # re-raises the writer thread's error (e.g. a full disk)
     writer.close(finished=True)
     bar.close()
     stats.seconds = time.perf_counter() - t0
