@@ -14,7 +14,11 @@ before the clock is read (and ``writer.add`` copies each record to the host anyw
 
 - ``kdcache``: ``kdcache.teacher.teacher_records``: hidden states from the LLM, the LM head only at
   the distilled positions, in chunks (the [B, T, V] logits never exist), exact log-sum-exp tail.
-- ``naive`` (``--compare-naive``): a plain ``model(...).logits`` over every position, then
+- ``kdcache`` writes as the dump does, on the writer thread (``kdcache.dump.BackgroundWriter``)
+  while the teacher runs the next batch; ``GPU busy`` is the stream time inside each batch's
+  teacher work over the wall time (CUDA events; n/a on CPU), ``MFU`` the model FLOPs per second
+  (``sample_flops``: padding not counted) over a matmul peak measured in the same run.
+- ``naive`` (``--compare-naive``, writes inline): a plain ``model(...).logits`` over every position, then
   ``log_softmax`` + ``topk`` on the whole [B, T, V] and the tail as ``log(1 - sum p)`` (cheaper
   than the exact tail, so the comparison is, if anything, generous to the naive path).
 
@@ -48,7 +52,7 @@ from kdcache.cache.format import make_attrs
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.writer import CacheWriter
 from kdcache.config import DumpConfig
-from kdcache.dump import dump_settings
+from kdcache.dump import BackgroundWriter, dump_settings
 from kdcache.models import config_hash, image_token_id, load_model, num_image_tokens
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL, select_positions, visual_span
 from kdcache.records import TeacherRecord
@@ -164,7 +168,7 @@ def run_vllm(teacher_dir: str, batches, images, warmup_index: int, out: Path, at
     dt = time.perf_counter() - t0
     nbytes = sum(f.stat().st_size for f in (out / "parts" / "0").rglob("*") if f.is_file())
     return {"path": "vllm", "samples": n_samples, "seconds": dt, "tokens/s": n_tok / dt, "samples/s": n_samples / dt,
-            "positions/s": n_pos / dt, "TFLOP/s": float("nan"), "MFU": float("nan"),  # vLLM's model FLOPs: not counted
+            "positions/s": n_pos / dt, "TFLOP/s": float("nan"), "MFU": float("nan"), "GPU busy": float("nan"),  # vLLM's model FLOPs: not counted
             "B/position": nbytes / max(n_pos, 1), "hidden B/vis-row": 0.0,
             "peak GiB": float("nan")}
 
@@ -201,34 +205,46 @@ def sync(device: torch.device) -> None:
 
 
 def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, device, top_k: int,
-             hidden: bool, peak: float) -> dict:
+             hidden: bool, peak: float, write_thread: bool = True) -> dict:
     """Warm up, then time forward + records + writer over ``batches``; returns a row of the table."""
     fn(model, warmup, kinds=KINDS, top_k=top_k, with_hidden=hidden)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     writer = CacheWriter(out, attrs)
+    # the dump's own write path: records copied, compressed and written on a thread (write_thread)
+    bg = BackgroundWriter(writer, interval=60.0, depth=2 if write_thread else 0)
     n_tok = n_pos = n_samples = 0
     flops = 0.0
+    events = []  # CUDA: (start, end) around each batch's teacher work, for the GPU-busy share
     sync(device)
     t0 = time.perf_counter()
     for batch in batches:
+        if device.type == "cuda":
+            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][0].record()
         recs = fn(model, batch, kinds=KINDS, top_k=top_k, with_hidden=hidden)
+        if device.type == "cuda":
+            events[-1][1].record()
         flops += sample_flops(model, batch, sum(len(r.positions) for r in recs))
+        bg.submit(list(recs))
         for r in recs:
-            writer.add(r)  # copies to the host: a sync point per record
             n_tok += r.num_tokens
             n_pos += len(r.positions)
             n_samples += 1
+    bg.join()
     writer.close(finished=True)
     sync(device)
     dt = time.perf_counter() - t0
+    # stream time inside the batches' event pairs over the wall time: below 1 the GPU waited
+    # (on the host, the copies, the writer); an upper bound when kernels leave gaps inside a batch
+    busy = sum(a.elapsed_time(b) for a, b in events) / 1e3 / dt if events else float("nan")
     part = out / "parts" / "0"
     nbytes = sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
     hbytes = sum(f.stat().st_size for f in (part / "visual_hidden").rglob("*") if f.is_file()) if hidden else 0
     n_vis = CacheReader(out, check=False).parts[0].totals["visual"]
     return {"path": name, "samples": n_samples, "seconds": dt, "tokens/s": n_tok / dt, "samples/s": n_samples / dt,
-            "positions/s": n_pos / dt, "TFLOP/s": flops / dt / 1e12, "MFU": flops / dt / peak,
+            "positions/s": n_pos / dt, "TFLOP/s": flops / dt / 1e12, "MFU": flops / dt / peak, "GPU busy": busy,
             "B/position": nbytes / max(n_pos, 1),
             "hidden B/vis-row": hbytes / max(n_vis, 1),
             "peak GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
@@ -282,10 +298,11 @@ def agreement(a: Path, b: Path, n: int = 8) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["path", "samples", "seconds", "tokens/s", "samples/s", "positions/s", "TFLOP/s", "MFU", "B/position",
+    cols = ["path", "samples", "seconds", "tokens/s", "samples/s", "positions/s", "TFLOP/s", "MFU", "GPU busy",
+            "B/position",
             "hidden B/vis-row", "peak GiB"]
     fmt = {"seconds": "{:.2f}", "tokens/s": "{:.0f}", "samples/s": "{:.1f}", "positions/s": "{:.0f}",
-           "TFLOP/s": "{:.3g}", "MFU": "{:.1%}",
+           "TFLOP/s": "{:.3g}", "MFU": "{:.1%}", "GPU busy": "{:.1%}",
            "B/position": "{:.0f}", "hidden B/vis-row": "{:.0f}", "peak GiB": "{:.2f}"}
     cells = [[("n/a" if isinstance(r[c], float) and np.isnan(r[c]) else fmt.get(c, "{}").format(r[c]))
               for c in cols] for r in rows]
@@ -374,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(run_path("naive", naive_records, model, batches, warmup, Path(tmp) / "naive.zarr",
-                                 attrs, device, args.top_k, hidden, peak))
+                                 attrs, device, args.top_k, hidden, peak, write_thread=False))
             check = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "naive.zarr")
         if use_vllm:
             import dataclasses
