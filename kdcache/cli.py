@@ -148,30 +148,30 @@ def dump(
     data: Path = typer.Option(..., help="LLaVA JSON (558k captions or 665k conversations format)."),
     images: Path = typer.Option(..., help="Directory the JSON's image paths are relative to."),
     out: Path = typer.Option(..., help="Cache to write or finish (a Zarr v3 directory, e.g. cache.zarr)."),
-    top_k: int = typer.Option(64, help="Top-k ids kept per position (k = vocabulary size: exact; "
+    top_k: int = typer.Option(_DUMP.top_k, help="Top-k ids kept per position (k = vocabulary size: exact; "
                                           "not used with --targets sampled:N)."),
-    positions: str = typer.Option("visual,response", help="Position kinds: visual,response[,prompt]."),
+    positions: str = typer.Option(",".join(_DUMP.positions), help="Position kinds: visual,response[,prompt]."),
     hidden: str = typer.Option(_DUMP.hidden, help="Visual hidden states for L_rel: bf16 | fp16 | float32 | none. With "
                                             "--backend vllm they come from an HF forward of the teacher (none: "
                                             "skip it, no L_rel targets)."),
     relation: str = typer.Option(_DUMP.relation, help="L_rel targets: hidden (visual hidden states) | none | "
                                                       "lowrank:R (rank-R factor of the logit Gram in the --hidden "
                                                       "dtype, ~93 KB/sample at R = 64; error recorded per sample)."),
-    logprob_dtype: str = typer.Option("float16", help="float16 | float32"),
-    temperature: float = typer.Option(1.0, help="Dump softmax temperature (recorded; KD temperature is train's)."),
+    logprob_dtype: str = typer.Option(_DUMP.logprob_dtype, help="float16 | float32"),
+    temperature: float = typer.Option(_DUMP.temperature, help="Dump softmax temperature (recorded; KD temperature is train's)."),
     targets: str = typer.Option(_DUMP.targets, help="topk: the --top-k ids, log-probs and tail mass per position | "
                                                     "hidden: exact, topk plus the LM head's input at every position "
                                                     "and the LM head once | sampled:N: N ids drawn from the "
                                                     "teacher's distribution with their counts (--top-k unused)."),
     draw_seed: int = typer.Option(_DUMP.draw_seed, help="--targets sampled:N: seed of the draws (per sample: "
                                                         "this seed and its row; reruns are identical)."),
-    batch_size: int = typer.Option(8, help="Samples per teacher forward."),
-    max_length: int = typer.Option(2048, help="Longest sample in tokens (image expanded)."),
-    on_too_long: str = typer.Option("skip", help="skip (counted) | error"),
-    template: str = typer.Option("chat", help="chat (the tokenizer's) | qwen2_base | pretrain"),
-    num_workers: int = typer.Option(2, help="Data-loading processes."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    commit_every_s: float = typer.Option(60.0, help="Commit at least this often (seconds of teacher work a "
+    batch_size: int = typer.Option(_DUMP.batch_size, help="Samples per teacher forward."),
+    max_length: int = typer.Option(_DUMP.max_length, help="Longest sample in tokens (image expanded)."),
+    on_too_long: str = typer.Option(_DUMP.on_too_long, help="skip (counted) | error"),
+    template: str = typer.Option(_DUMP.template, help="chat (the tokenizer's) | qwen2_base | pretrain"),
+    num_workers: int = typer.Option(_DUMP.num_workers, help="Data-loading processes."),
+    device: str = typer.Option(_DUMP.device, help="auto | cpu | cuda | cuda:N"),
+    commit_every_s: float = typer.Option(_DUMP.commit_every_s, help="Commit at least this often (seconds of teacher work a "
                                                     "crash may lose; 0 = after every batch)."),
     dist_timeout_s: float = typer.Option(_DUMP.dist_timeout_s, help="Multi-rank: how long a rank waits for a "
                                                                     "dead peer before failing."),
