@@ -159,11 +159,12 @@ def part1(args, pieces: dict, work: Path) -> list[dict]:
                                     num_image_tokens=num_image_tokens(teacher.config, proc), max_length=2048,
                                     on_too_long="skip")
     ds = LlavaTorchDataset.from_prepared(kept, toks, proc.image_processor, images)
+    index_of = {k.row: j for j, k in enumerate(kept)}
     stats = {m: {"kl": [], "vis": [], "res": [], "grad": [], "n": 0} for m in args.modes}
     ref_rows = [r.row for r in recs[args.modes[0]]]
     for s in range(0, len(ref_rows), args.batch_size):
         rows = ref_rows[s:s + args.batch_size]
-        items = [ds[[k.row for k in kept].index(row)] for row in rows]
+        items = [ds[index_of[row]] for row in rows]
         batch = collate(items, proc.tokenizer.pad_token_id)
         online = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=V)  # the reference
         lp_exact = torch.cat([torch.full((len(r.positions), V), float("-inf")).scatter(1, r.topk_ids.long(),

@@ -22,6 +22,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
+def _save(plt, fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_losses(runs: dict[str, str | Path], out: str | Path, title: str = "loss terms per stage") -> Path:
     """One panel per run (stage), one line per loss term over optimizer steps."""
     plt = _plt()
@@ -44,11 +52,7 @@ def plot_losses(runs: dict[str, str | Path], out: str | Path, title: str = "loss
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_accuracy(table: dict[str, dict[str, tuple[float, float]]], out: str | Path,
@@ -70,8 +74,4 @@ def plot_accuracy(table: dict[str, dict[str, tuple[float, float]]], out: str | P
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

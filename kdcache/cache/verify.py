@@ -304,6 +304,18 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
     return good
 
 
+def _check_visual_rows(where: str, name: str, a: np.ndarray, indexed: int, n_vis: int, width: int,
+                       width_txt: str, rep: VerifyReport) -> None:
+    """One row per visual token (and as many as the index says), ``width`` wide, all finite;
+    bf16 bit patterns (uint16) are widened first."""
+    if indexed != n_vis or a.shape != (n_vis, width):
+        rep.add(f"{where}: array {name} is {list(a.shape)} (index num_visual {indexed}), "
+                f"expected [{n_vis} visual tokens, {width_txt}]")
+    x = bf16_bits_to_float32(a) if a.dtype == np.uint16 else a
+    if not np.isfinite(x).all():
+        rep.add(f"{where}: array {name} has non-finite values")
+
+
 def _read(arr, lo: int, hi: int):
     try:
         return storage_view(arr[lo:hi], arr.attrs.get("logical_dtype")), None
@@ -404,20 +416,10 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
     n_vis = int(np.count_nonzero(roles == ROLE_VISUAL))
     D = int(attrs["teacher"]["hidden_size"])
     if hidden is not None:
-        if int(p.cols["num_visual"][i]) != n_vis or hidden.shape != (n_vis, D):
-            rep.add(f"{where}: array visual_hidden is {list(hidden.shape)} (index num_visual "
-                    f"{int(p.cols['num_visual'][i])}), expected [{n_vis} visual tokens, {D}]")
-        h = bf16_bits_to_float32(hidden) if hidden.dtype == np.uint16 else hidden
-        if not np.isfinite(h).all():
-            rep.add(f"{where}: array visual_hidden has non-finite values")
+        _check_visual_rows(where, "visual_hidden", hidden, int(p.cols["num_visual"][i]), n_vis, D, str(D), rep)
     elif factor is not None:
         R = relation_rank(attrs["settings"])
-        if int(p.cols["num_visual"][i]) != n_vis or factor.shape != (n_vis, R):
-            rep.add(f"{where}: array visual_factor is {list(factor.shape)} (index num_visual "
-                    f"{int(p.cols['num_visual'][i])}), expected [{n_vis} visual tokens, rank {R}]")
-        f = bf16_bits_to_float32(factor) if factor.dtype == np.uint16 else factor
-        if not np.isfinite(f).all():
-            rep.add(f"{where}: array visual_factor has non-finite values")
+        _check_visual_rows(where, "visual_factor", factor, int(p.cols["num_visual"][i]), n_vis, R, f"rank {R}", rep)
     elif int(p.cols["num_visual"][i]) != 0:
         why = ("'none'" if hidden_mode == "none" or attrs["settings"]["relation"] == "none"
                else "rebuilt from position_hidden (targets hidden)")

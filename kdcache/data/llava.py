@@ -23,6 +23,7 @@ import json
 import os
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -185,18 +186,26 @@ def sample_to_json(sample: LlavaSample) -> dict[str, Any]:
     return obj
 
 
-def load_image(path: str | os.PathLike, sample: LlavaSample | None = None) -> Image.Image:
-    """Open and fully decode an image as RGB; SampleError(missing_image | corrupt_image) on failure."""
+@contextmanager
+def _open_image(path: str | os.PathLike, sample: LlavaSample | None, verb: str):
+    """``Image.open(path)`` with its failures as SampleError: missing_image when the file does not
+    exist, corrupt_image ("cannot <verb> image file ...") for any decode error in the body."""
     sid, row, src = (sample.id, sample.row, sample.source) if sample else ("?", -1, None)
     path = Path(path)
     if not path.is_file():
         raise SampleError(sid, row, "missing_image", f"image file {path} does not exist", src)
     try:
         with Image.open(path) as im:
-            im.load()  # decode now so truncated files fail here, not inside a DataLoader worker
-            return im.convert("RGB")
+            yield im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SampleError(sid, row, "corrupt_image", f"cannot decode image file {path} ({e})", src) from e
+        raise SampleError(sid, row, "corrupt_image", f"cannot {verb} image file {path} ({e})", src) from e
+
+
+def load_image(path: str | os.PathLike, sample: LlavaSample | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB; SampleError(missing_image | corrupt_image) on failure."""
+    with _open_image(path, sample, "decode") as im:
+        im.load()  # decode now so truncated files fail here, not inside a DataLoader worker
+        return im.convert("RGB")
 
 
 def check_image(path: str | os.PathLike, sample: LlavaSample | None = None, *, decode: bool = False) -> None:
@@ -204,15 +213,8 @@ def check_image(path: str | os.PathLike, sample: LlavaSample | None = None, *, d
     if decode:
         load_image(path, sample)
         return
-    sid, row, src = (sample.id, sample.row, sample.source) if sample else ("?", -1, None)
-    path = Path(path)
-    if not path.is_file():
-        raise SampleError(sid, row, "missing_image", f"image file {path} does not exist", src)
-    try:
-        with Image.open(path) as im:
-            im.verify()  # header + structure, no pixel decode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SampleError(sid, row, "corrupt_image", f"cannot read image file {path} ({e})", src) from e
+    with _open_image(path, sample, "read") as im:
+        im.verify()  # header + structure, no pixel decode
 
 
 class SkipCounter:
