@@ -647,70 +647,48 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
     return ce, kd, dz
 
 
-class _FusedLMHeadLosses(torch.autograd.Function):
-    """(hidden [N, D], W [V, D]) -> (ce [N], kd [N]); see ``fused_lm_losses``.
+def _chunk_pass(hidden, weight, args, g_ce=None, g_kd=None, need_h=False, need_w=False):
+    """One pass over the positions in chunks -> (ce [N], kd [N], grad_h [N, D] | None, grad_W [V, D] | None).
 
-    Forward computes the values chunk by chunk and keeps only its inputs. Backward takes the
-    gradients of both per-position vectors (any weighting the caller applied: masked means,
-    alpha/beta, gradient accumulation scale) and recomputes each chunk's logits once to form
-    grad_hidden[chunk] = dz @ W and grad_W += dz^T @ h_chunk. One extra [c, D] x [D, V] product
-    per chunk buys exact gradients for arbitrary output weights with no [N, V] tensor kept.
-
-    The teacher target (meta's mode): "topk" ids + lt buckets; "sampled" ids + lt = c_j / n +
-    const [N]; "exact" t_hidden [N, D_t] + t_weight [V, D_t] (recomputed per chunk, never
-    differentiated). kd_mask is None exactly when there is no divergence.
+    ``args`` = (labels, ce_mask, ids, lt, kd_mask, meta, t_hidden, t_weight, const) as
+    ``_prepare`` builds them. With g_ce / g_kd (the weights of the per-position outputs; None:
+    values only) each chunk's d(loss)/d(logits) dz is formed from the same logits as its values
+    and folded at once into grad_h[chunk] = dz @ W and grad_W += dz^T @ h_chunk, so the
+    vocabulary-sized product runs once per chunk for values and gradients together.
     """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ce_mask, ids, lt, kd_mask, meta, t_hidden, t_weight, const):
-        with_tail, divergence, spec, T, chunk, mm_dtype, cdt, mode = meta
-        N = hidden.shape[0]
-        ce_out = torch.zeros(N, dtype=cdt, device=hidden.device)
-        kd_out = torch.zeros(N, dtype=cdt, device=hidden.device)
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            h_all, w = hidden.to(mm_dtype), weight.to(mm_dtype)
-            for s in range(0, N, chunk):
-                sl = slice(s, min(s + chunk, N))
-                ce, kd, _ = _head_chunk(
-                    h_all[sl], w, cdt, None if labels is None else labels[sl], None if ids is None else ids[sl],
-                    None if lt is None else lt[sl], with_tail, divergence, spec, T,
-                    **_chunk_teacher(sl, mode, t_hidden, t_weight, const))
-                if ce is not None:
-                    ce_out[sl] = ce
-                if kd is not None:
-                    kd_out[sl] = kd
-        if labels is not None:
-            ce_out = torch.where(ce_mask, ce_out, 0.0)
-        if kd_mask is not None:
-            kd_out = torch.where(kd_mask, kd_out, 0.0)
-        ctx.save_for_backward(hidden, weight, labels, ce_mask, ids, lt, kd_mask, t_hidden, t_weight, const)
-        ctx.meta = meta
-        return ce_out, kd_out
-
-    @staticmethod
-    def backward(ctx, g_ce, g_kd):
-        hidden, weight, labels, ce_mask, ids, lt, kd_mask, t_hidden, t_weight, const = ctx.saved_tensors
-        with_tail, divergence, spec, T, chunk, mm_dtype, cdt, mode = ctx.meta
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none9 = (None,) * 9  # no gradient for the targets, masks, meta or the teacher's tensors
-        if not (need_h or need_w):
-            return (None, None) + none9
-        N = hidden.shape[0]
-        # Rows without a target get exactly zero weight, whatever the caller's gradient says.
+    labels, ce_mask, ids, lt, kd_mask, meta, t_hidden, t_weight, const = args
+    with_tail, divergence, spec, T, chunk, mm_dtype, cdt, mode = meta
+    N = hidden.shape[0]
+    ce_out = torch.zeros(N, dtype=cdt, device=hidden.device)
+    kd_out = torch.zeros(N, dtype=cdt, device=hidden.device)
+    # Rows without a target get exactly zero weight, whatever the caller's weight says.
+    want = need_h or need_w
+    if want:
         g_ce = None if labels is None else torch.where(ce_mask, g_ce.to(cdt), 0.0)
         g_kd = None if kd_mask is None else torch.where(kd_mask, g_kd.to(cdt), 0.0)
-        acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # grad_W sums over all chunks
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            h_all, w = hidden.to(mm_dtype), weight.to(mm_dtype)
-            grad_h = torch.empty_like(h_all) if need_h else None  # [N, D]
-            grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-            for s in range(0, N, chunk):
-                sl = slice(s, min(s + chunk, N))
-                _, _, dz = _head_chunk(
-                    h_all[sl], w, cdt, None if labels is None else labels[sl], None if ids is None else ids[sl],
-                    None if lt is None else lt[sl], with_tail, divergence, spec, T,
-                    g_ce=None if g_ce is None else g_ce[sl], g_kd=None if g_kd is None else g_kd[sl],
-                    **_chunk_teacher(sl, mode, t_hidden, t_weight, const))
+    acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # grad_W sums over all chunks
+    grad_h = grad_w = None
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        h_all, w = hidden.to(mm_dtype), weight.to(mm_dtype)
+        if need_h:
+            grad_h = torch.empty_like(h_all)  # [N, D]
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)  # [V, D]
+        for s in range(0, N, chunk):
+            sl = slice(s, min(s + chunk, N))
+            ce, kd, dz = _head_chunk(
+                h_all[sl], w, cdt, None if labels is None else labels[sl], None if ids is None else ids[sl],
+                None if lt is None else lt[sl], with_tail, divergence, spec, T,
+                g_ce=None if not want or g_ce is None else g_ce[sl],
+                g_kd=None if not want or g_kd is None else g_kd[sl],
+                **_chunk_teacher(sl, mode, t_hidden, t_weight, const))
+            if ce is not None:
+                ce_out[sl] = ce
+            if kd is not None:
+                kd_out[sl] = kd
+            if want:
+                if dz is None:  # no target in this call at all: zero gradient
+                    dz = torch.zeros(sl.stop - s, w.shape[0], dtype=mm_dtype, device=w.device)
                 dz = dz.to(mm_dtype)  # [c, V]
                 if need_h:
                     grad_h[sl] = dz @ w
@@ -719,11 +697,76 @@ class _FusedLMHeadLosses(torch.autograd.Function):
                         grad_w.addmm_(dz.T, h_all[sl])
                     else:
                         grad_w += (dz.T @ h_all[sl]).to(acc_dtype)
-                del dz
-        return (
-            None if grad_h is None else grad_h.to(hidden.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-        ) + none9
+            del dz
+    if labels is not None:
+        ce_out = torch.where(ce_mask, ce_out, 0.0)
+    if kd_mask is not None:
+        kd_out = torch.where(kd_mask, kd_out, 0.0)
+    return (ce_out, kd_out, None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype))
+
+
+_NO_GRAD_ARGS = (None,) * 9  # no gradient for the targets, masks, meta or the teacher's tensors
+
+
+class _FusedLMHeadLosses(torch.autograd.Function):
+    """(hidden [N, D], W [V, D]) -> (ce [N], kd [N]); see ``fused_lm_losses``.
+
+    Forward computes the values chunk by chunk and keeps only its inputs. Backward takes the
+    gradients of both per-position vectors (any weighting the caller applied afterwards) and
+    recomputes each chunk's logits once to form dz. That extra [c, D] x [D, V] product per chunk
+    buys exact gradients for arbitrary output weights; ``fused_lm_loss`` avoids it when the
+    weights are known up front (the trainer's case).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, *args):
+        ce, kd, _, _ = _chunk_pass(hidden, weight, args)
+        ctx.save_for_backward(hidden, weight)
+        ctx.args = args
+        return ce, kd
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kd):
+        hidden, weight = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_w):
+            return (None, None) + _NO_GRAD_ARGS
+        _, _, grad_h, grad_w = _chunk_pass(hidden, weight, ctx.args, g_ce, g_kd, need_h, need_w)
+        return (grad_h, grad_w) + _NO_GRAD_ARGS
+
+
+class _FusedLMHeadLoss(torch.autograd.Function):
+    """(hidden [N, D], W [V, D], ce weight [N], kd weight [N]) -> (loss [], ce [N], kd [N]).
+
+    loss = sum_i w_ce_i ce_i + w_kd_i kd_i. The gradients are formed during the forward pass,
+    from the same chunk logits as the values (one vocabulary-sized product per chunk instead of
+    two), and kept until backward, which only scales them by the incoming gradient. ce and kd
+    are returned for logging and are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, w_ce, w_kd, need_h, need_w, *args):
+        ce, kd, grad_h, grad_w = _chunk_pass(hidden, weight, args, w_ce, w_kd, need_h, need_w)
+        loss = torch.zeros((), dtype=ce.dtype, device=ce.device)
+        if w_ce is not None:
+            loss = loss + (w_ce.to(ce.dtype) * ce).sum()
+        if w_kd is not None:
+            loss = loss + (w_kd.to(kd.dtype) * kd).sum()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_ce, _g_kd):
+        grad_h, grad_w = ctx.saved_tensors
+
+        # In place, without a host sync: the kept gradient is used once (a second backward
+        # through the graph is refused by autograd's version check on saved tensors).
+        def scaled(g):
+            return None if g is None else g.mul_(g_loss.to(g.dtype))
+
+        return (scaled(grad_h), scaled(grad_w), None, None, None, None) + _NO_GRAD_ARGS
 
 
 def _chunk_teacher(sl: slice, mode: str, t_hidden, t_weight, const) -> dict:
@@ -784,6 +827,83 @@ def fused_lm_losses(
     reduce them as you like (``masked_mean`` per position kind, weights, sums); the backward
     accepts any gradient for the two vectors.
     """
+    args = _prepare(hidden, lm_weight, labels=labels, kd_mask=kd_mask, topk_ids=topk_ids,
+                    topk_logprobs=topk_logprobs, tail_logmass=tail_logmass, divergence=divergence,
+                    temperature=temperature, params=params, chunk_size=chunk_size, ignore_index=ignore_index,
+                    teacher_hidden=teacher_hidden, teacher_lm_weight=teacher_lm_weight, sample_counts=sample_counts)
+    ce, kd = _FusedLMHeadLosses.apply(hidden, lm_weight, *args)
+    return (ce if labels is not None else None), (kd if args[4] is not None else None)
+
+
+def fused_lm_loss(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    *,
+    ce_weight: torch.Tensor | None = None,
+    kd_weight: torch.Tensor | None = None,
+    **targets,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``sum_i ce_weight_i ce_i + kd_weight_i kd_i`` of ``fused_lm_losses``, gradients formed in forward.
+
+    The trainer knows every position's weight before the forward pass (1 / count of valid
+    positions per term, times the term's alpha / beta), so the loss is one weighted sum and its
+    gradient w.r.t. the logits can be formed from the very chunk logits that give the values:
+    one [c, D] x [D, V] product per chunk instead of ``fused_lm_losses``' two (its backward
+    recomputes them). grad_hidden [N, D] and grad_W [V, D] (in W's dtype) are kept from forward
+    to backward, which scales them by the incoming gradient (gradient accumulation, loss
+    scaling); when no gradient is needed (``torch.no_grad``, frozen inputs) none is formed.
+
+    hidden, lm_weight and ``**targets`` (labels, kd_mask, topk_ids, topk_logprobs, tail_logmass,
+    divergence, temperature, params, chunk_size, ignore_index, teacher_hidden,
+    teacher_lm_weight, sample_counts): exactly as for ``fused_lm_losses``.
+    ce_weight:     [N] the weight of each position's CE (e.g. mask / count); None: CE not in the loss
+    kd_weight:     [N] the weight of each position's divergence; None: divergence not in the loss
+    -> (loss [] differentiable, ce [N] | None, kd [N] | None): the per-position values as
+    ``fused_lm_losses`` returns them, detached (for logging). Values and gradients equal
+    ``(ce_weight * ce).sum() + (kd_weight * kd).sum()`` over ``fused_lm_losses`` (tested).
+    A second backward through the same graph is refused by autograd (the kept gradients are
+    scaled in place by the first).
+    """
+    args = _prepare(hidden, lm_weight, **targets)
+    N = hidden.shape[0]
+    has_ce, has_kd = args[0] is not None, args[4] is not None
+    for name, wt, present in (("ce_weight", ce_weight, has_ce), ("kd_weight", kd_weight, has_kd)):
+        if wt is not None:
+            if not present:
+                raise ValueError(f"{name} given but there is no {'CE (labels)' if name == 'ce_weight' else 'teacher target'}")
+            if tuple(wt.shape) != (N,):
+                raise ValueError(f"{name} must be [N] = [{N}], got {tuple(wt.shape)}")
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and hidden.requires_grad, grad_on and lm_weight.requires_grad
+    zeros = None
+    if (need_h or need_w) and ((has_ce and ce_weight is None) or (has_kd and kd_weight is None)):
+        zeros = torch.zeros(N, device=hidden.device)  # a term left out of the loss: weight 0
+    w_ce = ce_weight if ce_weight is not None or not has_ce else zeros
+    w_kd = kd_weight if kd_weight is not None or not has_kd else zeros
+    loss, ce, kd = _FusedLMHeadLoss.apply(hidden, lm_weight, None if w_ce is None else w_ce.detach(),
+                                          None if w_kd is None else w_kd.detach(), need_h, need_w, *args)
+    return loss, (ce if has_ce else None), (kd if has_kd else None)
+
+
+def _prepare(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
+    tail_logmass: torch.Tensor | None = None,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    params: dict | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_lm_weight: torch.Tensor | None = None,
+    sample_counts: torch.Tensor | None = None,
+) -> tuple:
+    """Validate ``fused_lm_losses``' arguments -> the per-call tuple ``_chunk_pass`` takes."""
     if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
         raise ValueError(f"hidden must be [N, D] and lm_weight [V, D]; got {tuple(hidden.shape)} and "
                          f"{tuple(lm_weight.shape)}")
@@ -872,9 +992,7 @@ def fused_lm_losses(
         kd_mask = None  # no divergence (a caller's kd_mask is moot)
 
     meta = (tail_logmass is not None, divergence, spec, float(temperature), int(chunk_size), mm_dtype, cdt, mode)
-    ce, kd = _FusedLMHeadLosses.apply(hidden, lm_weight, safe_labels, ce_mask, ids, lt, kd_mask, meta,
-                                      t_hidden, t_weight, const)
-    return (ce if labels is not None else None), (kd if kd_mask is not None else None)
+    return safe_labels, ce_mask, ids, lt, kd_mask, meta, t_hidden, t_weight, const
 
 
 def _kd_mask_or_all(kd_mask: torch.Tensor | None, N: int, device) -> torch.Tensor:

@@ -324,30 +324,37 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
     flat = want.nonzero(as_tuple=False)  # [N, 2]
     h = hidden[flat[:, 0], flat[:, 1]]  # [N, D]
     ce_labels = next_labels[flat[:, 0], flat[:, 1]]  # [N]
+    # Every loss row's weight is known now (1 / count per term, times its alpha / beta), so the
+    # fused head forms the gradients in its forward pass: one LM-head product per chunk.
+    ce_valid = ce_labels != -100  # [N]
+    ce_weight = ce_valid / ce_valid.sum().clamp(min=1)  # L_reg = masked mean of CE
     terms = {}
     if records is not None:
         rows = kd_row[flat[:, 0], flat[:, 1]]  # [N], -1 = no KD target
         kinds = kd_kind[flat[:, 0], flat[:, 1]]
         has = rows >= 0
         safe = rows.clamp(min=0)
-        ce, kd = L.fused_lm_losses(h, W, labels=ce_labels, kd_mask=has, divergence=lc.divergence,
-                                   temperature=lc.kd_temperature, params=_div_params(cfg),
-                                   chunk_size=lc.chunk_size, **_kd_targets(records, safe, side, cfg))
-        terms["reg"] = L.masked_mean(ce, ce_labels != -100)
+        kd_weight = torch.zeros(len(rows), device=device)  # [N]
+        masks = {}
         for name, code, w in (("res", KIND_RESPONSE, lc.alpha_res), ("vis", KIND_VISUAL, lc.beta_vis),
                               ("prompt", KIND_PROMPT, lc.prompt_weight)):
             if w:
-                terms[name] = L.masked_mean(kd, has & (kinds == code))
+                masks[name] = m = has & (kinds == code)
+                kd_weight += w * m / m.sum().clamp(min=1)
+        loss, ce, kd = L.fused_lm_loss(h, W, ce_weight=ce_weight, kd_weight=kd_weight, labels=ce_labels,
+                                       kd_mask=has, divergence=lc.divergence, temperature=lc.kd_temperature,
+                                       params=_div_params(cfg), chunk_size=lc.chunk_size,
+                                       **_kd_targets(records, safe, side, cfg))
+        terms["reg"] = L.masked_mean(ce, ce_valid)  # detached values, for the log
+        for name, m in masks.items():
+            terms[name] = L.masked_mean(kd, m)
+        total = loss
         if lc.gamma_rel:
             terms["rel"] = relation_term(hidden, batch, records, W, side.gram, cfg)
+            total = total + lc.gamma_rel * terms["rel"]
     else:
-        ce, _ = L.fused_lm_losses(h, W, labels=ce_labels, chunk_size=lc.chunk_size)
-        terms["reg"] = L.masked_mean(ce, ce_labels != -100)
-    total = terms["reg"]
-    weights = {"res": lc.alpha_res, "vis": lc.beta_vis, "prompt": lc.prompt_weight, "rel": lc.gamma_rel}
-    for name, w in weights.items():
-        if name in terms:
-            total = total + w * terms[name]
+        total, ce, _ = L.fused_lm_loss(h, W, ce_weight=ce_weight, labels=ce_labels, chunk_size=lc.chunk_size)
+        terms["reg"] = L.masked_mean(ce, ce_valid)
     terms["total"] = total
     return terms
 
