@@ -141,6 +141,19 @@ def forward(
         typer.echo(line)
 
 
+# The vLLM engine flags of dump and generate (one definition, defaults from VllmConfig).
+_VLLM_TP = typer.Option(_VLLM.tensor_parallel_size, help="--backend vllm: GPUs the teacher is split over.")
+_VLLM_TOKENS = typer.Option(_VLLM.max_num_batched_tokens,
+                            help="--backend vllm: tokens per engine step. Keep it modest for dump: prompt log-probs "
+                                 "materialise tokens x vocab float32 logits (8192 x 152k = 5 GiB).")
+_VLLM_DTYPE = typer.Option(_VLLM.dtype, help="--backend vllm: bfloat16 | float16 | float32 (dump: the HF copy is "
+                                             "loaded in it too).")
+_VLLM_MEM = typer.Option(_VLLM.gpu_memory_utilization,
+                         help="--backend vllm: vLLM's share of GPU memory; default 0.6 when a dump's hidden states "
+                              "are computed (the HF teacher shares the GPU), else 0.9.")
+_VLLM_LEN = typer.Option(_VLLM.max_model_len, help="--backend vllm: context length (default: the model's).")
+
+
 @app.command()
 def dump(
     teacher: str = typer.Option(..., help="Teacher: LLaVA directory, hub id, or alias (aliases are refused "
@@ -183,19 +196,11 @@ def dump(
     backend: str = typer.Option(_DUMP.backend, help="hf (Hugging Face, the reference) | vllm (needs `pip install "
                                            "'kdcache\\[vllm]'`: log-probs from vLLM with the tail from the top-k "
                                            "alone; temperature 1; one process; hidden states from HF, see below)."),
-    vllm_tensor_parallel_size: int = typer.Option(_VLLM.tensor_parallel_size,
-                                                  help="--backend vllm: GPUs the teacher is split over."),
-    vllm_max_num_batched_tokens: int = typer.Option(
-        _VLLM.max_num_batched_tokens, help="--backend vllm: tokens per engine step. Keep it modest: prompt "
-                                           "log-probs materialise tokens x vocab float32 logits "
-                                           "(8192 x 152k = 5 GiB)."),
-    vllm_dtype: str = typer.Option(_VLLM.dtype, help="--backend vllm: bfloat16 | float16 | float32 (the HF copy "
-                                                     "is loaded in it too)."),
-    vllm_gpu_memory_utilization: Optional[float] = typer.Option(
-        _VLLM.gpu_memory_utilization, help="--backend vllm: vLLM's share of GPU memory; default 0.6 when hidden "
-                                           "states are dumped (the HF teacher shares the GPU), else 0.9."),
-    vllm_max_model_len: Optional[int] = typer.Option(_VLLM.max_model_len,
-                                                     help="--backend vllm: context length (default: the model's)."),
+    vllm_tensor_parallel_size: int = _VLLM_TP,
+    vllm_max_num_batched_tokens: int = _VLLM_TOKENS,
+    vllm_dtype: str = _VLLM_DTYPE,
+    vllm_gpu_memory_utilization: Optional[float] = _VLLM_MEM,
+    vllm_max_model_len: Optional[int] = _VLLM_LEN,
     vllm_hf_batch_size: int = typer.Option(_VLLM.hf_batch_size, help="--backend vllm with hidden states: samples "
                                                                      "per HF hidden-state forward."),
 ):
@@ -255,6 +260,11 @@ def generate(
     template: str = typer.Option("chat", help="chat | qwen2_base | pretrain"),
     batch_size: int = typer.Option(8, help="Samples generated together."),
     max_length: int = typer.Option(2048, help="Longest prompt + answer in tokens (longer samples are left out)."),
+    vllm_tensor_parallel_size: int = _VLLM_TP,
+    vllm_max_num_batched_tokens: int = _VLLM_TOKENS,
+    vllm_dtype: str = _VLLM_DTYPE,
+    vllm_gpu_memory_utilization: Optional[float] = _VLLM_MEM,
+    vllm_max_model_len: Optional[int] = _VLLM_LEN,
 ):
     """Rewrite the assistant turns with the teacher's own answers, turn by turn (each turn sees the
     teacher's earlier answers). Ids, images and extra keys are kept. Resumable.
@@ -268,7 +278,11 @@ def generate(
     try:
         rep = generate_dataset(teacher, str(data), str(images), str(out), max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, seed=seed, backend=backend, template=template,
-                               batch_size=batch_size, max_length=max_length)
+                               batch_size=batch_size, max_length=max_length,
+                               vllm=_VLLM(tensor_parallel_size=vllm_tensor_parallel_size,
+                                          max_num_batched_tokens=vllm_max_num_batched_tokens, dtype=vllm_dtype,
+                                          gpu_memory_utilization=vllm_gpu_memory_utilization,
+                                          max_model_len=vllm_max_model_len))
     except (GenerateError, BackendUnavailable, *_user_errors()) as e:
         _fail(e)
     skipped = ", ".join(f"{n} {r}" for r, n in sorted(rep["skipped"].items())) or "none"

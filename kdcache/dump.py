@@ -389,7 +389,13 @@ def dump(cfg: DumpConfig) -> Path:
         else:
             model, processor = load_teacher(cfg, device)
             stats = _dump_part(cfg, out, model, processor, samples, rank, world, interval)
-        stats = _reduce(stats, world, device)
+        try:
+            stats = _reduce(stats, world, device)
+        except RuntimeError as e:  # gloo/nccl: a peer died or hung past dist_timeout_s
+            raise DumpError(
+                f"rank {rank}: its part is complete and committed, but a peer did not reach the end of the dump "
+                f"within dist_timeout_s = {cfg.dist_timeout_s:g} s (timeout: dead or hung rank; {e}); rerun the "
+                "same command to resume the unfinished parts") from e
         if rank == 0:
             print(final_line(out, stats), flush=True)
     except OSError as e:

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .config import VLLM_GPU_MEMORY_ALONE, VllmConfig
+
 from .generation import generate_batch
 
 SIDE_SUFFIX = ".partial.jsonl"
@@ -135,12 +137,16 @@ class _HfGenerator:
 class _VllmGenerator:
     """The same through vLLM's offline engine (token-id prompts, one image each)."""
 
-    def __init__(self, teacher: str, st: GenerateSettings, tokenizer):
+    def __init__(self, teacher: str, st: GenerateSettings, tokenizer, engine: VllmConfig):
         from .backends.vllm import import_vllm
         from .generation import stop_token_ids
 
         LLM, self._SamplingParams = import_vllm()
-        self.llm = LLM(model=str(teacher), limit_mm_per_prompt={"image": 1})
+        mem = VLLM_GPU_MEMORY_ALONE if engine.gpu_memory_utilization is None else engine.gpu_memory_utilization
+        extra = {} if engine.max_model_len is None else {"max_model_len": engine.max_model_len}
+        self.llm = LLM(model=str(teacher), tensor_parallel_size=engine.tensor_parallel_size, dtype=engine.dtype,
+                       max_num_batched_tokens=engine.max_num_batched_tokens, gpu_memory_utilization=mem,
+                       limit_mm_per_prompt={"image": 1}, **extra)
         self.tokenizer = tokenizer
         self.stops = stop_token_ids(tokenizer)
         self.st = st
@@ -232,8 +238,13 @@ def _with_answers(sample, answers: list[str]) -> dict:
 
 def generate_dataset(teacher: str, data: str, images: str, out: str, *, max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, backend: str = "hf",
-                     template: str = "chat", batch_size: int = 8, max_length: int = 2048) -> dict[str, Any]:
+                     template: str = "chat", batch_size: int = 8, max_length: int = 2048,
+                     vllm: VllmConfig = VllmConfig()) -> dict[str, Any]:
     """Write ``out``: ``data`` with every assistant turn replaced by the teacher's answer.
+
+    ``vllm``: the engine settings with ``backend="vllm"`` (tensor parallelism, dtype, tokens per
+    step, memory share: alone on the GPU, 0.9 unless set; context length); not part of the
+    resume settings, since they do not change what is generated.
 
     Returns {out, samples, skipped {reason: n}, empty_answers, generated_now}. See the module
     docstring for the resume and seeding rules.
@@ -276,7 +287,7 @@ def generate_dataset(teacher: str, data: str, images: str, out: str, *, max_new_
 
             path = model_dir(teacher)  # config + processor only: vLLM loads the weights
             config, processor = AutoConfig.from_pretrained(path), AutoProcessor.from_pretrained(path)
-            gen = _VllmGenerator(teacher, st, processor.tokenizer)
+            gen = _VllmGenerator(teacher, st, processor.tokenizer, vllm)
         else:
             gen = _HfGenerator(teacher, st)
             processor, config = gen.processor, gen.model.config

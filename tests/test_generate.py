@@ -113,3 +113,67 @@ def test_cli_sampling_is_seeded(tiny_teacher, synth_data, small_data, tmp_path):
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     assert len(read_llava_json(tmp_path / "a.json")) == 6
+
+
+class _Completion:  # vLLM's CompletionOutput: the fields generate reads
+    def __init__(self, text):
+        self.text = text
+
+
+class _RequestOutput:  # vLLM's RequestOutput: one per prompt, in order
+    def __init__(self, text):
+        self.outputs = [_Completion(text)]
+
+
+class _EchoEngine:
+    """Stands in for ``vllm.LLM`` (not installed here): records its engine arguments and answers
+    each ``TokensPrompt`` with its length and whether it had an image, as vLLM's offline
+    ``generate`` returns text, so the vLLM path of ``kdcache generate`` runs end to end."""
+
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        _EchoEngine.made.append(kwargs)
+
+    def generate(self, prompts, params, use_tqdm=True):
+        assert params.kwargs["max_tokens"] == NEW and params.kwargs["stop_token_ids"]
+        return [_RequestOutput(f" len{len(p['prompt_token_ids'])} img{int('multi_modal_data' in p)} \n")
+                for p in prompts]
+
+
+class _Params:  # vllm.SamplingParams: keyword arguments only
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def test_vllm_backend_passes_the_engine_settings(tiny_teacher, synth_data, small_data, tmp_path, monkeypatch):
+    """``--backend vllm`` builds the engine with the --vllm-* settings (tensor parallelism, dtype,
+    tokens per step, memory share, context length) and writes the engine's answers, each turn's
+    prompt holding the earlier answers."""
+    import kdcache.backends.vllm as vb
+
+    monkeypatch.setattr(vb, "import_vllm", lambda: (_EchoEngine, _Params))
+    _EchoEngine.made.clear()
+    out = tmp_path / "v.json"
+    res = CliRunner().invoke(app, ["generate", "--teacher", str(tiny_teacher), "--data", str(small_data),
+                                   "--images", str(synth_data["images_root"]), "--out", str(out),
+                                   "--max-new-tokens", str(NEW), "--backend", "vllm",
+                                   "--vllm-tensor-parallel-size", "2", "--vllm-dtype", "float16",
+                                   "--vllm-gpu-memory-utilization", "0.5", "--vllm-max-model-len", "4096",
+                                   "--vllm-max-num-batched-tokens", "2048"])
+    assert res.exit_code == 0, res.output
+    (kw,) = _EchoEngine.made
+    assert kw["model"] == str(tiny_teacher) and kw["limit_mm_per_prompt"] == {"image": 1}
+    assert (kw["tensor_parallel_size"], kw["dtype"], kw["gpu_memory_utilization"], kw["max_model_len"],
+            kw["max_num_batched_tokens"]) == (2, "float16", 0.5, 4096, 2048)
+    for s in read_llava_json(out):
+        answers = [t for r, t in s.turns if r == ROLE_ASSISTANT]
+        assert all(a.startswith("len") and a.endswith(f"img{int(s.image is not None)}") for a in answers)
+        lengths = [int(a.split()[0][3:]) for a in answers]
+        assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)  # history grows turn by turn
+    # Defaults: alone on the GPU the engine gets 0.9 of its memory and the model's own context.
+    _EchoEngine.made.clear()
+    generate_dataset(str(tiny_teacher), str(small_data), str(synth_data["images_root"]), str(tmp_path / "d.json"),
+                     max_new_tokens=NEW, backend="vllm")
+    (kw,) = _EchoEngine.made
+    assert kw["gpu_memory_utilization"] == 0.9 and "max_model_len" not in kw and kw["tensor_parallel_size"] == 1

@@ -310,6 +310,7 @@ def test_wedged_rank_makes_the_dump_fail_after_dist_timeout(tiny_teacher, synth_
     # rank 0 finishes its part (~1 s), then waits 5 s in the totals' all_reduce and fails
     assert 5 <= waited < 30, (waited, log[-3000:])
     assert "timed out" in log.lower() or "timeout" in log.lower(), log[-3000:]
+    assert "rank 0: its part is complete and committed, but a peer did not reach the end" in log, log[-3000:]
     assert _committed(out / "parts" / "0") == 10  # rank 0's part is complete and committed
     assert verify_cache(out).ok
 
