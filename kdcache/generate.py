@@ -40,6 +40,8 @@ import torch
 
 from .config import VLLM_GPU_MEMORY_ALONE, VllmConfig
 
+_DEFAULT_VLLM = VllmConfig()  # frozen: safe to share as a default
+
 from .generation import generate_batch
 
 SIDE_SUFFIX = ".partial.jsonl"
@@ -239,7 +241,7 @@ def _with_answers(sample, answers: list[str]) -> dict:
 def generate_dataset(teacher: str, data: str, images: str, out: str, *, max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, backend: str = "hf",
                      template: str = "chat", batch_size: int = 8, max_length: int = 2048,
-                     vllm: VllmConfig = VllmConfig()) -> dict[str, Any]:
+                     vllm: VllmConfig = _DEFAULT_VLLM) -> dict[str, Any]:
     """Write ``out``: ``data`` with every assistant turn replaced by the teacher's answer.
 
     ``vllm``: the engine settings with ``backend="vllm"`` (tensor parallelism, dtype, tokens per

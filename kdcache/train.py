@@ -202,14 +202,31 @@ def check_packed_records(packed: dict, vocab_size: int, cache: str | None) -> No
                             "overflowed in fp16)")
 
 
-def _collate(items, pad_token_id):
-    """Worker side: ``kdcache.data.collate.collate`` + the batch's cache records, packed."""
+def _collate(items, pad_token_id, vocab_size: int, cache: str | None):
+    """Worker side: ``kdcache.data.collate.collate`` + the batch's cache records, packed and
+    checked (``check_packed_records``) here, off the trainer's main process: its verdict travels
+    as ``records["refused"]`` (None, or the CacheRecordError message the trainer raises)."""
     from .data.collate import collate
 
     batch = collate(items, pad_token_id)
     recs = [it.get("record") for it in items]
-    batch["records"] = pack_records(recs) if recs[0] is not None else None
+    if recs[0] is None:
+        batch["records"] = None
+        return batch
+    packed = pack_records(recs)
+    try:
+        check_packed_records(packed, vocab_size, cache)
+        packed["refused"] = None
+    except CacheRecordError as e:
+        packed["refused"] = str(e)
+    batch["records"] = packed
     return batch
+
+
+def to_device(packed: dict, device: torch.device) -> dict:
+    """A packed batch of records with its field tensors on ``device`` (non-blocking from the
+    loader's pinned memory: the copy overlaps the GPU's work); lengths stay on the host."""
+    return {k: (v.to(device, non_blocking=True) if k in packed["fields"] else v) for k, v in packed.items()}
 
 
 def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig, n_image: int) -> None:
@@ -296,18 +313,18 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
     """All loss terms of one micro-batch -> dict of scalar tensors (``total`` included)."""
     lc = cfg.loss
     device = student.device
-    ids = batch["input_ids"].to(device)
+    ids = batch["input_ids"].to(device, non_blocking=True)  # pinned by the loader on CUDA
     pixels = batch["pixel_values"]
     if pixels is not None:
-        pixels = pixels.to(device=device, dtype=student.dtype)
-    out = student.model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
+        pixels = pixels.to(device=device, dtype=student.dtype, non_blocking=True)
+    out = student.model(input_ids=ids, attention_mask=batch["attention_mask"].to(device, non_blocking=True),
                         pixel_values=pixels, use_cache=False)
     hidden = out.last_hidden_state  # [B, T, D] final-normed: the LM head's input
     B, T, D = hidden.shape
     W = student.lm_head.weight  # [V, D]
 
     # Rows of `hidden` that need the LM head: CE targets (t+1 is a response token) and KD positions.
-    labels = batch["labels"].to(device)
+    labels = batch["labels"].to(device, non_blocking=True)
     next_labels = torch.full_like(labels, -100)
     next_labels[:, :-1] = labels[:, 1:]  # the output at t predicts token t+1
     want = next_labels != -100  # [B, T]
@@ -401,7 +418,7 @@ def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
     Gram instead of H: R_t = F F^T (logits only; ``check_cache_against_student`` refuses hidden).
     """
     device = hidden.device
-    roles = batch["roles"].to(device)
+    roles = batch["roles"].to(device, non_blocking=True)
     factored = any(r.visual_factor is not None for r in records)
     field = "visual_factor" if factored else "visual_hidden"
 
@@ -619,18 +636,21 @@ def train(cfg: TrainConfig) -> Path:
     meta.update(projector_trained=True, stages=list(meta.get("stages", [])) + [cfg.stage],
                 parent=cfg.student)
 
+    V_student = int(model.lm_head.weight.shape[0])
+
     def loader(ep, start):
         kw = dict(seed=cfg.seed, epoch=ep, block_size=cfg.block_size, rank=acc.process_index,
                   world_size=acc.num_processes, start_sample=start, transform=join, batch_size=cfg.batch_size)
         ds = CacheDataset(source, **kw) if isinstance(source, str) else RowDataset(source, **kw)
         return torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-            collate_fn=partial(_collate, pad_token_id=tokenizer.pad_token_id),
-            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+            collate_fn=partial(_collate, pad_token_id=tokenizer.pad_token_id, vocab_size=V_student,
+                               cache=cfg.cache),
+            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+            pin_memory=acc.device.type == "cuda")  # pinned: host-to-device copies run asynchronously
 
     # ---- loop ------------------------------------------------------------------------------
     kinds = kd_kinds(cfg)
-    V_student = int(model.lm_head.weight.shape[0])
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.stage}", unit="step",
                disable=not acc.is_local_main_process, dynamic_ncols=True)
     metrics_f = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
@@ -640,8 +660,11 @@ def train(cfg: TrainConfig) -> Path:
     tokens, grad_norm, tok_rate = 0, None, 0.0
     t_last, wait = time.perf_counter(), 0.0
     while step < total_steps:
-        sums: dict[str, float] = {}
-        bad_ids: list[str] = []
+        # Loss terms and finiteness stay on the device until the step's end: one host sync per
+        # step instead of one per term and micro-batch, so the host runs ahead of the GPU.
+        dev_sums: dict[str, torch.Tensor] = {}
+        finite_flags: list[torch.Tensor] = []  # [] per micro-batch
+        micro_ids: list[list[str]] = []
         step_ids: list[str] = []
         for _ in range(cfg.grad_accum):
             t0 = time.perf_counter()
@@ -657,22 +680,29 @@ def train(cfg: TrainConfig) -> Path:
             tokens += int(batch["attention_mask"].sum())
             records = None
             if cfg.cache:
-                # ids outside [0, V) and non-finite values are refused here, on the CPU, before any
-                # gather sees them: a non-finite loss after this point is the student's
-                check_packed_records(batch["records"], V_student, cfg.cache)
-                records = unpack_records(batch["records"])
+                # ids outside [0, V) and non-finite values were refused in the loader, on the CPU,
+                # before any gather sees them: a non-finite loss after this point is the student's
+                if batch["records"]["refused"]:
+                    raise CacheRecordError(batch["records"]["refused"])
+                records = unpack_records(to_device(batch["records"], acc.device))
             if teacher is not None:
                 records = teacher_records(teacher, batch, kinds=kinds, top_k=_online_k(cfg, teacher),
                                           with_hidden=cfg.loss.gamma_rel > 0)
             with acc.accumulate(objective), acc.autocast():
                 terms = objective(batch, records, side)
                 loss = terms["total"]
-                if not torch.isfinite(loss):
-                    bad_ids += list(batch["sample_ids"])
-                    loss = loss.nan_to_num(0.0) * 0.0  # keeps DDP's collectives in step
+                ok = torch.isfinite(loss)
+                # a non-finite loss still runs backward (as 0): keeps DDP's collectives in step
+                loss = torch.where(ok, loss, loss.nan_to_num(0.0) * 0.0)
                 acc.backward(loss)
+            finite_flags.append(ok)
+            micro_ids.append(list(batch["sample_ids"]))
             for k_, v in terms.items():
-                sums[k_] = sums.get(k_, 0.0) + float(v.detach()) / cfg.grad_accum
+                dev_sums[k_] = dev_sums.get(k_, 0.0) + v.detach().float() / cfg.grad_accum
+        keys = list(dev_sums)
+        host = torch.cat([torch.stack([dev_sums[k_] for k_ in keys]), torch.stack(finite_flags).float()]).tolist()
+        sums = dict(zip(keys, host[:len(keys)]))
+        bad_ids = [i for ids_, f in zip(micro_ids, host[len(keys):]) if not f for i in ids_]
         # One rank's non-finite loss skips (or stops) the step on every rank.
         finite = torch.tensor([0.0 if bad_ids else 1.0], device=acc.device)
         finite = acc.reduce(finite, reduction="sum") if acc.num_processes > 1 else finite

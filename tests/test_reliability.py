@@ -73,7 +73,8 @@ def test_out_of_range_id_is_refused_before_the_gather(ref_cache, synth_data, tin
     _rewrite(ref_cache, bad, edit)
     assert "outside [0" in str(verify_cache(bad))  # verify reports it too
     with pytest.raises(CacheRecordError, match=rf"{victim['id']}.*vocabulary \[0, {V}\).*kdcache verify"):
-        train(make_cfg(synth_data, tiny_student, tmp_path / "run", cache=str(bad), max_steps=1))
+        # two loader processes: the check runs in the worker and its verdict reaches the trainer
+        train(make_cfg(synth_data, tiny_student, tmp_path / "run", cache=str(bad), max_steps=1, num_workers=2))
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
