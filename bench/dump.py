@@ -4,6 +4,8 @@
     python bench/dump.py --compare-naive                   # + the naive full-logits path, side by side
     python bench/dump.py --preset random:qwen2.5-3b --batch-size 16 --num-samples 256 --compare-naive
                                                            # GPU: SigLIP-so400m + Qwen2.5-3B, 729 + 128 tokens
+    python bench/dump.py --preset random:qwen2.5-3b --batch-size 16 --num-samples 256 --compare-naive --compile
+                                                           # + the teacher torch.compiled (`dump --compile`)
     python bench/dump.py --teacher runs/teacher-sft        # a real LLaVA directory
     python bench/dump.py --teacher runs/teacher-sft --backend vllm   # + the vLLM backend, side by side
 
@@ -329,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=DumpConfig.chunk_size)
     ap.add_argument("--hidden", default="bf16", choices=["bf16", "fp16", "float32", "none"])
     ap.add_argument("--compare-naive", action="store_true", help="also run the full-logits path, then the ratio")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run kdcache with the teacher torch.compiled (`kdcache dump --compile`; the compile "
+                         "happens in the warm-up, outside the timing), last, then its ratio to the others")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                     help="vllm: also run the vLLM backend (needs --teacher DIR and vLLM) and compare")
     ap.add_argument("--device", default="auto")
@@ -393,6 +398,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_path("naive", naive_records, model, batches, warmup, Path(tmp) / "naive.zarr",
                                  attrs, device, args.top_k, hidden, peak, write_thread=False))
             check = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "naive.zarr")
+        if args.compile:
+            from kdcache.dump import compile_teacher
+
+            compile_teacher(model)  # in place: every row after this one runs compiled
+            t = time.perf_counter()
+            ours(model, warmup, kinds=KINDS, top_k=args.top_k, with_hidden=hidden)  # the compile itself
+            sync(device)
+            print(f"compiled the teacher in {time.perf_counter() - t:.1f} s (first batch)", file=sys.stderr)
+            rows.append(run_path("kdcache + compile", ours, model, batches, warmup, Path(tmp) / "compiled.zarr",
+                                 attrs, device, args.top_k, hidden, peak))
+            ccheck = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "compiled.zarr")
         if use_vllm:
             import dataclasses
 
@@ -404,8 +420,13 @@ def main(argv: list[str] | None = None) -> int:
                                  int(V)))
             vcheck = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "vllm.zarr")
     print(format_table(rows))
+    by_path = {r["path"]: r for r in rows}
+    if args.compile:
+        c, a = by_path["kdcache + compile"], by_path["kdcache"]
+        vs_naive = (f", {c['tokens/s'] / by_path['naive']['tokens/s']:.2f}x naive" if args.compare_naive else "")
+        print(f"kdcache + compile / kdcache: {c['tokens/s'] / a['tokens/s']:.2f}x tokens/s{vs_naive}; {ccheck}")
     if args.compare_naive:
-        a, b = rows
+        a, b = by_path["kdcache"], by_path["naive"]
         mem = (f"; peak memory {a['peak GiB']:.2f} vs {b['peak GiB']:.2f} GiB ({b['peak GiB'] / a['peak GiB']:.2f}x)"
                if device.type == "cuda" else "")
         print(f"kdcache / naive: {a['tokens/s'] / b['tokens/s']:.2f}x tokens/s{mem}; {check}")

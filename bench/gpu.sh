@@ -21,5 +21,5 @@ run fused_head  bench/fused_head.py --shapes real
 run train_step  bench/train_step.py --shapes real
 run train_gc    bench/train_step.py --shapes real --skip-online --gradient-checkpointing --batch-size 8
 run loader      bench/loader.py --shapes real
-run dump        bench/dump.py --preset random:qwen2.5-3b --batch-size 16 --num-samples 256 --compare-naive
+run dump        bench/dump.py --preset random:qwen2.5-3b --batch-size 16 --num-samples 256 --compare-naive --compile
 echo "logs in $out/"

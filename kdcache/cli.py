@@ -193,6 +193,9 @@ def dump(
                                                                   "order. The cache is written in row order either way."),
     write_thread: bool = typer.Option(_DUMP.write_thread, help="Copy, compress and write records on a thread "
                                                                 "while the teacher runs the next batch."),
+    compile: bool = typer.Option(_DUMP.compile, "--compile/--no-compile",
+                                 help="torch.compile the teacher's vision tower and LLM (dynamic lengths; the "
+                                      "first batches wait for the compile, later ones run faster)."),
     backend: str = typer.Option(_DUMP.backend, help="hf (Hugging Face, the reference) | vllm (needs `pip install "
                                            "'kdcache\\[vllm]'`: log-probs from vLLM with the tail from the top-k "
                                            "alone; temperature 1; one process; hidden states from HF, see below)."),
@@ -234,7 +237,7 @@ def dump(
                          max_length=max_length, on_too_long=on_too_long, template=template,
                          num_workers=num_workers, device=device,
                          commit_every_s=commit_every_s, dist_timeout_s=dist_timeout_s, bucket_batches=bucket_batches,
-                         write_thread=write_thread,
+                         write_thread=write_thread, compile=compile,
                          backend=backend,
                          vllm=_VLLM(tensor_parallel_size=vllm_tensor_parallel_size,
                                     max_num_batched_tokens=vllm_max_num_batched_tokens, dtype=vllm_dtype,

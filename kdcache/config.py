@@ -96,6 +96,9 @@ class DumpConfig:
     # Copy records to the host, compress and write them on a thread while the teacher runs the
     # next batch (False: in the main thread, one after the other).
     write_thread: bool = True
+    # torch.compile the teacher's vision tower and LLM (kdcache.dump.compile_teacher): fused
+    # norms, activations and rotary embeddings; dynamic sequence lengths, one compile per rank.
+    compile: bool = False
     # hf: the reference (kdcache.teacher). vllm: log-probs from vLLM's prompt log-probs (tail from
     # the head, temperature 1, one process); hidden states, unless none, from an HF forward.
     backend: str = "hf"

@@ -244,6 +244,17 @@ def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype | Non
     return model, processor
 
 
+def compile_teacher(model) -> None:
+    """``torch.compile`` the teacher's vision tower and language model in place (``--compile``).
+
+    The LLM is compiled with dynamic shapes: length bucketing gives each batch its own length,
+    and a static compile would recompile for every one. The LM head and the top-k stay eager
+    (``kdcache.teacher``): they run on chunks of positions already. Values equal the eager
+    forward's up to float reassociation (tested)."""
+    model.model.vision_tower.compile()
+    model.model.language_model.compile(dynamic=True)
+
+
 # ---- the run ---------------------------------------------------------------------------------
 @dataclass
 class RunStats:
@@ -388,6 +399,8 @@ def dump(cfg: DumpConfig) -> Path:
             stats = _dump_vllm(cfg, out, samples, interval, device)
         else:
             model, processor = load_teacher(cfg, device)
+            if cfg.compile:
+                compile_teacher(model)
             stats = _dump_part(cfg, out, model, processor, samples, rank, world, interval)
         try:
             stats = _reduce(stats, world, device)

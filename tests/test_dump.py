@@ -12,6 +12,7 @@ import json
 import random
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -115,6 +116,17 @@ def test_writer_thread_and_bucketing_do_not_change_the_cache(tiny_teacher, synth
     plain = tmp_path / "plain.zarr"
     dump(_cfg(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], plain, bucket_batches=1))
     _assert_same_records(CacheReader(plain), CacheReader(ref_cache), exact=False)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler (inductor's CPU backend); none on PATH")
+def test_compiled_teacher_gives_the_same_cache(tiny_teacher, synth_data, ref_cache, tmp_path):
+    """``--compile``: the teacher's vision tower and LLM through torch.compile (dynamic lengths)
+    give the eager dump's records up to float reassociation, and the cache verifies."""
+    out = tmp_path / "compiled.zarr"
+    dump(_cfg(tiny_teacher, synth_data["instruct_small"], synth_data["images_root"], out, compile=True))
+    assert verify_cache(out).ok
+    _assert_same_records(CacheReader(out), CacheReader(ref_cache), exact=False)
 
 
 def test_reference_cache_is_complete(ref_cache):
