@@ -53,6 +53,7 @@ be re-tempered without bias), so distil at the dump temperature to compare like 
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -864,7 +865,12 @@ def fused_lm_loss(
     A second backward through the same graph is refused by autograd (the kept gradients are
     scaled in place by the first).
     """
-    args = _prepare(hidden, lm_weight, **targets)
+    try:  # fused_lm_losses' keywords, with its defaults
+        bound = inspect.signature(fused_lm_losses).bind(hidden, lm_weight, **targets)
+    except TypeError as e:
+        raise TypeError(f"fused_lm_loss: {e} (it takes fused_lm_losses' keywords)") from None
+    bound.apply_defaults()
+    args = _prepare(**bound.arguments)
     N = hidden.shape[0]
     has_ce, has_kd = args[0] is not None, args[4] is not None
     for name, wt, present in (("ce_weight", ce_weight, has_ce), ("kd_weight", kd_weight, has_kd)):
@@ -885,24 +891,8 @@ def fused_lm_loss(
     return loss, (ce if has_ce else None), (kd if has_kd else None)
 
 
-def _prepare(
-    hidden: torch.Tensor,
-    lm_weight: torch.Tensor,
-    *,
-    labels: torch.Tensor | None = None,
-    kd_mask: torch.Tensor | None = None,
-    topk_ids: torch.Tensor | None = None,
-    topk_logprobs: torch.Tensor | None = None,
-    tail_logmass: torch.Tensor | None = None,
-    divergence: str = "fkl",
-    temperature: float = 1.0,
-    params: dict | None = None,
-    chunk_size: int = 1024,
-    ignore_index: int = IGNORE_INDEX,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_lm_weight: torch.Tensor | None = None,
-    sample_counts: torch.Tensor | None = None,
-) -> tuple:
+def _prepare(hidden, lm_weight, *, labels, kd_mask, topk_ids, topk_logprobs, tail_logmass, divergence, temperature,
+             params, chunk_size, ignore_index, teacher_hidden, teacher_lm_weight, sample_counts) -> tuple:
     """Validate ``fused_lm_losses``' arguments -> the per-call tuple ``_chunk_pass`` takes."""
     if hidden.dim() != 2 or lm_weight.dim() != 2 or hidden.shape[1] != lm_weight.shape[1]:
         raise ValueError(f"hidden must be [N, D] and lm_weight [V, D]; got {tuple(hidden.shape)} and "
