@@ -9,9 +9,9 @@
 What is timed: one pass over every sample of ``kdcache.cache.reader.CacheDataset`` (the trainer's
 order: shuffled blocks of ``--block-size`` samples, each block one slab read per array, sample
 checksums verified as in training) through ``torch.utils.data.DataLoader`` with ``batch_size``
-``--batch-size`` and the given workers, the batch's records packed in the worker as the trainer
-does (``packed``; ``per-record`` rows show the unpacked transfer for comparison), records only (no images, no tokenisation: those cost the
-same with or without a cache). MB/s counts the bytes the cache holds on disk for the samples
+``--batch-size`` and the given workers, the batch's records packed and checked in the worker as
+the trainer does (``packed``; ``per-record`` rows show the unpacked transfer for comparison),
+records only (no images, no tokenisation: those cost the same with or without a cache). MB/s counts the bytes the cache holds on disk for the samples
 read (compressed, what the disk delivers) and the decoded bytes of the records (what the
 trainer receives). ``x need`` is samples/s over ``--need``: below 1 the trainer would wait for
 data. The default need, 64 samples/s, is e.g. 8 GPUs each taking a batch of 8 every second.
@@ -27,6 +27,7 @@ import argparse
 import tempfile
 import warnings
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from kdcache.cache.reader import CacheDataset, CacheReader
 from kdcache.cache.writer import CacheWriter
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL, select_positions
 from kdcache.records import TeacherRecord
-from kdcache.train import pack_records, unpack_records
+from kdcache.train import check_packed_records, pack_records, unpack_records
 
 SHAPES = {  # visual tokens, text tokens, k, hidden size, vocab, samples
     "reduced": (144, 64, 64, 256, 16384, 768),
@@ -88,13 +89,23 @@ def _keep(items):
     return items  # a list of records: no collation (module level: picklable for workers)
 
 
+def _pack_and_check(items, vocab_size: int):
+    """What the trainer's workers do with a batch's records: pack them, then check them
+    (``kdcache.train.check_packed_records``: ids in range, values finite)."""
+    packed = pack_records(items)
+    check_packed_records(packed, vocab_size, None)
+    return packed
+
+
 def measure(path: Path, workers: int, batch_size: int, block_size: int, packed: bool) -> dict:
     """One full pass: time to the first batch (worker start, index load, first block) and the
-    steady rate after it. ``packed``: the trainer's transfer (``kdcache.train.pack_records`` in
-    the worker, ``unpack_records`` here); else a list of records, 8 tensors each."""
+    steady rate after it. ``packed``: the trainer's transfer (``pack_records`` and
+    ``check_packed_records`` in the worker, ``unpack_records`` here); else a list of records,
+    8 tensors each."""
     ds = CacheDataset(path, seed=0, epoch=0, block_size=block_size, batch_size=batch_size)
+    V = int(CacheReader(path, check=False).attrs["teacher"]["vocab_size"])
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                                     collate_fn=pack_records if packed else _keep,
+                                     collate_fn=partial(_pack_and_check, vocab_size=V) if packed else _keep,
                                      prefetch_factor=4 if workers else None)
     t0 = time.perf_counter()
     n = nbytes = 0
