@@ -514,9 +514,98 @@ def relation_loss(
 # Fused LM head + CE + divergence, chunked over positions
 
 
+# A row's rest (outside the ids) holding less than this of exp(u - max u) has its tail taken by an
+# exact log-sum-exp instead: float32 exp underflows below e^-103, so such a sum may have lost terms.
+_REST_FLOOR = 2.0 ** -60
+
+
+def _exp_from_max(x: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [c, V] (any float dtype, untouched) -> (q [c, V], m [c], s [c]) in ``cdt``:
+    q = exp(x - m) with m the row max, s = q.sum(1); logsumexp(x) = m + log s, softmax = q / s."""
+    m = x.amax(dim=1).to(cdt)  # [c]
+    q = (x - m.unsqueeze(1)).exp_()  # [c, V] a new buffer, promoted to cdt by m
+    return q, m, q.sum(1)
+
+
+def _topk_tail_chunk(h, w, cdt, labels, ids, lt, divergence, spec, temperature, g_ce, g_kd):
+    """``_head_chunk`` for top-k + tail targets (the trainer's default), one exp pass per softmax.
+
+    With u = z / T and q = exp(u - max u) [c, V], one buffer gives every [c, V] quantity:
+    lse_all = max + log(sum q); zeroing q at the ids and summing gives the student's rest mass
+    S (lse_tail = max + log S) without a second [c, V] log-sum-exp; and the gradient is q times
+    one coefficient per row plus k corrections at the ids (p = q / s, s = sum q):
+        dkd/du_v = [v = id_j] (g_uk_j + g_all p_v) + [v in rest] q_v (g_all / s + g_tail / S)
+    At T = 1, CE's g_ce (softmax(z) - onehot(label)) joins the same q. Rows whose S is below
+    ``_REST_FLOOR`` (the top-k holds all but ~1e-18 of the student's mass) take lse_tail and
+    the within-rest gradient from an exact log-sum-exp over their rest (one host sync per chunk
+    checks for them). About 5 [c, V] memory passes where the general path makes ~14.
+    """
+    want = g_ce is not None or g_kd is not None
+    z = h @ w.T  # [c, V] the chunk's logits in the matmul dtype: the one vocabulary-sized product
+    V = z.shape[-1]
+    T = float(temperature)
+    u = z if T == 1.0 else z.to(cdt) / T  # [c, V]
+    q, m, s = _exp_from_max(u, cdt)  # [c, V] exp(u - m), [c], [c]
+    lse_all = m + s.log()  # [c]
+    u_k = u.gather(1, ids).to(cdt)  # [c, k]
+    p_k = q.gather(1, ids) / s.unsqueeze(1)  # [c, k] softmax(u) at the ids
+    ce = qz = sz = None
+    if labels is not None:
+        if T == 1.0:
+            lse_z = lse_all
+        else:  # CE is at T = 1: its own softmax of z
+            qz, mz, sz = _exp_from_max(z, cdt)
+            lse_z = mz + sz.log()
+        ce = lse_z - z.gather(1, labels.unsqueeze(1)).squeeze(1).to(cdt)
+    has_rest = ids.shape[1] < V
+    q.scatter_(1, ids, 0.0)  # [c, V] now exp(u - m) outside the ids only
+    low_rows = rest_rows = None
+    if has_rest:
+        S = q.sum(1)  # [c]
+        low = S < _REST_FLOOR
+        lse_tail = m + S.clamp(min=torch.finfo(cdt).tiny).log()
+        if bool(low.any()):
+            low_rows = low.nonzero().squeeze(1)
+            rest_rows = u[low_rows].to(cdt).scatter(1, ids[low_rows], NEG_INF)  # [r, V]
+            lse_tail[low_rows] = torch.logsumexp(rest_rows, dim=-1)
+    else:
+        lse_tail = torch.full_like(lse_all, NEG_INF)
+    with torch.enable_grad():
+        uk = u_k.detach().requires_grad_(want)
+        la = lse_all.detach().requires_grad_(want)
+        lr = lse_tail.detach().requires_grad_(want and has_rest)
+        leaves = [uk, la] + ([lr] if has_rest else [])
+        kd_rows = bucket_divergence(lt, student_buckets_from_parts(uk, la, lr), divergence, **spec)  # [c]
+        grads = torch.autograd.grad((kd_rows * g_kd).sum(), leaves) if want else None
+    kd = kd_rows.detach()
+    if not want:
+        return ce, kd, None
+    g_uk, g_all = grads[0], grads[1]
+    coef = g_all if (labels is None or T != 1.0) else g_all + g_ce  # [c] of softmax(u)
+    row_coef = coef / s  # [c] of q on the rest
+    if has_rest:
+        g_tail = grads[2]
+        row_coef = row_coef + torch.where(low, 0.0, g_tail / torch.where(low, 1.0, S))
+    dz = q.mul_(row_coef.unsqueeze(1))  # [c, V] the rest's entries (the ids' are still 0)
+    if low_rows is not None:  # g_tail * softmax within the rest, exactly
+        dz.index_add_(0, low_rows, rest_rows.sub_(lse_tail[low_rows].unsqueeze(1)).exp_()
+                      .mul_(g_tail[low_rows].unsqueeze(1)))
+    dz.scatter_add_(1, ids, g_uk + coef.unsqueeze(1) * p_k)
+    if T != 1.0:
+        dz.div_(T)
+        if labels is not None:
+            dz.add_(qz.mul_((g_ce / sz).unsqueeze(1)))
+    if labels is not None:
+        dz.scatter_add_(1, labels.unsqueeze(1), -g_ce.unsqueeze(1))
+    return ce, kd, dz
+
+
 def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, temperature, g_ce=None, g_kd=None, *,
                 mode="topk", t_hidden=None, t_weight=None, const=None):
     """Losses of one chunk of positions and, given output gradients, d(loss)/d(logits).
+
+    Top-k + tail targets (the trainer's default) take ``_topk_tail_chunk``, which needs fewer
+    [c, V] passes; this general path serves exact, sampled and renormalised top-k targets.
 
     h [c, D] and w [V, D] in the matmul dtype; labels long [c] (>= 0; ignored rows already
     replaced) or None; g_ce / g_kd [c] the gradients of the outputs (backward only; zero on rows
@@ -539,6 +628,8 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
     Sampled mode: kd = const - sum_j q_j u_j + m lse(u) with m = sum_j q_j (1, or 0 without
     draws), so dkd/du = g_kd (m softmax(u) - scatter(q)): one softmax pass shared with CE at T=1.
     """
+    if mode == "topk" and ids is not None and with_tail:
+        return _topk_tail_chunk(h, w, cdt, labels, ids, lt, divergence, spec, temperature, g_ce, g_kd)
     want = g_ce is not None or g_kd is not None
     z = (h @ w.T).to(cdt)  # [c, V] the chunk's logits: the one vocabulary-sized product
     V = z.shape[-1]

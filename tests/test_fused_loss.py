@@ -206,3 +206,42 @@ def test_bad_weights_and_second_backward_are_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_tiny_student_tail_is_exact(dtype, T):
+    """Rows whose student puts ~e^-100 (and e^-300) outside the teacher's top-k, beside ordinary
+    rows in the same chunk: float32 exp underflows there, so the fused head takes those tails
+    from an exact log-sum-exp; values and gradients equal the plain path's."""
+    V, k, N = 40, 4, 6
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(N, V, generator=g, dtype=torch.float64)
+    lp = (torch.randn(N, V, generator=g, dtype=torch.float64) * 2).log_softmax(-1)
+    vals, ids = lp.topk(k, -1)
+    tail = torch.logsumexp(lp.scatter(-1, ids, NEG_INF), -1)
+    z[1] = z[1].scatter(0, ids[1], 100.0)  # rest mass ~ V e^-100 of the top
+    z[4] = z[4].scatter(0, ids[4], 300.0 * T)  # beyond float32's range entirely
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[1] = ids[1, 0]
+    w = torch.eye(V, dtype=dtype)  # hidden @ W^T = the logits we chose
+    wc = torch.rand(N, generator=g, dtype=torch.float64).to(dtype)
+    wk = torch.rand(N, generator=g, dtype=torch.float64).to(dtype)
+    out = []
+    for path in ("fused", "plain"):
+        hh, ww = z.to(dtype).clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if path == "fused":
+            loss, ce, kd = L.fused_lm_loss(hh, ww, ce_weight=wc, kd_weight=wk, labels=labels, topk_ids=ids,
+                                           topk_logprobs=vals.to(dtype), tail_logmass=tail.to(dtype), temperature=T,
+                                           chunk_size=4)
+        else:
+            logits = hh @ ww.T
+            ce = L.token_cross_entropy(logits, labels)
+            kd = L.topk_divergence(logits, ids, vals.to(dtype), tail.to(dtype), "fkl", T)
+            loss = (wc * ce).sum() + (wk * kd).sum()
+        out.append([loss.detach(), ce.detach(), kd.detach(), *torch.autograd.grad(loss, [hh, ww])])
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for a, b in zip(*out):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tol)
+    assert out[0][2][[1, 4]].gt(1.0).all()  # the teacher's tail is far from the student's: a large loss
