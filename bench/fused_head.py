@@ -11,10 +11,10 @@ a forward + backward of L = mean CE(response) + mean KL(visual) + mean KL(respon
 - ``plain``            logits = hidden @ W^T over all positions ([N, V], autocast dtype), then
                        ``token_cross_entropy`` and ``topk_divergence`` in float32, autograd
 - ``fused, recompute`` ``fused_lm_losses`` (per-position outputs; its backward recomputes each
-                       chunk's logits: two vocabulary-sized products per chunk in all)
+                       chunk's logits: the logit product runs twice, four products per chunk in all)
 - ``fused, grads in forward`` ``fused_lm_loss`` with the per-position weights known up front (the
-                       trainer's path: one vocabulary-sized product per chunk, values and dz
-                       from the same logits)
+                       trainer's path: the logits once, values and dz from them, three
+                       products per chunk in all)
 
 Each row is checked against ``plain`` (loss, grad hidden, grad W: max |diff| / max |ref|), so
 the GPU run repeats the CPU tests' equality at the real shapes. Times are medians over

@@ -27,7 +27,7 @@ projector + LLM trainable (the DFT stage), on batches already in memory:
 Both SFT rows are references: ``x SFT`` divides by the trainer's own SFT step (the stricter
 one: its LM head sees only the response positions), ``x plain`` by the plain transformers one.
 The fused head (``kdcache.losses.fused_lm_loss``) forms its gradients in the forward pass, so
-a KD step runs one vocabulary-sized product per chunk of positions; its extra cost over SFT is
+a KD step forms each chunk's logits once (three vocabulary-sized products per chunk); its extra cost over SFT is
 the LM head and divergence at the ~85% of positions that are visual.
 
 Time: median of ``--steps`` steps after ``--warmup`` (CUDA synchronised). Memory: on CUDA the

@@ -541,7 +541,7 @@ def _topk_tail_chunk(h, w, cdt, labels, ids, lt, divergence, spec, temperature, 
     checks for them). About 5 [c, V] memory passes where the general path makes ~14.
     """
     want = g_ce is not None or g_kd is not None
-    z = h @ w.T  # [c, V] the chunk's logits in the matmul dtype: the one vocabulary-sized product
+    z = h @ w.T  # [c, V] the chunk's logits in the matmul dtype (formed once per chunk)
     V = z.shape[-1]
     T = float(temperature)
     u = z if T == 1.0 else z.to(cdt) / T  # [c, V]
@@ -631,7 +631,7 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
     if mode == "topk" and ids is not None and with_tail:
         return _topk_tail_chunk(h, w, cdt, labels, ids, lt, divergence, spec, temperature, g_ce, g_kd)
     want = g_ce is not None or g_kd is not None
-    z = (h @ w.T).to(cdt)  # [c, V] the chunk's logits: the one vocabulary-sized product
+    z = (h @ w.T).to(cdt)  # [c, V] the chunk's logits (formed once per call)
     V = z.shape[-1]
     T = float(temperature)
     ce = kd = lse1 = lse_all = None
@@ -832,8 +832,8 @@ class _FusedLMHeadLoss(torch.autograd.Function):
     """(hidden [N, D], W [V, D], ce weight [N], kd weight [N]) -> (loss [], ce [N], kd [N]).
 
     loss = sum_i w_ce_i ce_i + w_kd_i kd_i. The gradients are formed during the forward pass,
-    from the same chunk logits as the values (one vocabulary-sized product per chunk instead of
-    two), and kept until backward, which only scales them by the incoming gradient. ce and kd
+    from the same chunk logits as the values (the logits h W^T are formed once per chunk, not
+    twice; the two gradient products follow as in any backward), and kept until backward, which only scales them by the incoming gradient. ce and kd
     are returned for logging and are not differentiable.
     """
 
@@ -940,8 +940,8 @@ def fused_lm_loss(
     The trainer knows every position's weight before the forward pass (1 / count of valid
     positions per term, times the term's alpha / beta), so the loss is one weighted sum and its
     gradient w.r.t. the logits can be formed from the very chunk logits that give the values:
-    one [c, D] x [D, V] product per chunk instead of ``fused_lm_losses``' two (its backward
-    recomputes them). grad_hidden [N, D] and grad_W [V, D] (in W's dtype) are kept from forward
+    the logit product h W^T [c, D] x [D, V] runs once per chunk instead of twice
+    (``fused_lm_losses``' backward recomputes it), three vocabulary-sized products in all. grad_hidden [N, D] and grad_W [V, D] (in W's dtype) are kept from forward
     to backward, which scales them by the incoming gradient (gradient accumulation, loss
     scaling); when no gradient is needed (``torch.no_grad``, frozen inputs) none is formed.
 

@@ -342,7 +342,7 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
     h = hidden[flat[:, 0], flat[:, 1]]  # [N, D]
     ce_labels = next_labels[flat[:, 0], flat[:, 1]]  # [N]
     # Every loss row's weight is known now (1 / count per term, times its alpha / beta), so the
-    # fused head forms the gradients in its forward pass: one LM-head product per chunk.
+    # fused head forms the gradients in its forward pass: its logits once per chunk.
     ce_valid = ce_labels != -100  # [N]
     ce_weight = ce_valid / ce_valid.sum().clamp(min=1)  # L_reg = masked mean of CE
     terms = {}
