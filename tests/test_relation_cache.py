@@ -24,6 +24,7 @@ from kdcache.dump import dump
 from kdcache.inspect_cache import inspect_cache
 from kdcache.train import CacheMismatchError, train
 from tests.test_train import make_cfg, read_metrics
+from tests.helpers import dump_small
 
 STEPS = 4
 
@@ -33,9 +34,7 @@ def rel_caches(tmp_path_factory, synth_data, tiny_teacher):
     root = tmp_path_factory.mktemp("relation_caches")
 
     def d(name, **kw):
-        return dump(DumpConfig(teacher=str(tiny_teacher), data=str(synth_data["instruct_small"]),
-                               images=str(synth_data["images_root"]), out=str(root / name), num_workers=0,
-                               batch_size=8, **kw))
+        return dump_small(tiny_teacher, synth_data, root / name, **kw)
 
     return {"lr64": d("lr64.zarr", relation="lowrank:64"),
             "lr64_f32": d("lr64_f32.zarr", relation="lowrank:64", hidden="float32"),

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.data.collate import LlavaTorchDataset, collate, prepare_samples
-from kdcache.data.llava import read_llava_json
-from kdcache.models import image_token_id, load_model, num_image_tokens
+from kdcache.data.collate import collate
+from kdcache.models import load_model
 from kdcache.positions import select_positions
 from kdcache.teacher import sample_from_hidden, sample_uniforms, teacher_records
+from tests.helpers import llava_dataset
 
 KINDS = ("visual", "response")
 N = 8
@@ -109,12 +109,7 @@ def teacher(tiny_teacher):
 @pytest.fixture(scope="module")
 def items(teacher, synth_data):
     model, processor = teacher
-    samples = read_llava_json(synth_data["instruct"])[:6]
-    kept, toks, _skipped = prepare_samples(
-        samples, processor.tokenizer, images_root=synth_data["images_root"], template="chat",
-        image_token_id=image_token_id(model.config), num_image_tokens=num_image_tokens(model.config, processor),
-        max_length=2048, on_too_long="error")
-    ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, synth_data["images_root"])
+    ds = llava_dataset(model, processor, synth_data["instruct"], synth_data["images_root"], 6)
     return [ds[i] for i in range(len(ds))]
 
 

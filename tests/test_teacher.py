@@ -18,12 +18,12 @@ import torch
 
 from kdcache.cache.reader import CacheReader
 from kdcache.config import DumpConfig
-from kdcache.data.collate import LlavaTorchDataset, collate, prepare_samples
-from kdcache.data.llava import read_llava_json
+from kdcache.data.collate import collate
 from kdcache.dump import dump
-from kdcache.models import image_token_id, load_model, num_image_tokens
+from kdcache.models import load_model
 from kdcache.positions import ROLE_VISUAL, select_positions, visual_span
 from kdcache.teacher import teacher_records, topk_from_hidden
+from tests.helpers import llava_dataset
 
 N_SAMPLES = 6  # samples per batch: different lengths, so the batch is padded
 
@@ -35,22 +35,12 @@ def teacher(tiny_teacher):
     return model, processor
 
 
-def _dataset(model, processor, data_json: Path, images: Path, rows: int) -> LlavaTorchDataset:
-    samples = read_llava_json(data_json)[:rows]
-    tok = processor.tokenizer
-    kept, toks, skipped = prepare_samples(
-        samples, tok, images_root=images, template="chat", image_token_id=image_token_id(model.config),
-        num_image_tokens=num_image_tokens(model.config, processor), max_length=2048, on_too_long="error")
-    assert skipped.total == 0
-    return LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, images)
-
-
 @pytest.fixture(scope="module")
 def batch_and_refs(teacher, synth_data):
     """A padded batch of N_SAMPLES and, per sample, the plain forward's float64 log-probs [T, V],
     hidden_states[-1] [T, D] and the tokenised roles [T]."""
     model, processor = teacher
-    ds = _dataset(model, processor, synth_data["instruct"], synth_data["images_root"], N_SAMPLES)
+    ds = llava_dataset(model, processor, synth_data["instruct"], synth_data["images_root"], N_SAMPLES)
     items = [ds[i] for i in range(len(ds))]
     batch = collate(items, processor.tokenizer.pad_token_id)
     assert len({int(n) for n in batch["attention_mask"].sum(1)}) > 1, "want a padded batch"
@@ -198,7 +188,7 @@ def test_cache_holds_the_plain_forward(teacher, tiny_teacher, synth_data, small_
                     batch_size=3, num_workers=0, device="cpu"))
     reader = CacheReader(out)
     assert reader.k == V and reader.num_samples == 8
-    ds = _dataset(model, processor, small_json, synth_data["images_root"], 8)
+    ds = llava_dataset(model, processor, small_json, synth_data["images_root"], 8)
     for i in range(len(ds)):
         it = ds[i]
         rec = reader.get_by_row(it["row"])

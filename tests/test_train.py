@@ -20,6 +20,7 @@ import torch
 from kdcache.config import DumpConfig, LossConfig, TrainConfig
 from kdcache.dump import dump
 from kdcache.train import CacheMismatchError, train
+from tests.helpers import dump_small
 
 FP16_UNIT_ROUNDOFF = 2.0**-11  # float16: 10 stored mantissa bits, round to nearest
 
@@ -52,9 +53,7 @@ def caches(tmp_path_factory, synth_data, tiny_teacher):
     V = vocab_size(tiny_teacher)
 
     def d(name, **kw):
-        return dump(DumpConfig(teacher=str(tiny_teacher), data=str(synth_data["instruct_small"]),
-                               images=str(synth_data["images_root"]), out=str(root / name), num_workers=0,
-                               batch_size=8, **kw))
+        return dump_small(tiny_teacher, synth_data, root / name, **kw)
 
     return {"f32": d("f32.zarr", top_k=V, logprob_dtype="float32", hidden="float32"),
             "f16": d("f16.zarr", top_k=V, logprob_dtype="float16", hidden="float32"),

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdcache.config import DumpConfig, LossConfig
-from kdcache.dump import dump
+from kdcache.config import LossConfig
 from kdcache.train import CacheMismatchError, train
 from tests.test_train import make_cfg, read_metrics, vocab_size, weights
+from tests.helpers import dump_small
 
 STEPS = 6
 TERMS = ("reg", "res", "vis", "rel", "total")
@@ -24,9 +24,7 @@ def mode_caches(tmp_path_factory, synth_data, tiny_teacher):
     root = tmp_path_factory.mktemp("mode_caches")
 
     def d(name, **kw):
-        return dump(DumpConfig(teacher=str(tiny_teacher), data=str(synth_data["instruct_small"]),
-                               images=str(synth_data["images_root"]), out=str(root / name), num_workers=0,
-                               batch_size=8, **kw))
+        return dump_small(tiny_teacher, synth_data, root / name, **kw)
 
     V = vocab_size(tiny_teacher)
     return {"hidden": d("hidden.zarr", targets="hidden", top_k=4, hidden="float32", logprob_dtype="float32"),

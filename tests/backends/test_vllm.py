@@ -32,11 +32,12 @@ from typer.testing import CliRunner
 from kdcache.backends import BackendUnavailable
 from kdcache.backends.vllm import VllmTeacher, records_from_prompt_logprobs, tail_from_head
 from kdcache.cli import app
-from kdcache.data.collate import LlavaTorchDataset, collate, prepare_samples
+from kdcache.data.collate import collate
 from kdcache.data.llava import read_llava_json
 from kdcache.models import image_token_id, load_model, num_image_tokens
 from kdcache.positions import ROLE_VISUAL
 from kdcache.teacher import teacher_records
+from tests.helpers import llava_dataset
 
 K = 8
 KINDS = ("prompt", "visual", "response")
@@ -82,13 +83,7 @@ def hf_refs(tiny_teacher, synth_data):
     float64 log-probs [T, V], ids [T], roles [T]."""
     model, processor = load_model(str(tiny_teacher))
     model.eval()
-    samples = read_llava_json(synth_data["instruct"])[:4]
-    kept, toks, skipped = prepare_samples(
-        samples, processor.tokenizer, images_root=synth_data["images_root"], template="chat",
-        image_token_id=image_token_id(model.config), num_image_tokens=num_image_tokens(model.config, processor),
-        max_length=2048, on_too_long="error")
-    assert skipped.total == 0
-    ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, synth_data["images_root"])
+    ds = llava_dataset(model, processor, synth_data["instruct"], synth_data["images_root"], 4)
     items = [ds[i] for i in range(len(ds))]
     recs = teacher_records(model, collate(items, processor.tokenizer.pad_token_id), kinds=KINDS, top_k=K,
                            with_hidden=False)
@@ -326,12 +321,7 @@ def test_visual_hidden_states_equal_teacher_records(tiny_teacher, synth_data):
 
     model, processor = load_model(str(tiny_teacher))
     model.eval()
-    samples = read_llava_json(synth_data["instruct"])[:4]
-    kept, toks, _ = prepare_samples(
-        samples, processor.tokenizer, images_root=synth_data["images_root"], template="chat",
-        image_token_id=image_token_id(model.config), num_image_tokens=num_image_tokens(model.config, processor),
-        max_length=2048, on_too_long="error")
-    ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, synth_data["images_root"])
+    ds = llava_dataset(model, processor, synth_data["instruct"], synth_data["images_root"], 4)
     batch = collate([ds[i] for i in range(len(ds))], processor.tokenizer.pad_token_id)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # padding is exercised
     recs = teacher_records(model, batch, kinds=KINDS, top_k=K, with_hidden=True)
