@@ -615,12 +615,9 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
         "sampled" ids long [c, n], lt = q [c, n] (c_j / n, ``cdt``), const [c] = sum_j q_j lp_j.
     -> (ce [c] | None, kd [c] | None, dz [c, V] | None), dz = sum_i g_ce_i dce_i/dz + g_kd_i dkd_i/dz.
 
-    Gradient of the divergence w.r.t. the logits, with u = z / T, p = softmax(u) and the
-    student's buckets written through three small quantities (u_k, lse_all, lse_tail):
-        dkd/du_v = [v = id_j] g_uk_j + g_all p_v + g_tail [v in rest] exp(u_v - lse_tail)
-    where (g_uk, g_all, g_tail) come from autograd over the [c, k+1] bucket graph only, so
-    every divergence gets its exact gradient while the [c, V] work stays three in-place passes.
-    CE adds g_ce (softmax(z) - onehot(label)). Peak: ~2 [c, V] buffers (3 when T != 1).
+    Gradient w.r.t. the logits, u = z / T. Renormalised top-k: the divergence depends on u_k
+    alone, so dkd/du is autograd over the [c, k] graph scattered at the ids. CE adds
+    g_ce (softmax(z) - onehot(label)). Peak: ~2 [c, V] buffers (3 when T != 1).
 
     Exact mode: teacher log-probs lt = log_softmax(h_t W_t^T / T) [c, V] (one more matmul,
     no grad); forward KL's gradient is closed-form, dkd/du = g_kd (softmax(u) - exp(lt)), the
@@ -632,7 +629,6 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
         return _topk_tail_chunk(h, w, cdt, labels, ids, lt, divergence, spec, temperature, g_ce, g_kd)
     want = g_ce is not None or g_kd is not None
     z = (h @ w.T).to(cdt)  # [c, V] the chunk's logits (formed once per call)
-    V = z.shape[-1]
     T = float(temperature)
     ce = kd = lse1 = lse_all = None
     if labels is not None:
@@ -683,48 +679,15 @@ def _head_chunk(h, w, cdt, labels, ids, lt, with_tail, divergence, spec, tempera
                 dz = u.sub_(lse_all.unsqueeze(1)).exp_().mul_(gm.unsqueeze(1))
                 dz.scatter_add_(1, ids, neg_q).div_(T)
         del u
-    elif mode == "topk" and ids is not None:
-        u = z if T == 1.0 else z / T  # [c, V]
-        u_k = u.gather(1, ids)  # [c, k]
-        rest = lse_tail = None
-        if with_tail:
-            lse_all = lse1 if (T == 1.0 and lse1 is not None) else torch.logsumexp(u, dim=-1)
-            if ids.shape[1] < V:
-                rest = u.scatter(1, ids, NEG_INF)  # [c, V] logits outside the top-k
-                lse_tail = torch.logsumexp(rest, dim=-1)
-            else:
-                lse_tail = torch.full_like(lse_all, NEG_INF)
+    elif mode == "topk" and ids is not None:  # renormalised top-k (with a tail: _topk_tail_chunk)
+        u_k = z.gather(1, ids) if T == 1.0 else z.gather(1, ids) / T  # [c, k]
         with torch.enable_grad():
             uk = u_k.detach().requires_grad_(want)
-            leaves = [uk]
-            if with_tail:
-                la = lse_all.detach().requires_grad_(want)
-                lr = lse_tail.detach().requires_grad_(want and rest is not None)
-                leaves += [la] + ([lr] if rest is not None else [])
-                ls = student_buckets_from_parts(uk, la, lr)  # [c, k+1]
-            else:
-                ls = torch.log_softmax(uk, dim=-1)  # [c, k]
-            kd_rows = bucket_divergence(lt, ls, divergence, **spec)  # [c]
-            grads = torch.autograd.grad((kd_rows * g_kd).sum(), leaves) if want else None
+            kd_rows = bucket_divergence(lt, torch.log_softmax(uk, dim=-1), divergence, **spec)  # [c]
+            grads = torch.autograd.grad((kd_rows * g_kd).sum(), [uk]) if want else None
         kd = kd_rows.detach()
         if want:
-            du = None
-            if rest is not None:  # g_tail * softmax within the rest (0 at the ids)
-                du = rest.sub_(lse_tail.unsqueeze(1)).exp_().mul_(grads[2].unsqueeze(1))
-            if with_tail:
-                if T == 1.0:  # softmax(u) is CE's softmax(z): one pass serves both
-                    soft_coef = grads[1] if soft_coef is None else soft_coef + grads[1]
-                else:  # u is its own buffer here
-                    p_t = u.sub_(lse_all.unsqueeze(1)).exp_().mul_(grads[1].unsqueeze(1))
-                    du = p_t if du is None else du.add_(p_t)
-                    del p_t
-            if du is None:
-                du = torch.zeros_like(z)
-            du.scatter_add_(1, ids, grads[0])
-            if T != 1.0:
-                du.div_(T)
-            dz = du
-        del u
+            dz = torch.zeros_like(z).scatter_add_(1, ids, grads[0] if T == 1.0 else grads[0] / T)
     if soft_coef is not None:
         lse_z = lse1 if lse1 is not None else lse_all  # both are logsumexp(z) here
         p = z.sub_(lse_z.unsqueeze(1)).exp_().mul_(soft_coef.unsqueeze(1))  # in place: z is done
@@ -779,8 +742,6 @@ def _chunk_pass(hidden, weight, args, g_ce=None, g_kd=None, need_h=False, need_w
             if kd is not None:
                 kd_out[sl] = kd
             if want:
-                if dz is None:  # no target in this call at all: zero gradient
-                    dz = torch.zeros(sl.stop - s, w.shape[0], dtype=mm_dtype, device=w.device)
                 dz = dz.to(mm_dtype)  # [c, V]
                 if need_h:
                     grad_h[sl] = dz @ w
