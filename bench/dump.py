@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import _report
 from kdcache.cache.format import make_attrs
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.writer import CacheWriter
@@ -64,9 +65,11 @@ KINDS = ("visual", "response")
 
 
 # ---- the model -------------------------------------------------------------------------------
-def build_preset(preset: str, vocab_size: int | None, device: torch.device, dtype: torch.dtype):
+def build_preset(preset: str, vocab_size: int | None, device: torch.device, dtype: torch.dtype,
+                 layers: int | None = None):
     """A random-init LLaVA of a kdcache preset's shapes, built in memory on ``device`` (nothing is
-    written to disk; no tokenizer needed). ``vocab_size`` overrides the preset's."""
+    written to disk; no tokenizer needed). ``vocab_size`` overrides the preset's; ``layers`` the
+    number of LLM and vision layers (a CPU check of the real widths)."""
     from transformers import LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     from kdcache import models
@@ -79,8 +82,9 @@ def build_preset(preset: str, vocab_size: int | None, device: torch.device, dtyp
         shape = dict(models.QWEN_SHAPES[preset[7:]])
         if vocab_size:
             shape["vocab_size"] = vocab_size
-        tc = Qwen2Config(**shape)
-        vc = SiglipVisionConfig(**models.SIGLIP_SO400M)
+        cut = {"num_hidden_layers": layers} if layers else {}
+        tc = Qwen2Config(**(shape | cut))
+        vc = SiglipVisionConfig(**(models.SIGLIP_SO400M | cut))
     else:
         raise SystemExit(f"unknown preset {preset!r}: choose from {', '.join(models.PRESETS)}")
     config = models.llava_config(tc, vc, tc.vocab_size - 1)  # last id stands for <image>
@@ -207,10 +211,15 @@ def sync(device: torch.device) -> None:
 
 
 def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, device, top_k: int,
-             hidden: bool, peak: float, write_thread: bool = True) -> dict:
-    """Warm up, then time forward + records + writer over ``batches``; returns a row of the table."""
+             hidden: bool, peak: float, write_thread: bool = True, rep=None) -> dict:
+    """Warm up, then time forward + records + writer over ``batches`` (fewer when ``rep``'s
+    deadline comes near: at least one); returns a row of the table."""
+    if rep is not None:
+        rep.doing(name)
+    t_w = time.perf_counter()
     fn(model, warmup, kinds=KINDS, top_k=top_k, with_hidden=hidden)
     sync(device)
+    t_w = time.perf_counter() - t_w
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     writer = CacheWriter(out, attrs)
@@ -221,7 +230,11 @@ def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, devi
     events = []  # CUDA: (start, end) around each batch's teacher work, for the GPU-busy share
     sync(device)
     t0 = time.perf_counter()
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        # each batch costs about the warm-up's time or less; keep two for the drain and close
+        if i and rep is not None and not rep.fits(3 * min(t_w, (time.perf_counter() - t0) / i) + 2):
+            rep.note(f"{name}: stopped after {i} of {len(batches)} batches (table budget)")
+            break
         if device.type == "cuda":
             events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             events[-1][0].record()
@@ -234,19 +247,26 @@ def run_path(name: str, fn, model, batches, warmup, out: Path, attrs: dict, devi
             n_tok += r.num_tokens
             n_pos += len(r.positions)
             n_samples += 1
+    sync(device)
+    t_loop = time.perf_counter() - t0
     bg.join()
     writer.close(finished=True)
     sync(device)
     dt = time.perf_counter() - t0
     # stream time inside the batches' event pairs over the wall time: below 1 the GPU waited
     # (on the host, the copies, the writer); an upper bound when kernels leave gaps inside a batch
-    busy = sum(a.elapsed_time(b) for a, b in events) / 1e3 / dt if events else float("nan")
+    stream = sum(a.elapsed_time(b) for a, b in events) / 1e3 if events else float("nan")
+    busy = stream / dt
+    # the same over the loop alone: the share a long dump approaches, where the final drain of the
+    # writer (``tail s``: the last batches' compression and writes, the close) is amortised
+    busy_loop = stream / t_loop
     part = out / "parts" / "0"
     nbytes = sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
     hbytes = sum(f.stat().st_size for f in (part / "visual_hidden").rglob("*") if f.is_file()) if hidden else 0
     n_vis = CacheReader(out, check=False).parts[0].totals["visual"]
     return {"path": name, "samples": n_samples, "seconds": dt, "tokens/s": n_tok / dt, "samples/s": n_samples / dt,
             "positions/s": n_pos / dt, "TFLOP/s": flops / dt / 1e12, "MFU": flops / dt / peak, "GPU busy": busy,
+            "busy (loop)": busy_loop, "tail s": dt - t_loop, "warm-up s": t_w,
             "B/position": nbytes / max(n_pos, 1),
             "hidden B/vis-row": hbytes / max(n_vis, 1),
             "peak GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
@@ -301,13 +321,13 @@ def agreement(a: Path, b: Path, n: int = 8) -> str:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["path", "samples", "seconds", "tokens/s", "samples/s", "positions/s", "TFLOP/s", "MFU", "GPU busy",
-            "B/position",
-            "hidden B/vis-row", "peak GiB"]
+            "busy (loop)", "tail s", "B/position", "hidden B/vis-row", "peak GiB", "warm-up s"]
     fmt = {"seconds": "{:.2f}", "tokens/s": "{:.0f}", "samples/s": "{:.1f}", "positions/s": "{:.0f}",
-           "TFLOP/s": "{:.3g}", "MFU": "{:.1%}", "GPU busy": "{:.1%}",
+           "TFLOP/s": "{:.3g}", "MFU": "{:.1%}", "GPU busy": "{:.1%}", "busy (loop)": "{:.1%}", "tail s": "{:.2f}",
+           "warm-up s": "{:.1f}",
            "B/position": "{:.0f}", "hidden B/vis-row": "{:.0f}", "peak GiB": "{:.2f}"}
-    cells = [[("n/a" if isinstance(r[c], float) and np.isnan(r[c]) else fmt.get(c, "{}").format(r[c]))
-              for c in cols] for r in rows]
+    cells = [[("n/a" if isinstance(r.get(c), float) and np.isnan(r[c]) else
+               fmt.get(c, "{}").format(r[c]) if c in r else "n/a") for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
@@ -337,8 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                     help="vllm: also run the vLLM backend (needs --teacher DIR and vLLM) and compare")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="a random: preset with this many LLM and vision layers (e.g. 1: the real widths on a CPU)")
+    ap.add_argument("--compile-min-s", type=float, default=0.0,
+                    help="run the --compile row only if at least this many seconds of the table's budget are "
+                         "left (compiling a 3B teacher takes minutes the first time)")
+    _report.add_args(ap)
     args = ap.parse_args(argv)
+    planned = ["kdcache"] + (["naive"] if args.compare_naive else []) + (["kdcache + compile"] if args.compile else [])
+    rep = _report.Report(args, "dump", planned=planned + (["vllm"] if args.backend == "vllm" else []))
     use_vllm = args.backend == "vllm"
     if use_vllm and not args.teacher:
         raise SystemExit("--backend vllm needs --teacher DIR: vLLM loads the weights from a directory")
@@ -358,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         name = args.preset or ("random:qwen2.5-3b" if device.type == "cuda" else "tiny-teacher")
         t = time.perf_counter()
-        model, processor = build_preset(name, args.vocab_size, device, dtype), None
+        model, processor = build_preset(name, args.vocab_size, device, dtype, args.layers), None
+        sync(device)
         print(f"built {name} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        rep.meta(build_s=time.perf_counter() - t)
     n_image = num_image_tokens(model.config, processor)
     V, D = model.lm_head.weight.shape
     batches = synthetic_batches(model, n_image, args.num_samples, args.batch_size, args.text_tokens,
@@ -383,32 +412,56 @@ def main(argv: list[str] | None = None) -> int:
     def ours(model, batch, **kw):
         return teacher_records(model, batch, chunk_size=args.chunk_size, **kw)
 
-    print(f"{name} on {device} ({dtype}): vocab {V}, hidden {D}, {n_image} visual + {args.text_tokens} "
-          f"text = {T} tokens/sample, batch {args.batch_size}, {args.num_samples} samples, top-{args.top_k}, "
-          f"hidden {args.hidden}, torch {torch.__version__}")
+    head = (f"{name}{f' ({args.layers} layers)' if args.layers else ''} on {device} "
+            f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}): vocab {V}, hidden {D}, "
+            f"{n_image} visual + {args.text_tokens} text = {T} tokens/sample, batch {args.batch_size}, "
+            f"{args.num_samples} samples, top-{args.top_k}, hidden {args.hidden}, torch {torch.__version__}")
+    print(head)
     peak = matmul_peak(device, dtype)
     print(f"measured matmul peak ({dtype}): {peak / 1e12:.3g} TFLOP/s (the MFU denominator)")
-    rows = []
+    rep.meta(model=name, layers=args.layers, device=str(device), dtype=str(dtype), vocab=int(V), hidden=int(D),
+             visual=n_image, tokens=T, batch=args.batch_size, samples=args.num_samples, top_k=args.top_k,
+             matmul_peak_flops=peak, head=head)
+    rows, checks = [], {}
+
+    def add(row):
+        rows.append(row)
+        rep.row(row)
+        render(rep, rows, checks, head, peak, dtype, device, args)
+
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
-        rows.append(run_path("kdcache", ours, model, batches, warmup, Path(tmp) / "ours.zarr", attrs, device,
-                             args.top_k, hidden, peak))
+        add(run_path("kdcache", ours, model, batches, warmup, Path(tmp) / "ours.zarr", attrs, device,
+                     args.top_k, hidden, peak, rep=rep))
+        n_done = rows[0]["samples"] // args.batch_size  # later rows: the same batches, side by side
         if args.compare_naive:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(run_path("naive", naive_records, model, batches, warmup, Path(tmp) / "naive.zarr",
-                                 attrs, device, args.top_k, hidden, peak, write_thread=False))
-            check = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "naive.zarr")
-        if args.compile:
+            # the naive path costs about twice the kdcache one: start it only if that fits
+            if rep.fits(2 * rows[0]["seconds"] + rows[0]["warm-up s"] + 2):
+                add(run_path("naive", naive_records, model, batches[:n_done], warmup, Path(tmp) / "naive.zarr",
+                             attrs, device, args.top_k, hidden, peak, write_thread=False, rep=rep))
+                checks["naive"] = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "naive.zarr")
+                render(rep, rows, checks, head, peak, dtype, device, args)
+            else:
+                rep.skip("naive", f"table budget: {rep.left():.0f} s left")
+        if args.compile and not rep.fits(max(args.compile_min_s, 2 * rows[0]["seconds"])):
+            rep.skip("kdcache + compile", f"table budget: {rep.left():.0f} s left, the compile row wants "
+                                          f">= {args.compile_min_s:.0f} s")
+        elif args.compile:
             from kdcache.dump import compile_teacher
 
             compile_teacher(model)  # in place: every row after this one runs compiled
             t = time.perf_counter()
+            rep.doing(f"compiling the teacher (torch.compile, first batch) with {rep.left():.0f} s of the budget left")
             ours(model, warmup, kinds=KINDS, top_k=args.top_k, with_hidden=hidden)  # the compile itself
             sync(device)
-            print(f"compiled the teacher in {time.perf_counter() - t:.1f} s (first batch)", file=sys.stderr)
-            rows.append(run_path("kdcache + compile", ours, model, batches, warmup, Path(tmp) / "compiled.zarr",
-                                 attrs, device, args.top_k, hidden, peak))
-            ccheck = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "compiled.zarr")
+            compile_s = time.perf_counter() - t
+            rep.note(f"compiled the teacher in {compile_s:.1f} s (first batch)")
+            row = run_path("kdcache + compile", ours, model, batches[:n_done], warmup, Path(tmp) / "compiled.zarr",
+                           attrs, device, args.top_k, hidden, peak, rep=rep)
+            row["compile s"] = compile_s
+            checks["kdcache + compile"] = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "compiled.zarr")
+            add(row)
         if use_vllm:
             import dataclasses
 
@@ -416,27 +469,44 @@ def main(argv: list[str] | None = None) -> int:
                                  dump_settings(dataclasses.replace(cfg, hidden="none", backend="vllm"), 1))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(run_vllm(args.teacher, batches, images, 0, Path(tmp) / "vllm.zarr", v_attrs, args.top_k,
-                                 int(V)))
-            vcheck = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "vllm.zarr")
-    print(format_table(rows))
+            row = run_vllm(args.teacher, batches, images, 0, Path(tmp) / "vllm.zarr", v_attrs, args.top_k, int(V))
+            checks["vllm"] = agreement(Path(tmp) / "ours.zarr", Path(tmp) / "vllm.zarr")
+            add(row)
+    print("\n" + rep.data["markdown"] + "\n" + "\n".join(rep.data["summary"]))
+    rep.finish()
+    return 0
+
+
+def render(rep, rows, checks, head, peak, dtype, device, args) -> None:
+    """The markdown table, the ratios between its rows and the targets (rewritten after each row)."""
     by_path = {r["path"]: r for r in rows}
-    if args.compile:
-        c, a = by_path["kdcache + compile"], by_path["kdcache"]
-        vs_naive = (f", {c['tokens/s'] / by_path['naive']['tokens/s']:.2f}x naive" if args.compare_naive else "")
-        print(f"kdcache + compile / kdcache: {c['tokens/s'] / a['tokens/s']:.2f}x tokens/s{vs_naive}; {ccheck}")
-    if args.compare_naive:
-        a, b = by_path["kdcache"], by_path["naive"]
+    lines, summary = [], []
+    a = by_path.get("kdcache")
+    if a and "naive" in by_path:
+        b = by_path["naive"]
         mem = (f"; peak memory {a['peak GiB']:.2f} vs {b['peak GiB']:.2f} GiB ({b['peak GiB'] / a['peak GiB']:.2f}x)"
                if device.type == "cuda" else "")
-        print(f"kdcache / naive: {a['tokens/s'] / b['tokens/s']:.2f}x tokens/s{mem}; {check}")
-    if use_vllm:
-        a, v = rows[0], rows[-1]
-        print(f"kdcache (hf) / vllm: {a['tokens/s'] / v['tokens/s']:.2f}x tokens/s; {vcheck}")
-    if args.json:
-        args.json.write_text(json.dumps({"model": name, "device": str(device), "args": vars(args) | {"json": str(args.json)},
-                                         "rows": rows}, indent=2, default=str))
-    return 0
+        x = a["tokens/s"] / b["tokens/s"]
+        lines.append(f"kdcache / naive: {x:.2f}x tokens/s{mem}; {checks.get('naive', '')}")
+        summary.append(f"dump kdcache / naive: {x:.2f}x tokens/s (>= 1.4: {_report.verdict(x >= 1.4)}); "
+                       f"MFU {a['MFU']:.1%} vs {b['MFU']:.1%}")
+    if a and device.type == "cuda":
+        summary.append(f"dump GPU busy (CUDA events): {a['GPU busy']:.1%} of the wall time, {a['busy (loop)']:.1%} "
+                       f"of the loop without the final {a['tail s']:.2f} s drain (>= 95%: "
+                       f"{_report.verdict(a['GPU busy'] >= 0.95)} / {_report.verdict(a['busy (loop)'] >= 0.95)})")
+    c = by_path.get("kdcache + compile")
+    if c and a:
+        vs_naive = f", {c['tokens/s'] / by_path['naive']['tokens/s']:.2f}x naive" if "naive" in by_path else ""
+        lines.append(f"kdcache + compile / kdcache: {c['tokens/s'] / a['tokens/s']:.2f}x tokens/s{vs_naive} "
+                     f"(compile {c.get('compile s', float('nan')):.0f} s); {checks.get('kdcache + compile', '')}")
+        summary.append(lines[-1].split(";")[0])
+    v = by_path.get("vllm")
+    if v and a:
+        lines.append(f"kdcache (hf) / vllm: {a['tokens/s'] / v['tokens/s']:.2f}x tokens/s; {checks.get('vllm', '')}")
+    skipped = [f"{k}: not run ({why})" for k, why in rep.data["skipped"].items()]
+    md = (head + f"\nmatmul peak ({dtype}, measured): {peak / 1e12:.3g} TFLOP/s\n\n" + format_table(rows) + "\n\n"
+          + "\n".join(lines + skipped))
+    rep.render(md, summary)
 
 
 if __name__ == "__main__":

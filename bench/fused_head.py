@@ -32,33 +32,39 @@ import time
 
 import torch
 
+import _report
 from kdcache import losses as L
 
 SHAPES = {  # name: (positions N, of which response, D, V)
     "reduced": (4 * 176, 4 * 24, 256, 8192),
     "real": (8 * 857, 8 * 96, 896, 151936),
+    # the real widths and vocabulary for one sample: a CPU check of the real-shape code path
+    "real-thin": (857, 96, 896, 151936),
 }
 
 
 def make_inputs(N, n_resp, D, V, k, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(N, D, generator=g).to(device)
-    W = (torch.randn(V, D, generator=g) * D ** -0.5).to(device)
+    """Hidden states, W, labels, the visual mask and top-k targets, drawn on ``device`` (a GPU
+    draws the [N, V] teacher logits in milliseconds; the CPU's generator gives the same numbers
+    on the CPU as before)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g, device=device)
+    W = torch.randn(V, D, generator=g, device=device) * D ** -0.5
     # A teacher whose distributions are peaked like a real one's: random logits, scale 4.
     lp = torch.empty(N, k, device=device)
     ids = torch.empty(N, k, dtype=torch.long, device=device)
     tail = torch.empty(N, device=device)
     for s in range(0, N, 1024):  # never a [N, V] teacher tensor at once
-        zt = torch.randn(min(1024, N - s), V, generator=g).to(device) * 4
+        zt = torch.randn(min(1024, N - s), V, generator=g, device=device) * 4
         lpt = zt.log_softmax(-1)
         v, i = lpt.topk(k, -1)
         lp[s:s + len(v)], ids[s:s + len(v)] = v, i
         tail[s:s + len(v)] = torch.logsumexp(lpt.scatter(-1, i, float("-inf")), -1)
-    labels = torch.full((N,), -100, dtype=torch.long)
-    labels[N - n_resp:] = torch.randint(0, V, (n_resp,), generator=g)
-    visual = torch.zeros(N, dtype=torch.bool)
+    labels = torch.full((N,), -100, dtype=torch.long, device=device)
+    labels[N - n_resp:] = torch.randint(0, V, (n_resp,), generator=g, device=device)
+    visual = torch.zeros(N, dtype=torch.bool, device=device)
     visual[:N - n_resp] = True
-    return hidden, W, labels.to(device), visual.to(device), ids, lp.half(), tail
+    return hidden, W, labels, visual, ids, lp.half(), tail
 
 
 def weights(labels, visual):
@@ -94,14 +100,23 @@ ROWS = {"plain (full logits)": run_plain, "fused, recompute": run_recompute,
         "fused, grads in forward": run_forward_grads}
 
 
+def rel_errors(a, ref) -> list[float]:
+    """max |a - ref| / max |ref| for the loss, grad hidden and grad W."""
+    return [(x - y).abs().max().item() / max(y.abs().max().item(), 1e-30) for x, y in zip(a, ref)]
+
+
+EQUAL_TOL = 1e-4  # float32 relative error under which a row counts as equal to plain
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--shapes", default="auto", choices=["auto", "reduced", "real"],
-                    help="auto: real on CUDA, reduced on CPU")
+    ap.add_argument("--shapes", default="auto", choices=["auto", *SHAPES],
+                    help="auto: real on CUDA, reduced on CPU; real-thin: the real widths, one sample")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--chunk-size", type=int, default=1024, help="positions per chunk (the trainer's loss.chunk_size)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10 CUDA, 7 CPU)")
+    _report.add_args(ap)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -109,49 +124,98 @@ def main(argv=None):
     shapes = args.shapes if args.shapes != "auto" else ("real" if cuda else "reduced")
     N, n_resp, D, V = SHAPES[shapes]
     repeats = args.repeats or (10 if cuda else 7)
+    rep = _report.Report(args, "fused_head", planned=list(ROWS))
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 check means float32
     inputs = make_inputs(N, n_resp, D, V, args.top_k, device)
     h0, W0 = inputs[0], inputs[1]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rep.meta(device=str(device), gpu=torch.cuda.get_device_name() if cuda else "CPU", shapes=shapes, N=N,
+             visual=N - n_resp, response=n_resp, D=D, V=V, k=args.top_k, chunk=args.chunk_size,
+             dtype="bf16 autocast" if cuda else "fp32", repeats=repeats, equal_tol=EQUAL_TOL)
 
-    def once(fn):
+    def once(fn, autocast):
         h, W = h0.clone().requires_grad_(True), W0.clone().requires_grad_(True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = fn(h, W, *inputs[2:], args.chunk_size)
         loss.backward()
         return loss.detach().float(), h.grad, W.grad
 
-    results, times, peaks = {}, {name: [] for name in ROWS}, {}
-    for name, fn in ROWS.items():  # warm-up, values for the check, and the memory peak
+    # Equality first, in float32 (no autocast): the check of the CPU tests at these shapes.
+    rep.doing("the float32 equality check")
+    t = time.perf_counter()
+    ref32 = once(ROWS["plain (full logits)"], False)
+    err32 = {"plain (full logits)": [0.0, 0.0, 0.0]}
+    for name, fn in ROWS.items():
+        if name != "plain (full logits)":
+            err32[name] = rel_errors(once(fn, False), ref32)
+    del ref32
+    sync()
+    check_s = time.perf_counter() - t
+
+    results, times, peaks, done = {}, {name: [] for name in ROWS}, {}, []
+    for name, fn in ROWS.items():  # warm-up in the timed dtype, values for its errors, and the memory peak
+        if not rep.fits(2 * check_s / len(ROWS)):
+            rep.skip(name, f"table budget: {rep.left():.0f} s left")
+            continue
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        results[name] = once(fn)
+        results[name] = once(fn, cuda)
         sync()
         if cuda:
             peaks[name] = torch.cuda.max_memory_allocated() - base
-    for _ in range(repeats):
-        for name, fn in ROWS.items():
+        done.append(name)
+    t_round = None
+    for i in range(repeats):
+        if t_round is not None and not rep.fits(1.5 * t_round):
+            rep.note(f"stopped after {i} of {repeats} timed rounds: table budget")
+            break
+        t_r = time.perf_counter()
+        for name in done:
             sync()
             t0 = time.perf_counter()
-            once(fn)
+            once(ROWS[name], cuda)
             sync()
             times[name].append(time.perf_counter() - t0)
+        t_round = time.perf_counter() - t_r
 
-    ref = results["plain (full logits)"]
-    print(f"\ndevice {device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), shapes {shapes}: N = {N} positions "
-          f"({N - n_resp} visual, {n_resp} response), D = {D}, V = {V}, k = {args.top_k}, chunk {args.chunk_size}, "
-          f"{'bf16 autocast' if cuda else 'fp32'}, median of {repeats} rounds")
-    print(f"{'head (forward + backward)':<28} {'ms':>9} {'x plain':>8} {'peak above start (GiB)':>23} "
-          f"{'loss rel err':>13} {'grad h rel err':>15} {'grad W rel err':>15}")
-    t_ref = statistics.median(times["plain (full logits)"])
+    ref = results.get("plain (full logits)")
+    rounds = min((len(times[n]) for n in done), default=0)
+    head = (f"device {device} ({rep.data['meta']['gpu']}), shapes {shapes}: N = {N} positions "
+            f"({N - n_resp} visual, {n_resp} response), D = {D}, V = {V}, k = {args.top_k}, chunk {args.chunk_size}, "
+            f"timed in {'bf16 autocast' if cuda else 'fp32'}, median of {rounds} rounds; "
+            f"equality checked in fp32 (TF32 off)")
+    t_ref = statistics.median(times["plain (full logits)"]) if times["plain (full logits)"] else None
+    table, summary, cells_all = [], [], []
     for name in ROWS:
-        t = statistics.median(times[name])
-        errs = [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(results[name], ref)]
-        peak = f"{peaks[name] / 2**30:.2f}" if cuda else "n/a"
-        print(f"{name:<28} {t * 1e3:>9.1f} {t / t_ref:>8.2f} {peak:>23} {errs[0]:>13.1e} {errs[1]:>15.1e} "
-              f"{errs[2]:>15.1e}")
+        t = statistics.median(times[name]) if times[name] else None
+        e = rel_errors(results[name], ref) if name in results and ref is not None else [None] * 3
+        row = {"row": name, "ms": None if t is None else t * 1e3, "x_plain": t / t_ref if t and t_ref else None,
+               "peak_above_start_GiB": peaks[name] / 2**30 if name in peaks else None,
+               "rel_err_fp32": dict(zip(("loss", "grad_h", "grad_W"), err32[name])),
+               "rel_err_timed": dict(zip(("loss", "grad_h", "grad_W"), e)), "rounds": len(times[name])}
+        table.append(row)
+        cells = [name, _report.fmt(row["ms"], "{:.1f}"), _report.fmt(row["x_plain"]),
+                 _report.fmt(row["peak_above_start_GiB"])]
+        cells += [_report.fmt(x, "{:.1e}") for x in err32[name]] + [_report.fmt(x, "{:.1e}") for x in e]
+        if name not in done:
+            cells[1] = "not run"
+        cells_all.append(cells)
+    rep.data["rows"] = table
+    md = _report.md_table(["head (fwd + bwd)", "ms", "x plain", "peak above start GiB", "fp32 err loss",
+                           "fp32 err grad h", "fp32 err grad W", "timed err loss", "timed err grad h",
+                           "timed err grad W"], cells_all)
+    worst = max(max(v) for v in err32.values())
+    summary.append(f"fused_head equality at V = {V} (fp32, max rel err of loss and both grads): {worst:.1e} "
+                   f"(<= {EQUAL_TOL:g}: {_report.verdict(worst <= EQUAL_TOL)})")
+    fw = next((r for r in table if r["row"] == "fused, grads in forward"), None)
+    if fw and fw["x_plain"]:
+        summary.append(f"fused_head time: grads in forward {fw['x_plain']:.2f}x plain")
+    rep.render(head + "\n\n" + md, summary)
+    print("\n" + head + "\n" + md + "\n" + "\n".join(summary))
+    rep.finish()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import time
 
 import torch
 
+import _report
 from kdcache import losses as L
 from kdcache.config import LossConfig, TrainConfig
 from kdcache.models import QWEN_SHAPES, SIGLIP_SO400M, llava_config
@@ -80,6 +81,12 @@ SHAPES = {
                 4, 32, 8192),
     "real": (_llm_shape("qwen2.5-0.5b"), _llm_shape("qwen2.5-3b"), dict(SIGLIP_SO400M), 8, 128,
              QWEN_SHAPES["qwen2.5-3b"]["vocab_size"]),
+    # the real widths, vocabulary and image size with one layer per model and batch 2: a CPU check
+    # of the real-shape code path (729 visual tokens, V = 151936), not a timing
+    "real-thin": (_llm_shape("qwen2.5-0.5b") | {"num_hidden_layers": 1},
+                  _llm_shape("qwen2.5-3b") | {"num_hidden_layers": 1},
+                  dict(SIGLIP_SO400M) | {"num_hidden_layers": 2}, 2, 128,
+                  QWEN_SHAPES["qwen2.5-3b"]["vocab_size"]),
 }
 
 
@@ -177,11 +184,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def run(name, step_fn, device, steps, warmup):
+def run(name, step_fn, device, steps, warmup, rep=None):
+    """Warm-up, then up to ``steps`` timed steps (fewer when the report's deadline is near:
+    at least one) -> the row: median time, peaks."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t_w = time.perf_counter()
     for _ in range(warmup):
         step_fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    t_w = (time.perf_counter() - t_w) / max(warmup, 1)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -192,26 +203,34 @@ def run(name, step_fn, device, steps, warmup):
         base = rss_kib()[0] * 1024 if cpu_ok else 0
     times = []
     for _ in range(steps):
+        if times and rep is not None and not rep.fits(1.5 * max(times) + 1.0):
+            break
         t0 = time.perf_counter()
         step_fn()
         sync()
         times.append(time.perf_counter() - t0)
+    reserved = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
+        reserved = torch.cuda.max_memory_reserved()
         mem = (peak, peak - base)
     elif cpu_ok:
         hwm = rss_kib()[1] * 1024
         mem = (hwm, hwm - base)
     else:
         mem = (None, None)
-    return {"name": name, "time": statistics.median(times), "peak": mem[0], "extra": mem[1]}
+    return {"name": name, "time": statistics.median(times), "peak": mem[0], "extra": mem[1],
+            "peak_reserved": reserved, "steps": len(times), "warmup_s": t_w}
+
+
+SFT_ROW, PLAIN_ROW, CACHED_ROW = "SFT (L_reg, kdcache)", "SFT, plain transformers (full logits)", "cached KD"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--shapes", default="auto", choices=["auto", "reduced", "real"],
-                    help="auto: real on CUDA, reduced on CPU")
+    ap.add_argument("--shapes", default="auto", choices=["auto", *SHAPES],
+                    help="auto: real on CUDA, reduced on CPU; real-thin: real widths, one layer (a CPU check)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--text-tokens", type=int, default=None, help="non-visual tokens per sample")
     ap.add_argument("--top-k", type=int, default=64)
@@ -223,27 +242,42 @@ def main(argv=None):
                     help="recompute the student's layer activations in backward (what `gradient_checkpointing: "
                          "true` does in a recipe): e.g. --shapes real --skip-online --gradient-checkpointing "
                          "shows a 0.5B DFT step's peak against a 24 GiB card")
+    ap.add_argument("--card-gib", type=float, default=24.0,
+                    help="with --gradient-checkpointing: the card the peak is checked against")
+    _report.add_args(ap)
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    shapes = args.shapes if args.shapes != "auto" else ("real" if device.type == "cuda" else "reduced")
+    cuda = device.type == "cuda"
+    shapes = args.shapes if args.shapes != "auto" else ("real" if cuda else "reduced")
     s_llm, t_llm, vision, B, n_text, V = SHAPES[shapes]
     B = args.batch_size or B
     n_text = args.text_tokens or n_text
-    steps = args.steps or (10 if device.type == "cuda" else 5)
-    autocast = device.type == "cuda"
-    t_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    steps = args.steps or (10 if cuda else 5)
+    autocast = cuda
+    t_dtype = torch.bfloat16 if cuda else torch.float32
+    gc_mode = args.gradient_checkpointing
+    table = "train_gc" if gc_mode else "train_step"
+    online_planned = [] if args.skip_online else ["online KD"]
+    rep = _report.Report(args, table, planned=[SFT_ROW, PLAIN_ROW, CACHED_ROW, "cached KD, exact", *online_planned,
+                                               "naive cached KD"])
 
+    t = time.perf_counter()
+    rep.doing("building the models")
     student, n_vis = build(s_llm, vision, V, device, torch.float32)  # fp32 master weights, as the trainer
     _set_trainable(student, "dft")
-    if args.gradient_checkpointing:
+    if gc_mode:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     teacher, _ = build(t_llm, vision, V, device, t_dtype)
     teacher.requires_grad_(False).eval()
+    if cuda:
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t
     batch = make_batch(B, n_vis, n_text, V, vision["image_size"])
     T = batch["input_ids"].shape[1]
+    t = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=args.top_k, with_hidden=True)
     cached = as_cached(recs)
@@ -264,8 +298,20 @@ def main(argv=None):
     if args.skip_online:
         teacher = None
         gc.collect()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
+    records_s = time.perf_counter() - t
+    context = None
+    if cuda:  # what the process holds on the card beyond the allocator's pool: CUDA context, cuBLAS workspace
+        free, total = torch.cuda.mem_get_info()
+        context = total - free - torch.cuda.memory_reserved()
+    n_params = sum(p.numel() for p in student.parameters())
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    rep.meta(device=str(device), gpu=torch.cuda.get_device_name() if cuda else "CPU", shapes=shapes, batch=B,
+             tokens=T, visual=n_vis, V=V, student_llm=s_llm, teacher_llm=t_llm, vision=vision,
+             dtype="bf16 autocast" if autocast else "fp32", gradient_checkpointing=gc_mode,
+             student_params=n_params, trainable_params=n_train, build_s=build_s, records_s=records_s,
+             context_bytes=context, steps=steps, warmup=args.warmup)
 
     sft = TrainConfig(stage="sft", student="-", data="-", images="-", out="-")
     dft = TrainConfig(stage="dft", student="-", data="-", images="-", out="-", cache="-", loss=LossConfig())
@@ -280,42 +326,94 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
         return f
 
-    rows = [run("SFT (L_reg, kdcache)", step(lambda: batch_losses(student, batch, None, None, sft)), device, steps,
-                args.warmup),
-            run("SFT, plain transformers (full logits)", step(lambda: plain_sft_losses(student, batch)), device,
-                steps, args.warmup),
-            run(f"cached KD, k={args.top_k} (kdcache)",
-                step(lambda: batch_losses(student, batch, cached, side, dft)), device, steps, args.warmup),
-            run("cached KD, exact (targets hidden)",
-                step(lambda: batch_losses(student, batch, exact_cached, side_exact, dft)), device, steps,
-                args.warmup)]
-    if teacher is not None:
-        def online():
-            recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=online_k, with_hidden=True)
-            return batch_losses(student, batch, recs, side, dft)
-        rows.append(run(f"online KD, k={'V' if online_k == V else online_k} (teacher in memory)",
-                        step(online), device, steps, args.warmup))
-    rows.append(run(f"naive cached KD, k={args.top_k} (full logits)", step(lambda: naive_losses(student, batch, cached, gram, dft)), device, steps, args.warmup))
+    def online():
+        recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=online_k, with_hidden=True)
+        return batch_losses(student, batch, recs, side, dft)
 
-    print(f"\ndevice {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), shapes {shapes}: "
-          f"batch {B} x {T} tokens ({n_vis} visual), V = {V}, student LLM {s_llm['hidden_size']}x"
-          f"{s_llm['num_hidden_layers']}, teacher LLM {t_llm['hidden_size']}x{t_llm['num_hidden_layers']}, "
-          f"{'bf16 autocast' if autocast else 'fp32'}, median of {steps} steps"
-          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    mem_name = "peak alloc" if device.type == "cuda" else "peak RSS"
-    print(f"{'step':<46} {'ms/step':>9} {'x SFT':>6} {'x plain':>7} {mem_name + ' (GiB)':>17} "
-          f"{'above start (GiB)':>18} {'peak x SFT':>10} {'x plain':>7}")
-    ref, plain = rows[0], rows[1]
-    for r in rows:
-        peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**30:.2f}"
-        extra = "n/a" if r["extra"] is None else f"{r['extra'] / 2**30:.3f}"
-        # On CPU the allocator reuses the warm-up's pages, so SFT's increase is ~0: no ratio there.
-        cuda = device.type == "cuda"
-        xm = f"{r['peak'] / ref['peak']:.2f}" if cuda else "n/a"
-        xmp = f"{r['peak'] / plain['peak']:.2f}" if cuda else "n/a"
-        print(f"{r['name']:<46} {r['time'] * 1e3:>9.1f} {r['time'] / ref['time']:>6.2f} "
-              f"{r['time'] / plain['time']:>7.2f} {peak:>17} {extra:>18} {xm:>10} {xmp:>7}")
-    print("design section 5 (H100, real shapes): SFT 1.0x; naive cached KD 1.39x time, +14 GiB; online KD 2.44x")
+    plan = [(SFT_ROW, "SFT (L_reg, kdcache)", lambda: batch_losses(student, batch, None, None, sft), 1.0),
+            (PLAIN_ROW, PLAIN_ROW, lambda: plain_sft_losses(student, batch), 1.2),
+            (CACHED_ROW, f"cached KD, k={args.top_k} (kdcache)", lambda: batch_losses(student, batch, cached, side, dft),
+             1.3),
+            ("cached KD, exact", "cached KD, exact (targets hidden)",
+             lambda: batch_losses(student, batch, exact_cached, side_exact, dft), 1.6)]
+    if teacher is not None:
+        plan.append(("online KD", f"online KD, k={'V' if online_k == V else online_k} (teacher in memory)", online,
+                     3.0))
+    plan.append(("naive cached KD", f"naive cached KD, k={args.top_k} (full logits)",
+                 lambda: naive_losses(student, batch, cached, gram, dft), 1.6))
+
+    rows = []
+    t_sft = None  # the SFT step's time: the unit of the other rows' estimates
+    for key, name, fn, cost in plan:
+        need = (t_sft or 0.0) * cost * (args.warmup + 1) * 1.3 + 1.0  # warm-up + at least one timed step
+        if not rep.fits(need):
+            rep.skip(key, f"table budget: {rep.left():.0f} s left, ~{need:.0f} s needed")
+            continue
+        rep.doing(name)
+        r = run(name, step(fn), device, steps, args.warmup, rep)
+        r["key"] = key
+        rows.append(r)
+        if key == SFT_ROW:
+            t_sft = r["time"]
+        rep.row({k: v for k, v in r.items()})
+        render(rep, rows, plan, device, shapes, B, T, n_vis, V, s_llm, t_llm, args, context)
+    render(rep, rows, plan, device, shapes, B, T, n_vis, V, s_llm, t_llm, args, context)  # the skips too
+    print("\n" + rep.data["markdown"] + "\n" + "\n".join(rep.data["summary"]))
+    rep.finish()
+
+
+def render(rep, rows, plan, device, shapes, B, T, n_vis, V, s_llm, t_llm, args, context):
+    """The markdown table and the target lines from the rows so far (rewritten after each row)."""
+    cuda = device.type == "cuda"
+    by = {r["key"]: r for r in rows}
+    ref, plain = by.get(SFT_ROW), by.get(PLAIN_ROW)
+    gib = lambda x: None if x is None else x / 2**30  # noqa: E731
+    head = (f"device {device} ({rep.data['meta']['gpu']}), shapes {shapes}: batch {B} x {T} tokens ({n_vis} visual), "
+            f"V = {V}, student LLM {s_llm['hidden_size']}x{s_llm['num_hidden_layers']}, teacher LLM "
+            f"{t_llm['hidden_size']}x{t_llm['num_hidden_layers']}, {'bf16 autocast' if cuda else 'fp32'}, "
+            f"median of up to {args.steps or rep.data['meta']['steps']} steps after {args.warmup} warm-up"
+            f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    mem = "peak alloc GiB" if cuda else "peak RSS GiB"
+    cells = []
+    for key, name, _fn, _c in plan:
+        r = by.get(key)
+        if r is None:
+            why = rep.data["skipped"].get(key, "not reached yet")
+            cells.append([name, "not run", why.split(":")[0], "", "", "", "", "", "", ""])
+            continue
+        ratio = lambda a, b: None if a is None or b is None or not cuda else a / b  # noqa: E731
+        cells.append([name, _report.fmt(r["time"] * 1e3, "{:.1f}"),
+                      _report.fmt(r["time"] / ref["time"]) if ref else "n/a",
+                      _report.fmt(r["time"] / plain["time"]) if plain else "n/a",
+                      _report.fmt(gib(r["peak"])), _report.fmt(gib(r["peak_reserved"])),
+                      _report.fmt(gib(r["extra"]), "{:.3f}"),
+                      _report.fmt(ratio(r["peak"], ref and ref["peak"])),
+                      _report.fmt(ratio(r["peak"], plain and plain["peak"])), str(r["steps"])])
+    md = _report.md_table(["step", "ms/step", "x SFT", "x plain", mem, "peak reserved GiB", "above start GiB",
+                           "peak x SFT", "peak x plain", "steps"], cells)
+    summary = []
+    c = by.get(CACHED_ROW)
+    if c is not None and not args.gradient_checkpointing:
+        for label, base in (("kdcache SFT", ref), ("plain SFT", plain)):
+            if base is None:
+                continue
+            tx = c["time"] / base["time"]
+            mx = c["peak"] / base["peak"] if cuda else None
+            summary.append(f"train_step cached KD vs {label}: {tx:.2f}x time (<= 1.15: {_report.verdict(tx <= 1.15)}), "
+                           + (f"{mx:.2f}x peak (<= 1.10: {_report.verdict(mx <= 1.10)})" if mx is not None
+                              else "peak n/a on CPU"))
+    if args.gradient_checkpointing and rows:
+        worst = max(rows, key=lambda r: r["peak_reserved"] or r["peak"] or 0)
+        if cuda:
+            need = worst["peak_reserved"] + (context or 0)
+            summary.append(f"train_gc batch {B} x {T}: worst peak {gib(worst['peak']):.2f} GiB allocated, "
+                           f"{gib(worst['peak_reserved']):.2f} GiB reserved + {gib(context or 0):.2f} GiB CUDA context "
+                           f"= {gib(need):.2f} GiB ({worst['name']}; <= {args.card_gib:g} GiB: "
+                           f"{_report.verdict(need <= args.card_gib * 2**30)})")
+        else:
+            summary.append("train_gc: peaks are GPU numbers (n/a on CPU)")
+    rep.render(head + "\n\n" + md + "\n\ndesign section 5 (H100, real shapes): SFT 1.0x; naive cached KD 1.39x "
+               "time, +14 GiB; online KD 2.44x", summary)
 
 
 if __name__ == "__main__":
