@@ -10,9 +10,12 @@
     python bench/dump.py --teacher runs/teacher-sft --backend vllm   # + the vLLM backend, side by side
 
 What is timed: exactly the dump's inner loop, teacher forward -> records -> ``CacheWriter.add``,
-plus the final flush/close, over pre-built batches already on the device (data loading and image
-decoding are not the teacher's cost). One untimed warm-up batch goes first; CUDA is synchronised
-before the clock is read (and ``writer.add`` copies each record to the host anyway).
+plus the final flush/close, over pre-built batches (data loading and image decoding are not the
+teacher's cost). ``--batches host`` (default) holds them as the dump's DataLoader hands them
+over: token ids, mask and float32 pixels in (pageable) host memory, so the host-to-device copies
+and the syncs they bring are timed as in ``kdcache dump``; ``--batches device`` puts them on the
+GPU beforehand (the teacher's work alone). One untimed warm-up batch goes first; CUDA is
+synchronised before the clock is read (and ``writer.add`` copies each record to the host anyway).
 
 - ``kdcache``: ``kdcache.teacher.teacher_records``: hidden states from the LLM, the LM head only at
   the distilled positions, in chunks (the [B, T, V] logits never exist), exact log-sum-exp tail.
@@ -96,7 +99,8 @@ def build_preset(preset: str, vocab_size: int | None, device: torch.device, dtyp
 
 def synthetic_batches(model, n_image: int, num_samples: int, batch_size: int, text_tokens: int,
                       prompt_tokens: int, device, seed: int = 0) -> list[dict]:
-    """Collated batches like ``kdcache.data.collate`` makes, on ``device``."""
+    """Collated batches like ``kdcache.data.collate`` makes: ids, mask and pixels on ``device``
+    (pixels in the model's dtype), or on the CPU with float32 pixels, as the collate gives them."""
     cfg = model.config
     V = model.lm_head.weight.shape[0]
     img = image_token_id(cfg)
@@ -120,7 +124,7 @@ def synthetic_batches(model, n_image: int, num_samples: int, batch_size: int, te
         batches.append({
             "input_ids": ids.to(device), "attention_mask": torch.ones(B, T, dtype=torch.long, device=device),
             "roles": torch.from_numpy(roles).expand(B, T).clone(),
-            "pixel_values": pix.to(device=device, dtype=model.dtype),
+            "pixel_values": pix if device.type == "cpu" else pix.to(device=device, dtype=model.dtype),
             "sample_ids": [f"bench-{s + b:06d}" for b in range(B)], "rows": list(range(s, s + B)),
         })
     return batches
@@ -183,8 +187,10 @@ def run_vllm(teacher_dir: str, batches, images, warmup_index: int, out: Path, at
 @torch.no_grad()
 def naive_records(model, batch: dict, *, kinds, top_k: int, with_hidden: bool) -> list[TeacherRecord]:
     """Records the obvious way: full logits [B, T, V], log_softmax and top-k over all of them."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], output_hidden_states=with_hidden, use_cache=False)
+    dev = model.device
+    out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                pixel_values=batch["pixel_values"].to(dev, model.dtype), output_hidden_states=with_hidden,
+                use_cache=False)
     logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
     top, idx = logp.topk(top_k, dim=-1)  # [B, T, k]
     tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0))  # [B, T]  log(1 - sum p): the naive tail
@@ -357,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                     help="vllm: also run the vLLM backend (needs --teacher DIR and vLLM) and compare")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--batches", default="host", choices=["host", "device"],
+                    help="host: batches in host memory as the dump's DataLoader gives them (default); device: "
+                         "on the GPU beforehand")
     ap.add_argument("--layers", type=int, default=None,
                     help="a random: preset with this many LLM and vision layers (e.g. 1: the real widths on a CPU)")
     ap.add_argument("--compile-min-s", type=float, default=0.0,
@@ -391,10 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         rep.meta(build_s=time.perf_counter() - t)
     n_image = num_image_tokens(model.config, processor)
     V, D = model.lm_head.weight.shape
+    where = torch.device("cpu") if args.batches == "host" else device
     batches = synthetic_batches(model, n_image, args.num_samples, args.batch_size, args.text_tokens,
-                                args.prompt_tokens, device)
+                                args.prompt_tokens, where)
     warmup = synthetic_batches(model, n_image, args.batch_size, args.batch_size, args.text_tokens,
-                               args.prompt_tokens, device, seed=1)[0]
+                               args.prompt_tokens, where, seed=1)[0]
     T = batches[0]["input_ids"].shape[1]
     if use_vllm:
         images = use_pil_images(batches, processor, device, model.dtype)
@@ -415,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"{name}{f' ({args.layers} layers)' if args.layers else ''} on {device} "
             f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {dtype}): vocab {V}, hidden {D}, "
             f"{n_image} visual + {args.text_tokens} text = {T} tokens/sample, batch {args.batch_size}, "
-            f"{args.num_samples} samples, top-{args.top_k}, hidden {args.hidden}, torch {torch.__version__}")
+            f"{args.num_samples} samples, top-{args.top_k}, hidden {args.hidden}, batches in {args.batches} memory, "
+            f"torch {torch.__version__}")
     print(head)
     peak = matmul_peak(device, dtype)
     print(f"measured matmul peak ({dtype}): {peak / 1e12:.3g} TFLOP/s (the MFU denominator)")

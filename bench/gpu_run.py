@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -55,14 +55,20 @@ KILL_GRACE_S = 8.0  # from SIGTERM to SIGKILL
 class Table:
     name: str
     args: list[str]
-    budget_s: float  # at most this long (inf: what is left)
-    min_s: float  # kept free for it by the tables before it
+    share: float  # of the run's deadline: at most this long (the last table: whatever is left)
     what: str = ""
-    extra: dict = field(default_factory=dict)
+
+    def budget(self, deadline_s: float) -> float:
+        return self.share * deadline_s
+
+    def min_s(self, deadline_s: float) -> float:  # kept free for it by the tables before it
+        return 0.4 * self.share * deadline_s
 
 
 def plan(profile: str, device: str, shapes: str, scratch: Path) -> list[Table]:
-    """The tables, their command lines and budgets for a profile, device and shape set."""
+    """The tables, their command lines and shares of the deadline for a profile, device and
+    shape set. The fast profile's shares at its 400 s deadline: shapes 24 s, fused_head 44 s,
+    train_step 100 s, train_gc 60 s, loader 60 s, and the dump what is left (>= 110 s)."""
     fast = profile == "fast"
     real = shapes == "real"
     thin = shapes == "real-thin"
@@ -81,20 +87,19 @@ def plan(profile: str, device: str, shapes: str, scratch: Path) -> list[Table]:
     gc_steps = ["--warmup", "1", "--steps", "4" if real else "3"] if fast else []
     gc_batch = ["--batch-size", "8"] if real else []
     return [
-        Table("shapes", ["shapes.py"], 25 if fast else 60, 8, "the real-shape models on the meta device"),
-        Table("fused_head", ["fused_head.py", *dev, *sh] + (["--repeats", "5"] if fast else []),
-              45 if fast else 180, 20, "LM head + CE + top-k divergence: plain vs fused, equality"),
-        Table("train_step", ["train_step.py", *dev, *sh, *steps], 100 if fast else 420, 45,
+        Table("shapes", ["shapes.py"], 0.06, "the real-shape models on the meta device"),
+        Table("fused_head", ["fused_head.py", *dev, *sh] + (["--repeats", "5"] if fast else []), 0.11,
+              "LM head + CE + top-k divergence: plain vs fused, equality"),
+        Table("train_step", ["train_step.py", *dev, *sh, *steps], 0.25,
               "one DFT optimizer step: SFT vs cached KD vs exact vs online vs naive"),
         Table("train_gc", ["train_step.py", *dev, *sh, "--skip-online", "--gradient-checkpointing", *gc_batch]
-              + gc_steps, 60 if fast else 300, 30,
-              "the DFT step with gradient checkpointing, against a 24 GiB card"),
+              + gc_steps, 0.15, "the DFT step with gradient checkpointing, against a 24 GiB card"),
         Table("loader", ["loader.py", "--shapes", shapes, "--samples", loader_samples, "--device", device,
                          "--pace-from", str(scratch / "train_step.json"), "--pace-steps", "24" if real else "8"]
-              + (["--workers", "0,4", "--no-per-record"] if fast else []), 60 if fast else 300, 25,
+              + (["--workers", "0,4", "--no-per-record"] if fast else []), 0.15,
               "the cache reader: samples/s and the data wait at the measured step"),
         Table("dump", ["dump.py", *dev, *dump_model, *dump_sizes, "--compare-naive", "--compile",
-                       "--compile-min-s", "60" if fast and real else "0"], float("inf"), 60,
+                       "--compile-min-s", "60" if fast and real else "0"], 0.28,
               "the teacher dump: kdcache vs naive (+ compiled), GPU busy, MFU"),
     ]
 
@@ -124,6 +129,27 @@ def env_line(env: dict) -> str:
 
 
 # ---- one table -------------------------------------------------------------------------------
+class Stopped(Exception):
+    """This run got SIGTERM: stop the table running, write OUT with what there is."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped(f"signal {signum}")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the table's process group (its script unwinds, removing temporary caches),
+    then SIGKILL after KILL_GRACE_S; DataLoader and compile workers are in the same group."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
 def run_table(t: Table, budget: float, scratch: Path, log, env_vars: dict) -> dict:
     """Run one table's script under ``budget`` seconds; -> its report with the run's status."""
     report = scratch / f"{t.name}.json"
@@ -154,12 +180,10 @@ def run_table(t: Table, budget: float, scratch: Path, log, env_vars: dict) -> di
         proc.wait(timeout=budget + EXIT_GRACE_S)  # the script stops itself at its deadline
     except subprocess.TimeoutExpired:
         killed = True
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=KILL_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
+    except BaseException:  # this run stopped (SIGTERM, Ctrl-C): the table's processes too
+        stop_group(proc)
+        raise
     reader.join(timeout=5)
     wall = time.time() - start
     try:
@@ -244,28 +268,49 @@ def main(argv=None) -> int:
           f"{', '.join(t.name for t in tables)}, deadline {deadline_s:.0f} s", flush=True)
     reports: dict[str, dict] = {}
     order = [t.name for t in tables]
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    stopped = None
     with open(args.out / "log.txt", "a") as log:
         log.write(f"== kdcache gpu run {meta['started']}: {json.dumps(meta)}\n")
-        for i, t in enumerate(tables):
-            left = deadline_s - (time.time() - t0) - EXIT_GRACE_S - 2.0  # and 2 s to write OUT
-            later = sum(x.min_s for x in tables[i + 1:])
-            budget = min(t.budget_s, left - later)
-            if budget < t.min_s:
-                budget = min(left, t.min_s) if left >= t.min_s * 0.5 else 0.0  # squeeze the later ones instead
-            if budget <= 0:
-                reports[t.name] = {"table": t.name, "status": f"not run: {left:.0f} s left of the deadline",
-                                   "rows": [], "markdown": "", "summary": [], "what": t.what}
-                print(f"==== {t.name}: {reports[t.name]['status']}", flush=True)
-            else:
-                reports[t.name] = run_table(t, budget, scratch, log, env_vars)
-            meta["elapsed_s"] = time.time() - t0
-            summary = write_out(args.out, meta, reports, order)
+        try:
+            run_all(tables, deadline_s, t0, scratch, log, env_vars, reports, meta, args.out, order)
+        except (Stopped, KeyboardInterrupt) as e:
+            stopped = str(e) or "interrupted"
+            for t in tables:
+                if t.name not in reports:  # the table running (its rows so far) and those after it
+                    try:
+                        partial = json.loads((scratch / f"{t.name}.json").read_text())
+                    except (OSError, json.JSONDecodeError):
+                        partial = {"rows": [], "markdown": "", "summary": []}
+                    reports[t.name] = {**partial, "table": t.name, "what": t.what,
+                                       "status": f"not finished: the run was stopped ({stopped})"}
     shutil.rmtree(scratch, ignore_errors=True)
     meta["elapsed_s"] = time.time() - t0
     summary = write_out(args.out, meta, reports, order)
     files = sorted(p.name for p in args.out.iterdir())
     print("\n" + summary + f"\n\n== wrote {', '.join(files)} to {args.out} in {meta['elapsed_s']:.0f} s", flush=True)
+    if stopped:
+        return 143
     return 0 if all(r.get("status", "").startswith(("done", "stopped")) for r in reports.values()) else 1
+
+
+def run_all(tables, deadline_s, t0, scratch, log, env_vars, reports, meta, out, order) -> None:
+    """The tables one after the other, each with its budget; OUT rewritten after each."""
+    for i, t in enumerate(tables):
+        left = deadline_s - (time.time() - t0) - EXIT_GRACE_S - 2.0  # and 2 s to write OUT
+        later = sum(x.min_s(deadline_s) for x in tables[i + 1:])
+        last = i == len(tables) - 1
+        budget = left if last else min(t.budget(deadline_s), left - later)
+        if budget < t.min_s(deadline_s):  # give it its minimum and squeeze the later ones
+            budget = min(left, t.min_s(deadline_s)) if left >= 0.5 * t.min_s(deadline_s) else 0.0
+        if budget <= 0:
+            reports[t.name] = {"table": t.name, "status": f"not run: {left:.0f} s left of the deadline",
+                               "rows": [], "markdown": "", "summary": [], "what": t.what}
+            print(f"==== {t.name}: {reports[t.name]['status']}", flush=True)
+        else:
+            reports[t.name] = run_table(t, budget, scratch, log, env_vars)
+        meta["elapsed_s"] = time.time() - t0
+        write_out(out, meta, reports, order)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ projector + LLM trainable (the DFT stage), on batches already in memory:
 - ``SFT, plain``     ``student(..., labels=labels).loss``: plain transformers, [B, T, V] logits at
                      every position and its cross-entropy (the design's "SFT 1.0x" baseline).
 - ``cached KD``      the trainer's ``batch_losses`` with cache-like records (top-k int32 ids,
-                     float16 log-probs, float32 tail, bf16 visual hidden states, on the host as
-                     the reader yields them): L_reg + L_res + L_vis + 0.5 L_rel, fused LM head.
+                     float16 log-probs, float32 tail, bf16 visual hidden states) delivered as
+                     the trainer receives them each step: packed, pinned, copied non-blocking
+                     (``to_device``) and unpacked: L_reg + L_res + L_vis + 0.5 L_rel, fused LM head.
 - ``cached KD, exact`` ``targets: hidden``: the teacher's bf16 hidden states at every distilled
                      position + its LM head; the full teacher distribution is rebuilt per chunk
                      inside the fused loss (one extra [c, D_t] x [D_t, V] matmul per chunk).
@@ -29,6 +30,8 @@ one: its LM head sees only the response positions), ``x plain`` by the plain tra
 The fused head (``kdcache.losses.fused_lm_loss``) forms its gradients in the forward pass, so
 a KD step forms each chunk's logits once (three vocabulary-sized products per chunk); its extra cost over SFT is
 the LM head and divergence at the ~85% of positions that are visual.
+
+The batch's tensors are pinned on CUDA, as the trainer's DataLoader pins them.
 
 Time: median of ``--steps`` steps after ``--warmup`` (CUDA synchronised). Memory: on CUDA the
 peak of ``torch.cuda.max_memory_allocated`` over the timed steps (total, and above the memory
@@ -61,7 +64,8 @@ from kdcache.models import QWEN_SHAPES, SIGLIP_SO400M, llava_config
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL
 from kdcache.records import TeacherRecord
 from kdcache.teacher import teacher_records
-from kdcache.train import TeacherSide, _set_trainable, batch_losses, relation_term
+from kdcache.train import TeacherSide, _set_trainable, batch_losses, pack_records, relation_term, to_device, \
+    unpack_records
 
 def _llm_shape(alias: str) -> dict:
     """The body of a real Qwen2.5 size (kdcache.models.QWEN_SHAPES) without vocab and tying."""
@@ -130,6 +134,23 @@ def as_cached(recs: list[TeacherRecord]) -> list[TeacherRecord]:
                           topk_logprobs=r.topk_logprobs.to(torch.float16).cpu(),
                           tail_logmass=r.tail_logmass.float().cpu(),
                           visual_hidden=r.visual_hidden.to(torch.bfloat16).cpu()) for r in recs]
+
+
+def as_delivered(records: list[TeacherRecord], device: torch.device):
+    """What the trainer does with a batch's cache records each step: the loader hands them over
+    packed (one tensor per field) in pinned memory; ``to_device`` copies them non-blocking and
+    ``unpack_records`` makes per-sample views. -> a function giving the step's records."""
+    packed = pack_records(records)
+    if device.type == "cuda":
+        packed = {k: (v.pin_memory() if k in packed["fields"] else v) for k, v in packed.items()}
+    return lambda: unpack_records(to_device(packed, device))
+
+
+def pinned(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors in pinned memory on CUDA, as the trainer's DataLoader (pin_memory) gives them."""
+    if device.type != "cuda":
+        return batch
+    return {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def naive_losses(student, batch, records, teacher_gram, cfg: TrainConfig) -> dict:
@@ -275,7 +296,7 @@ def main(argv=None):
     if cuda:
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t
-    batch = make_batch(B, n_vis, n_text, V, vision["image_size"])
+    batch = pinned(make_batch(B, n_vis, n_text, V, vision["image_size"]), device)
     T = batch["input_ids"].shape[1]
     t = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -332,16 +353,17 @@ def main(argv=None):
 
     plan = [(SFT_ROW, "SFT (L_reg, kdcache)", lambda: batch_losses(student, batch, None, None, sft), 1.0),
             (PLAIN_ROW, PLAIN_ROW, lambda: plain_sft_losses(student, batch), 1.2),
-            (CACHED_ROW, f"cached KD, k={args.top_k} (kdcache)", lambda: batch_losses(student, batch, cached, side, dft),
-             1.3),
+            (CACHED_ROW, f"cached KD, k={args.top_k} (kdcache)",
+             lambda: batch_losses(student, batch, delivered(), side, dft), 1.3),
             ("cached KD, exact", "cached KD, exact (targets hidden)",
-             lambda: batch_losses(student, batch, exact_cached, side_exact, dft), 1.6)]
+             lambda: batch_losses(student, batch, delivered_exact(), side_exact, dft), 1.6)]
     if teacher is not None:
         plan.append(("online KD", f"online KD, k={'V' if online_k == V else online_k} (teacher in memory)", online,
                      3.0))
     plan.append(("naive cached KD", f"naive cached KD, k={args.top_k} (full logits)",
-                 lambda: naive_losses(student, batch, cached, gram, dft), 1.6))
+                 lambda: naive_losses(student, batch, delivered(), gram, dft), 1.6))
 
+    delivered, delivered_exact = as_delivered(cached, device), as_delivered(exact_cached, device)
     rows = []
     t_sft = None  # the SFT step's time: the unit of the other rows' estimates
     for key, name, fn, cost in plan:
