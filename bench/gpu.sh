@@ -21,7 +21,7 @@
 #
 # Dependencies: the GPU machine has torch/transformers/accelerate/numpy/pyarrow but not zarr,
 # numcodecs, donfig, google-crc32c, jsonschema (+ jsonschema-specifications, referencing,
-# rpds-py). They travel as cp312 wheels in .whl/ (see /work/notes/gpu-run.md). The run command
+# rpds-py). They travel as cp312 wheels in .whl/ (`make gpu-wheels`; bench/README.md has the device call). The run command
 # installs them first, as the device notes say:
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -47,7 +47,7 @@ if ! "$py" -c "import zarr, numcodecs, jsonschema" 2>/dev/null; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
   "$py" -c "import zarr, numcodecs, jsonschema" || {
-    echo "gpu.sh: zarr, numcodecs or jsonschema cannot be imported; carry .whl/ (see /work/notes/gpu-run.md) or pip install them"
+    echo "gpu.sh: zarr, numcodecs or jsonschema cannot be imported; run `make gpu-wheels` here and carry .whl/, or pip install them"
     exit 1; }
 fi
 exec "$py" "$here/gpu_run.py" "$@"
