@@ -11,8 +11,9 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 
+from .losses.divergences import DIVERGENCES, JSD_BETA, SKEW_ALPHA  # stdlib only, like this module
+
 STAGES = ("pt", "dpt", "sft", "dft")
-DIVERGENCES = ("fkl", "rkl", "jsd", "skl", "tvd")
 # Paper settings (LLaVA-KD, section 4.1): projector-only stages at 1e-3, full stages at 2e-5.
 STAGE_LR = {"pt": 1e-3, "dpt": 1e-3, "sft": 2e-5, "dft": 2e-5}
 TEMPLATES = ("chat", "qwen2_base", "pretrain")
@@ -113,10 +114,10 @@ class LossConfig:
     beta_vis: float = 1.0
     gamma_rel: float = 0.5
     prompt_weight: float = 0.0
-    divergence: str = "fkl"
+    divergence: str = "fkl"  # kdcache.losses.divergences.DIVERGENCES: fkl | rkl | jsd | skl | srkl | tvd
     kd_temperature: float = 1.0
-    jsd_beta: float = 0.5
-    skl_alpha: float = 0.1
+    jsd_beta: float = JSD_BETA  # beta of jsd
+    skl_alpha: float = SKEW_ALPHA  # alpha of skl and srkl
     tail: bool = True  # False: renormalised top-k (no tail bucket)
     relation_features: str = "logits"  # logits | hidden
     relation_normalize: bool = False

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from .config import DumpConfig, validate
-from .losses import lm_gram
+from .relation import lm_gram
 
 
 

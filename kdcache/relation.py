@@ -20,6 +20,16 @@ from __future__ import annotations
 import torch
 
 
+def lm_gram(lm_weight: torch.Tensor) -> torch.Tensor:
+    """M = W^T W: lm_weight [V, D] -> [D, D] float32 (float64 if given), differentiable in W.
+
+    Logits are Z = H W^T, so Z Z^T = H M H^T: with M the relation needs no [N, V] matrix (the
+    dump stores the teacher's M_t once; the trainer forms the student's M_s once per step).
+    """
+    w = lm_weight.to(torch.float64 if lm_weight.dtype == torch.float64 else torch.float32)
+    return w.T @ w
+
+
 def gram_sqrt(gram: torch.Tensor) -> torch.Tensor:
     """C [D, D] with C C^T = M for a symmetric PSD M = W^T W [D, D] (float64 eigh; the tiny
     negative eigenvalues rounding can produce are clamped to 0)."""

@@ -189,7 +189,7 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
     ``gram_sqrt(W^T W)``, computed from the LM head when None (an eigh of D x D: pass it to a
     loop over batches, as the dump does).
     """
-    from .relation import factor_records, gram_sqrt, parse_relation
+    from .relation import factor_records, gram_sqrt, lm_gram, parse_relation
 
     mode, n_draws = parse_targets(targets)
     rel_mode, rel_rank = parse_relation(relation)
@@ -251,8 +251,6 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
         model.train()
     if rel_mode == "lowrank":
         if relation_sqrt is None:
-            from .losses import lm_gram
-
             relation_sqrt = gram_sqrt(lm_gram(lm.weight.detach().float()))  # [D, D]
         records = factor_records(records, relation_sqrt, rel_rank, relation_dtype)
     return records

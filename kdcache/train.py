@@ -48,6 +48,7 @@ from .cache.format import CacheCorrupt
 from .config import TrainConfig, to_dict, validate
 from .positions import KIND_PROMPT, KIND_RESPONSE, KIND_VISUAL
 from .records import TeacherRecord
+from .relation import lm_gram
 
 STATE_FILE = "trainer_state.json"
 
@@ -406,8 +407,7 @@ def _kd_targets(records: list[TeacherRecord], safe: torch.Tensor, side: TeacherS
 
 
 def _div_params(cfg: TrainConfig) -> dict:
-    d = cfg.loss.divergence
-    return {"beta": cfg.loss.jsd_beta} if d == "jsd" else {"alpha": cfg.loss.skl_alpha} if d == "skl" else {}
+    return L.divergence_params(cfg.loss.divergence, beta=cfg.loss.jsd_beta, alpha=cfg.loss.skl_alpha)
 
 
 def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
@@ -445,11 +445,11 @@ def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
         if cfg.loss.relation_features != "logits":
             raise CacheMismatchError(f"loss.relation_features {cfg.loss.relation_features!r}: the cache holds a factor "
                                      "of the teacher's logit Gram only; set loss.relation_features: logits")
-        Ms = L.lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
+        Ms = lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
         Rs = L.gram_relation(Hs.float(), Ms, mask=mask, normalize=cfg.loss.relation_normalize)
         Rt = L.gram_relation(Ht, None, mask=mask, normalize=cfg.loss.relation_normalize)  # F F^T ~ H M_t H^T
     elif cfg.loss.relation_features == "logits":
-        Ms = L.lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
+        Ms = lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
         Rs = L.gram_relation(Hs.float(), Ms, mask=mask, normalize=cfg.loss.relation_normalize)
         Rt = L.gram_relation(Ht, teacher_gram.to(device).float(), mask=mask, normalize=cfg.loss.relation_normalize)
     else:
@@ -602,7 +602,7 @@ def train(cfg: TrainConfig) -> Path:
         if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
             raise CacheMismatchError(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
                                      f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
-        side = TeacherSide(gram=L.lm_gram(teacher.lm_head.weight.detach().float()),  # [D_t, D_t] as dumped
+        side = TeacherSide(gram=lm_gram(teacher.lm_head.weight.detach().float()),  # [D_t, D_t] as dumped
                            lm_head=None, temperature=1.0, targets="topk")
 
     n_rank = _rank_count(source, acc)

@@ -130,3 +130,23 @@ def test_cli_train_flags_hold_no_defaults():
     for name, p in sig.parameters.items():
         default = getattr(p.default, "default", p.default)
         assert default in (None, ...), (name, default)
+
+
+def test_divergences_come_from_the_losses_table_without_torch():
+    """config's divergence choices and defaults are kdcache.losses.divergences' (srkl included), and
+    reading them imports no torch (the CLI's --help stays fast)."""
+    import subprocess
+    import sys
+
+    from kdcache import config
+    from kdcache.losses.divergences import DIVERGENCES, divergence_params
+
+    assert tuple(config.DIVERGENCES) == tuple(DIVERGENCES) and "srkl" in config.DIVERGENCES
+    lc = LossConfig()
+    assert (lc.jsd_beta, lc.skl_alpha) == (DIVERGENCES["jsd"]["beta"], DIVERGENCES["skl"]["alpha"])
+    for d in DIVERGENCES:
+        validate(train_cfg(loss={"divergence": d}))
+        assert set(divergence_params(d, beta=0.3, alpha=0.2)) == set(DIVERGENCES[d])
+    assert divergence_params("srkl", beta=0.3, alpha=0.2) == {"alpha": 0.2}
+    code = "import sys, kdcache.config, kdcache.losses.divergences; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

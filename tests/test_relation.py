@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdcache import losses as L
-from kdcache.relation import gram_sqrt, parse_lowrank, relation_factor
+from kdcache.relation import gram_sqrt, lm_gram, parse_lowrank, relation_factor
 
 
 def _case(n=40, d=24, v=300, seed=0):
@@ -19,7 +19,7 @@ def _case(n=40, d=24, v=300, seed=0):
 def test_full_rank_factor_reproduces_the_logit_gram():
     h, w = _case()
     r_exact = (h @ w.T) @ (h @ w.T).T  # [N, N] from the materialised logits
-    f, err = relation_factor(h, gram_sqrt(L.lm_gram(w)), rank=64, store_dtype=torch.float32)
+    f, err = relation_factor(h, gram_sqrt(lm_gram(w)), rank=64, store_dtype=torch.float32)
     assert f.shape == (40, 64) and bool((f[:, 24:] == 0).all())  # rank D = 24 < 64: the rest is zero
     torch.testing.assert_close(f @ f.T, r_exact, rtol=1e-4, atol=1e-3 * float(r_exact.abs().max()))
     assert err < 1e-5
@@ -27,19 +27,19 @@ def test_full_rank_factor_reproduces_the_logit_gram():
 
 def test_truncated_error_is_the_eckart_young_bound():
     h, w = _case()
-    zc = h @ gram_sqrt(L.lm_gram(w))
+    zc = h @ gram_sqrt(lm_gram(w))
     s = torch.linalg.svdvals(zc.double())
     for r in (2, 8, 16):
-        _, err = relation_factor(h, gram_sqrt(L.lm_gram(w)), rank=r, store_dtype=torch.float32)
+        _, err = relation_factor(h, gram_sqrt(lm_gram(w)), rank=r, store_dtype=torch.float32)
         bound = float((s[r:] ** 4).sum().sqrt() / (s ** 4).sum().sqrt())
         assert err == pytest.approx(bound, rel=1e-3, abs=1e-6)
-    errs = [relation_factor(h, gram_sqrt(L.lm_gram(w)), rank=r, store_dtype=torch.float32)[1] for r in (2, 4, 8, 16)]
+    errs = [relation_factor(h, gram_sqrt(lm_gram(w)), rank=r, store_dtype=torch.float32)[1] for r in (2, 4, 8, 16)]
     assert errs == sorted(errs, reverse=True) and errs[0] > 1e-2
 
 
 def test_bf16_rounding_is_inside_the_recorded_error_and_small():
     h, w = _case(n=64, d=32)
-    f, err = relation_factor(h, gram_sqrt(L.lm_gram(w)), rank=64)
+    f, err = relation_factor(h, gram_sqrt(lm_gram(w)), rank=64)
     assert f.dtype == torch.bfloat16
     r_exact = (h.double() @ w.double().T) @ (h.double() @ w.double().T).T
     measured = float((r_exact - f.double() @ f.double().T).norm() / r_exact.norm())
@@ -52,9 +52,9 @@ def test_relation_loss_from_the_factor_matches_the_exact_one():
     h, w = _case(n=30, d=16)
     hs = torch.randn(30, 8)
     ws = torch.randn(300, 8)
-    rs = L.gram_relation(hs[None], L.lm_gram(ws))
-    rt_exact = L.gram_relation(h[None], L.lm_gram(w))
-    f, _ = relation_factor(h, gram_sqrt(L.lm_gram(w)), rank=64, store_dtype=torch.float32)
+    rs = L.gram_relation(hs[None], lm_gram(ws))
+    rt_exact = L.gram_relation(h[None], lm_gram(w))
+    f, _ = relation_factor(h, gram_sqrt(lm_gram(w)), rank=64, store_dtype=torch.float32)
     rt_factor = L.gram_relation(f[None], None)
     torch.testing.assert_close(L.relation_loss_from_grams(rs, rt_factor), L.relation_loss_from_grams(rs, rt_exact),
                                rtol=1e-4, atol=1e-5)

@@ -39,7 +39,7 @@ def _run(synth_data, student, out, **kw):
 
 def _assert_same_run(a, b, tol=1e-4, wtol=1e-4):
     """Per-step loss terms within ``tol`` and the final weights within ``wtol``. Both paths are
-    exact up to float32 rounding (~1e-6 relative; tests/test_fused_loss.py checks them against
+    exact up to float32 rounding (~1e-6 relative; tests/losses/test_fused_loss.py checks them against
     float64), but AdamW divides each gradient by its own magnitude, so on coordinates whose
     gradient is near zero a rounding difference becomes a visible update: 6 steps at lr 1e-3
     give up to ~5e-5 on a few weights (most stay below 1e-5)."""

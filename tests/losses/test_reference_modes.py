@@ -2,7 +2,7 @@
 and sampled (drawn ids with counts, an unbiased forward-KL estimator).
 
 References: ``full_divergence`` on materialised [N, V] logits (itself checked against
-``topk_divergence`` at k = V, which tests/test_losses.py checks against explicit
+``topk_divergence`` at k = V, which tests/losses/test_reference.py checks against explicit
 probabilities), and ``sampled_kl`` on the full logits, differentiated by autograd.
 """
 
