@@ -214,6 +214,37 @@ def precheck_existing(out: Path, settings: dict, dataset: dict) -> None:
             + ". The cache is unchanged: rerun with the cache's settings, or dump to a new --out")
 
 
+def check_model_settings(cfg: DumpConfig, model) -> None:
+    """Refuse settings the loaded teacher cannot honour (checked before the cache is created, so a
+    refused setting is never recorded)."""
+    from .records import parse_targets
+
+    V = int(model.lm_head.weight.shape[0])
+    mode, _n = parse_targets(cfg.targets)
+    if mode != "sampled" and not 1 <= cfg.top_k <= V:
+        raise DumpError(f"--top-k {cfg.top_k} exceeds teacher {cfg.teacher}'s vocabulary of {V} ids: "
+                        f"use --top-k {V} (exact) or less")
+
+
+def refuse_all_skipped(cfg: DumpConfig, kept, skipped, world: int) -> None:
+    """A dump in which every sample (of every rank) is skipped stores nothing: refuse it, before
+    the cache exists, naming the reason counts and the likely fix (most often a wrong --images)."""
+    n_kept = len(kept)
+    if world > 1:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            t = torch.tensor([n_kept], dtype=torch.int64)
+            if tdist.get_backend() == "nccl":
+                t = t.cuda()
+            tdist.all_reduce(t)
+            n_kept = int(t.item())
+    if n_kept == 0 and skipped.total:
+        from .data.collate import all_skipped_error
+
+        raise all_skipped_error(skipped, cfg.data, cfg.images, "dump", "nothing was written")
+
+
 def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype | None = None):
     """(model, processor) of the teacher in eval mode on ``device``: ``dtype``, or by default bf16
     on CUDA and float32 on CPU.
@@ -224,7 +255,7 @@ def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype | Non
     from .models import ModelLoadError, load_model, model_dir, projector_trained
 
     try:
-        path = model_dir(cfg.teacher)
+        path = model_dir(cfg.teacher, "--teacher")
     except ModelLoadError as e:
         raise DumpError(f"cannot load teacher {cfg.teacher!r}: {e}") from e
     if not projector_trained(path):
@@ -524,30 +555,38 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
     the model has served the fingerprints (and freed, with ``free_model``)."""
     from .cache.format import make_attrs
     from .cache.writer import CacheWriter
-    from .models import num_image_tokens
+    from .data.collate import prepare_samples
+    from .models import image_token_id, num_image_tokens
 
     n_image = num_image_tokens(model.config, processor)
     tok = processor.tokenizer
     mine = [s for s in samples if s.row % world == rank]
+    # Everything that can refuse the run does so before the writer creates (or touches) the cache:
+    # a refused setting is never recorded, and a run that would store nothing leaves nothing.
+    check_model_settings(cfg, model)
+    prepared = prepare_samples(mine, tok, images_root=cfg.images, template=cfg.template,
+                               image_token_id=image_token_id(model.config), num_image_tokens=n_image,
+                               max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+    refuse_all_skipped(cfg, prepared[0], prepared[2], world)
     teacher_fp, tok_fp, data_fp, settings = fingerprints(cfg, model, processor, n_image, len(samples), world)
     attrs = make_attrs(teacher_fp, tok_fp, data_fp, settings)
     writer = CacheWriter(out, attrs, rank=rank, world_size=world)
     try:
-        return _write_part(cfg, out, model, processor, mine, n_image, tok, writer, rank, interval,
+        return _write_part(cfg, out, model, processor, mine, prepared, n_image, tok, writer, rank, interval,
                            vllm_records, free_model)
     except BaseException:
         writer.abandon()  # keep what is committed; let a rerun (even in this process) take the part
         raise
 
 
-def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int, tok, writer, rank: int,
-                interval: float, vllm_records, free_model: bool) -> RunStats:
-    """``_dump_part``'s body once the writer holds the part (its lock is released on any error)."""
+def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_image: int, tok, writer,
+                rank: int, interval: float, vllm_records, free_model: bool) -> RunStats:
+    """``_dump_part``'s body once the writer holds the part (its lock is released on any error).
+    ``prepared``: ``prepare_samples`` of ``mine`` (kept, their Tokenized, SkipCounter)."""
     from tqdm.auto import tqdm
 
     from .cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
-    from .data.collate import LlavaTorchDataset, collate, length_batches, padding_fraction, prepare_samples
-    from .models import image_token_id
+    from .data.collate import LlavaTorchDataset, collate, length_batches, padding_fraction
     from .relation import HIDDEN_TORCH_DTYPES, parse_relation, stored_relation
     from .teacher import teacher_records
 
@@ -581,11 +620,11 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, n_image: int
     first_todo = next((i for i, s in enumerate(mine) if s.row not in done), len(mine))
     start = (first_todo // W) * W if vllm_records is None else first_todo
     window_of = {s.row: (start + i) // W for i, s in enumerate(mine[start:])}
-    kept_all, toks_all, skipped = prepare_samples(
-        [s for s in mine[start:] if s.row not in done or vllm_records is None], tok, images_root=cfg.images,
-        template=cfg.template, image_token_id=image_token_id(model.config), num_image_tokens=n_image,
-        max_length=cfg.max_length, on_too_long=cfg.on_too_long)
-    skipped.items = [it for it in skipped.items if it[0] not in done]
+    todo_rows = {s.row for s in mine[start:] if s.row not in done or vllm_records is None}
+    kept_all = [s for s in prepared[0] if s.row in todo_rows]
+    toks_all = [t for s, t in zip(*prepared[:2]) if s.row in todo_rows]
+    skipped = prepared[2]
+    skipped.items = [it for it in skipped.items if it[0] in todo_rows and it[0] not in done]
     skipped.counts = Counter(why for _row, _sid, why in skipped.items)
     todo = [j for j, s in enumerate(kept_all) if s.row not in done]
     kept, toks = [kept_all[j] for j in todo], [toks_all[j] for j in todo]

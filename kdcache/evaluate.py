@@ -147,11 +147,11 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _load(name: str, device: torch.device):
+def _load(name: str, device: torch.device, flag: str = "--model"):
     from .models import load_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor = load_model(name, dtype=dtype, device=device)
+    model, processor = load_model(name, dtype=dtype, device=device, flag=flag)
     model.requires_grad_(False).eval()
     return model, processor
 
@@ -314,6 +314,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """
     from tqdm.auto import tqdm
 
+    from .data.collate import all_skipped_error
     from .data.llava import read_llava_json
     from .models import image_token_id, num_image_tokens
 
@@ -338,7 +339,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         _check_cache(reader, V, len(all_samples), cfg.data, cfg.template)
         agree = _Agreement(f"cache:{cfg.teacher_cache}")
     elif cfg.teacher is not None:
-        teacher, t_proc = _load(cfg.teacher, device)
+        teacher, t_proc = _load(cfg.teacher, device, "--teacher")
         if int(teacher.lm_head.weight.shape[0]) != V:
             raise ValueError(f"teacher {cfg.teacher} has vocabulary {teacher.lm_head.weight.shape[0]}, the student "
                              f"{V}: they must share one vocabulary")
@@ -347,6 +348,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     items, skipped = _prepare(samples, tok, template=cfg.template, image_id=image_id, n_img=n_img,
                               max_length=cfg.max_length, images=cfg.images, need_full=agree is not None)
+    if not items and skipped.total:
+        raise all_skipped_error(skipped, cfg.data, cfg.images, "eval", "nothing was scored")
     if skipped.total:
         skipped.report()
 

@@ -123,7 +123,7 @@ class _HfGenerator:
 
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model, self.processor = load_model(teacher, dtype=dtype, device=device)
+        self.model, self.processor = load_model(teacher, dtype=dtype, device=device, flag="--teacher")
         self.model.requires_grad_(False).eval()
         self.st = st
 
@@ -287,7 +287,7 @@ def generate_dataset(teacher: str, data: str, images: str, out: str, *, max_new_
         if backend == "vllm":
             from transformers import AutoConfig, AutoProcessor
 
-            path = model_dir(teacher)  # config + processor only: vLLM loads the weights
+            path = model_dir(teacher, "--teacher")  # config + processor only: vLLM loads the weights
             config, processor = AutoConfig.from_pretrained(path), AutoProcessor.from_pretrained(path)
             gen = _VllmGenerator(teacher, st, processor.tokenizer, vllm)
         else:

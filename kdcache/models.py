@@ -19,6 +19,7 @@ Command: ``kdcache init-model --preset tiny-teacher --tokenizer data/tokenizer -
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -107,6 +108,14 @@ def resolve(name: str) -> ModelSource:
             f"{name!r} is neither an existing directory, an alias ({', '.join(ALIASES)}) nor a "
             "Hugging Face id of the form owner/name"
         )
+    if p.parent.is_dir():
+        # 'runs/s-ptt' with a local runs/: a mistyped path, not the hub repo 'runs/s-ptt'
+        near = difflib.get_close_matches(p.name, sorted(c.name for c in p.parent.iterdir() if c.is_dir()), n=3)
+        raise ModelLoadError(
+            f"no model directory {name}: {p.parent}/ exists here but holds no {p.name!r}"
+            + (f" (did you mean {', '.join(str(p.parent / n) for n in near)}?)" if near else "")
+            + f". Pass an existing directory (a Hugging Face id {name!r} would clash with the local {p.parent}/)"
+        )
     return ModelSource("hub", name)
 
 
@@ -123,7 +132,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def hub_snapshot(repo_id: str) -> str:
+def hub_snapshot(repo_id: str, flag: str = "") -> str:
     """Local directory of a hub repo: the HF cache when it holds it, else a download.
 
     With no network this fails at once (not after transformers' retries) and says how to
@@ -140,7 +149,7 @@ def hub_snapshot(repo_id: str) -> str:
             f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
             "(no network, or HF_HUB_OFFLINE=1). Download it on a machine with network access "
             f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the directory "
-            "instead, e.g. --teacher /path/to/DIR"
+            + (f"instead, e.g. {flag} /path/to/DIR" if flag else "instead")
         )
     try:
         return snapshot_download(repo_id)
@@ -148,8 +157,9 @@ def hub_snapshot(repo_id: str) -> str:
         raise ModelLoadError(f"could not download {repo_id!r}: {e}. Pass a local directory instead.") from e
 
 
-def model_dir(name: str) -> str:
-    """Local directory of an assembled LLaVA model (path or hub id). Aliases are refused."""
+def model_dir(name: str, flag: str = "") -> str:
+    """Local directory of an assembled LLaVA model (path or hub id). Aliases are refused.
+    ``flag``: the option that named the model (``--student``), for the hints."""
     src = resolve(name)
     if src.kind == "alias":
         raise ModelLoadError(
@@ -157,15 +167,16 @@ def model_dir(name: str) -> str:
             f"Assemble it first: `kdcache init-model --llm {name} --out models/{name}`, train its "
             f"projector (`kdcache train --stage pt --student models/{name} ...`), then pass the directory."
         )
-    return src.name if src.kind == "dir" else hub_snapshot(src.name)
+    return src.name if src.kind == "dir" else hub_snapshot(src.name, flag)
 
 
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None):
-    """Load ``(model, processor)`` from a LLaVA directory or hub id (see ``model_dir``)."""
+               attn_implementation: str | None = None, flag: str = ""):
+    """Load ``(model, processor)`` from a LLaVA directory or hub id (see ``model_dir``; ``flag``
+    names the option that gave ``name`` in the hints)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = model_dir(name)
+    path = model_dir(name, flag)
     try:
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)

@@ -539,8 +539,9 @@ def train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from .cache.reader import CacheDataset, CacheReader
-    from .data.collate import LlavaTorchDataset, prepare_samples
+    from .data.collate import LlavaTorchDataset, all_skipped_error, prepare_samples
     from .data.llava import read_llava_json
+    from .dump import file_hash
     from .models import image_token_id, load_model, num_image_tokens, read_meta
     from .teacher import teacher_records
 
@@ -563,7 +564,7 @@ def train(cfg: TrainConfig) -> Path:
     acc = Accelerator(cpu=cpu_ddp, gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
                       log_with=trackers, project_dir=str(out), kwargs_handlers=[pg])
     set_seed(cfg.seed)
-    student, processor = load_model(cfg.student, device=acc.device)
+    student, processor = load_model(cfg.student, device=acc.device, flag="--student")
     tokenizer = processor.tokenizer
     n_image = num_image_tokens(student.config, processor)
     _set_trainable(student, cfg.stage)
@@ -575,12 +576,22 @@ def train(cfg: TrainConfig) -> Path:
                                           image_token_id=image_token_id(student.config), num_image_tokens=n_image,
                                           max_length=cfg.max_length, on_too_long=cfg.on_too_long)
     if not kept:
-        raise ValueError(f"no usable sample in {cfg.data} ({skipped.summary()})")
+        raise all_skipped_error(skipped, cfg.data, cfg.images, f"train {cfg.stage}", "nothing was trained")
     join = SampleJoin(LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images))
     teacher = side = None
     if cfg.cache:
         reader = CacheReader(cfg.cache)
         check_cache_against_student(reader.attrs, student, tokenizer, cfg, n_image)
+        dumped = reader.attrs["dataset"]
+        if dumped["sha256"] != file_hash(cfg.data):
+            raise CacheMismatchError(f"cache {cfg.cache} was dumped from {dumped['path']} ({dumped['num_rows']} rows, "
+                                     f"sha256 {dumped['sha256'][:12]}...), not from this --data {cfg.data} "
+                                     f"({len(samples)} rows, sha256 {file_hash(cfg.data)[:12]}...): pass the data "
+                                     "file the cache was dumped from, or dump a cache of this one")
+        if not reader.rows():
+            n_skip = len(reader.skipped())
+            raise CacheMismatchError(f"cache {cfg.cache} holds no sample ({n_skip} rows were skipped by its dump): "
+                                     "nothing to distil from. Dump it again (a new --out) with the right --images")
         missing = set(reader.rows()) - {s.row for s in kept}
         if missing:
             raise CacheMismatchError(f"the cache holds rows the data file {cfg.data} does not: "
@@ -597,7 +608,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.teacher:
         # The dump's dtype: the online records are the reference for the cached ones.
         t_dtype = torch.bfloat16 if acc.device.type == "cuda" else torch.float32
-        teacher, _ = load_model(cfg.teacher, dtype=t_dtype, device=acc.device)
+        teacher, _ = load_model(cfg.teacher, dtype=t_dtype, device=acc.device, flag="--teacher")
         teacher.requires_grad_(False).eval()
         if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
             raise CacheMismatchError(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "

@@ -223,7 +223,7 @@ def test_hub_id_without_network_fails_fast(synth_data, tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 20
     assert res.exit_code == 2, res.output
     assert "someone/nonexistent-model" in res.output and "local" in res.output
-    assert "--teacher /path/to/DIR" in res.output and "Traceback" not in res.output
+    assert "--teacher /path/to/DIR" in res.output and "Traceback" not in res.output  # the flag that named it
 
 
 def test_unwritable_output_fails_before_the_teacher(synth_data, tmp_path, monkeypatch):
@@ -286,3 +286,33 @@ def test_bad_samples_are_skipped_counted_and_recorded(tiny_teacher, synth_data, 
     bar = captured.err
     assert "dump rank 0" in bar and "sample/s" in bar and "tok/s=" in bar
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", bar), bar
+
+
+def test_all_skipped_dump_is_refused_and_leaves_nothing(tiny_teacher, synth_data, tmp_path):
+    """The --help examples once said --images data (one level above the images): every sample
+    missing. That dump must fail naming the reasons and the fix, and leave no cache that a
+    corrected rerun would take as finished."""
+    rows = json.loads(Path(synth_data["instruct_small"]).read_text())[:6]
+    data = tmp_path / "six.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "c.zarr"
+    wrong = Path(synth_data["images_root"]).parent  # the data dir, not data/images
+    res = CliRunner().invoke(app, _cli_args(tiny_teacher, data, wrong, out))
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "every sample of" in last and "6 missing_image" in last and "--images must be" in last, last
+    assert "Traceback" not in res.output and not out.exists()
+    dump(_cfg(tiny_teacher, data, synth_data["images_root"], out))  # the corrected rerun does the work
+    assert sorted(CacheReader(out).rows()) == list(range(6)) and verify_cache(out).ok
+
+
+def test_top_k_above_the_vocabulary_is_refused_before_the_cache_exists(tiny_teacher, synth_data, tmp_path):
+    rows = json.loads(Path(synth_data["instruct_small"]).read_text())[:4]
+    data = tmp_path / "four.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "c.zarr"
+    with pytest.raises(DumpError, match=r"--top-k 100000 exceeds .* vocabulary of \d+ ids"):
+        dump(_cfg(tiny_teacher, data, synth_data["images_root"], out, top_k=100000))
+    assert not out.exists()  # the refused setting is recorded nowhere
+    dump(_cfg(tiny_teacher, data, synth_data["images_root"], out))  # a valid dump to the same --out
+    assert CacheReader(out).attrs["settings"]["top_k"] == TOP_K

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kdcache.config import EvalConfig
-from kdcache.data.llava import LlavaSample, SampleError, read_llava_json
+from kdcache.data.llava import DataError, LlavaSample, SampleError, read_llava_json
 from kdcache.data.synthetic import QUESTION_TYPES, make_synthetic
 from kdcache.evaluate import (
     ALL_TYPES,
@@ -179,13 +180,16 @@ def test_batched_generation_matches_one_at_a_time(world):
 def test_limit_and_max_length_skip(world, tmp_path):
     r = evaluate(_cfg(world, limit=3))
     assert r["num_samples"] == 3
-    # a prompt of 16 image tokens + text cannot fit in 20 tokens: skipped and counted, not crashed
+    # a prompt of 16 image tokens + text cannot fit in 20 tokens: every sample skipped is an error
+    # naming the counts and the fix (a report of 0 scored samples would read as a result)
     out = tmp_path / "empty.json"
-    r = evaluate(_cfg(world, max_length=20, out=str(out)))
-    assert r["num_samples"] == 0 and r["skipped"] == {"too_long": N_EVAL}
-    assert r["accuracy_micro"] is None and r["per_type"] == {}
-    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
-    assert "skipped: 10 too_long" in format_report(r)
+    with pytest.raises(DataError, match=rf"eval: every sample of .* was skipped \({N_EVAL} too_long.*nothing "
+                                        r"was scored\. Likely fix: raise max_length"):
+        evaluate(_cfg(world, max_length=20, out=str(out)))
+    assert not out.exists()
+    wrong = str(Path(world["images"]).parent)  # one level above the images
+    with pytest.raises(DataError, match=rf"{N_EVAL} missing_image.*--images must be"):
+        evaluate(_cfg(world, images=wrong))
 
 
 # ---- agreement -------------------------------------------------------------------------------

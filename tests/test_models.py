@@ -40,9 +40,21 @@ def test_hub_id_without_network_fails_fast_with_local_path_advice(monkeypatch, t
     import transformers  # noqa: F401
 
     t0 = time.perf_counter()
-    with pytest.raises(models.ModelLoadError, match="pass the directory"):
-        models.load_model("someone/not-a-real-model")
+    with pytest.raises(models.ModelLoadError, match="pass the directory instead, e.g. --student /path/to/DIR"):
+        models.load_model("someone/not-a-real-model", flag="--student")  # the hint names the caller's flag
     assert time.perf_counter() - t0 < 10  # transformers' own retries take ~26 s
+
+
+def test_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """'runs/s-ptt' where runs/ exists (holding s-pt) is a typo of a local path, not the hub repo."""
+    (tmp_path / "runs" / "s-pt").mkdir(parents=True)
+    (tmp_path / "runs" / "s-pt" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(models.ModelLoadError, match=r"no model directory runs/s-ptt: runs/ exists here.*"
+                                                    r"did you mean runs/s-pt\?") as e:
+        models.model_dir("runs/s-ptt")
+    assert "huggingface-cli" not in str(e.value)
+    assert models.resolve("someone/model").kind == "hub"  # no local someone/: still a hub id
 
 
 def test_tiny_preset_round_trip(tok_dir, tmp_path):

@@ -8,7 +8,10 @@ per module from the session's tiny teacher.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -315,8 +318,18 @@ def test_sample_whose_tokens_differ_from_the_cache_is_refused(tmp_path, synth_da
     edited.write_text(json.dumps(data))
     cfg = make_cfg(synth_data, tiny_student, tmp_path / "run", cache=str(caches["k16"]), data=str(edited),
                    max_steps=5)  # one epoch: every sample is read
-    with pytest.raises(CacheMismatchError, match=f"sample '{victim['id']}'.*token ids differ"):
+    # the cache records its data file's sha256: another file is refused at start, nothing trained
+    with pytest.raises(CacheMismatchError, match=r"was dumped from .*not from this --data .*sha256"):
         train(cfg)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    # a cache whose recorded sha256 was edited to match still meets the per-sample token check
+    forged = tmp_path / "forged.zarr"
+    shutil.copytree(caches["k16"], forged)
+    meta = json.loads((forged / "zarr.json").read_text())
+    meta["attributes"]["dataset"]["sha256"] = hashlib.sha256(edited.read_bytes()).hexdigest()
+    (forged / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheMismatchError, match=f"sample '{victim['id']}'.*token ids differ"):
+        train(dataclasses.replace(cfg, cache=str(forged), out=str(tmp_path / "run2")))
 
 
 def test_loss_terms_the_cache_cannot_serve_are_refused(tmp_path, synth_data, tiny_student, tiny_teacher):
@@ -479,3 +492,13 @@ def test_two_process_ddp_equals_gradient_accumulation(tmp_path, synth_data, tiny
     w_ddp, w_ref = weights(out), weights(ref)
     for n in w_ref:
         torch.testing.assert_close(w_ddp[n], w_ref[n], atol=1e-5, rtol=0, msg=n)
+
+
+def test_all_skipped_training_data_is_one_clear_error(tmp_path, synth_data, tiny_student):
+    from kdcache.data.llava import DataError
+
+    wrong = Path(synth_data["images_root"]).parent  # the data dir, not data/images
+    with pytest.raises(DataError, match=r"train sft: every sample of .* was skipped \(\d+ missing_image.*"
+                                        r"nothing was trained\. Likely fix: --images must be"):
+        train(make_cfg(synth_data, tiny_student, tmp_path / "run", stage="sft", images=str(wrong)))
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -14,7 +14,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from kdcache.data.llava import LlavaSample, SampleError, SkipCounter, check_image, load_image
+from kdcache.data.llava import (SKIP_REASONS, DataError, LlavaSample, SampleError, SkipCounter, check_image, fix_for,
+                                 load_image)
 from kdcache.data.templates import IGNORE_INDEX, Tokenized, tokenize_sample
 
 ROLE_PAD = 255  # roles value on padding: matches no kdcache.positions.ROLE_*
@@ -93,6 +94,20 @@ def prepare_samples(
         raise ValueError(f"{skipped.counts['too_long']} sample(s) exceed max_length {max_length}, e.g. "
                          f"{skipped.examples['too_long'][0]} (or pass --on-too-long skip to count and skip them)")
     return kept, toks, skipped
+
+
+def all_skipped_error(skipped: SkipCounter, data: str, images, job: str, outcome: str) -> DataError:
+    """The error of a ``job`` (dump, train, eval) in which every sample was skipped: one line with
+    the reason counts, an example and the likely fix (a wrong --images, most often), then
+    ``outcome`` (what was, or was not, written)."""
+    counts = ", ".join(f"{n} {r}" for r in SKIP_REASONS if (n := skipped.counts.get(r, 0)))
+    top = max(skipped.counts, key=skipped.counts.get)
+    example = (skipped.examples.get(top) or [""])[0].split(". Fix:")[0]  # the SampleError without its advice
+    fix = (f"--images must be the directory the JSON's image paths are relative to (got {images}; "
+           "`kdcache make-data --out DIR` writes them relative to DIR/images)" if top == "missing_image"
+           else fix_for(top))
+    return DataError(f"{job}: every sample of {data} was skipped ({counts}; e.g. {example}); {outcome}. "
+                     f"Likely fix: {fix}")
 
 
 class LlavaTorchDataset(torch.utils.data.Dataset):

@@ -49,7 +49,7 @@ SKIP_REASONS = (
 )
 
 _FIXES = {
-    "missing_image": "check --images-root and the sample's 'image' path, or drop the sample",
+    "missing_image": "check --images (the directory image paths are relative to) and the sample's 'image' path, or drop the sample",
     "corrupt_image": "re-download or re-encode the image file, or drop the sample",
     "no_image_token": "put exactly one '<image>' in the first human turn (e.g. '<image>\\n' + question)",
     "repeated_image_token": "keep a single '<image>' in the first human turn; multi-image samples are not supported",
@@ -58,6 +58,11 @@ _FIXES = {
     "too_long": "raise max_length, use on_too_long='truncate', or drop the sample",
     "other": "fix the sample as described, or drop it",
 }
+
+
+def fix_for(reason: str) -> str:
+    """The advice for skip reason ``reason`` (one of ``SKIP_REASONS``)."""
+    return _FIXES[reason]
 
 
 class DataError(Exception):
