@@ -53,6 +53,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, exit code 2, no traceback."""
     from .backends import BackendUnavailable
     from .cache.format import CacheCorrupt, CacheFormatError, CacheMismatch
+    from .cache.store import CacheLocationError
     from .cache.writer import CacheLocked
     from .config import ConfigError
     from .data.llava import DataError, SampleError
@@ -60,7 +61,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelLoadError
     from .train import CacheMismatchError
 
-    return (BackendUnavailable, ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError,
+    return (BackendUnavailable, CacheLocationError, ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError,
             CacheLocked, CacheMismatchError, DataError, SampleError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
@@ -160,7 +161,8 @@ def dump(
                                           "until a projector is trained)."),
     data: Path = typer.Option(..., help="LLaVA JSON (558k captions or 665k conversations format)."),
     images: Path = typer.Option(..., help="Directory the JSON's image paths are relative to."),
-    out: Path = typer.Option(..., help="Cache to write or finish (a Zarr v3 directory, e.g. cache.zarr)."),
+    out: str = typer.Option(..., help="Cache to write or finish: a Zarr v3 directory (e.g. caches/t.zarr) or a "
+                                      "file:// URL."),
     top_k: int = typer.Option(_DUMP.top_k, help="Top-k ids kept per position (k = vocabulary size: exact; "
                                           "not used with --targets sampled:N)."),
     positions: str = typer.Option(",".join(_DUMP.positions), help="Position kinds: visual,response[,prompt]."),
@@ -230,7 +232,7 @@ def dump(
     from .positions import parse_kinds
 
     try:
-        cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=str(out), top_k=top_k,
+        cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=out, top_k=top_k,
                          positions=parse_kinds(positions), hidden=hidden, relation=relation,
                          logprob_dtype=logprob_dtype,
                          temperature=temperature, targets=targets, draw_seed=draw_seed, batch_size=batch_size,
@@ -295,7 +297,7 @@ def generate(
 
 @app.command()
 def verify(
-    cache: Path = typer.Argument(..., help="Cache directory."),
+    cache: str = typer.Argument(..., help="Cache: a directory or file:// URL."),
     vocab_size: Optional[int] = typer.Option(None, help="Expected vocabulary size (default: the cache's)."),
 ):
     """Check every committed sample of a cache; exit 1 naming what is wrong and where.
@@ -304,14 +306,17 @@ def verify(
     """
     from .cache.verify import verify_cache
 
-    rep = verify_cache(cache, vocab_size=vocab_size)
+    try:
+        rep = verify_cache(cache, vocab_size=vocab_size)
+    except _user_errors() as e:
+        _fail(e)
     typer.echo(str(rep))
     raise typer.Exit(code=0 if rep.ok else 1)
 
 
 @app.command()
 def inspect(
-    cache: Path = typer.Argument(..., help="Cache directory."),
+    cache: str = typer.Argument(..., help="Cache: a directory or file:// URL."),
     sample: Optional[str] = typer.Option(None, help="Show the top tokens per position of this sample id."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer to decode ids (default: the teacher's)."),
     top: int = typer.Option(5, help="Tokens per position in --sample tables."),
@@ -322,14 +327,19 @@ def inspect(
     """
     from .inspect_cache import inspect_cache
 
-    for line in inspect_cache(cache, sample=sample, tokenizer=tokenizer, top=top):
+    try:
+        lines = inspect_cache(cache, sample=sample, tokenizer=tokenizer, top=top)
+    except _user_errors() as e:
+        _fail(e)
+    for line in lines:
         typer.echo(line)
 
 
 @app.command()
 def export(
-    cache: Path = typer.Argument(..., help="Cache directory."),
-    parquet: Path = typer.Option(..., help="Parquet file to write (one row per distilled position)."),
+    cache: str = typer.Argument(..., help="Cache: a directory or file:// URL."),
+    parquet: str = typer.Option(..., help="Parquet file to write (one row per distilled position): a path or "
+                                          "file:// URL."),
 ):
     """Export a cache to Parquet for pandas / DuckDB / Polars.
 
@@ -351,7 +361,8 @@ def train(
     data: Path = typer.Option(..., help="LLaVA JSON."),
     images: Path = typer.Option(..., help="Image root directory."),
     out: Path = typer.Option(..., help="Output directory (checkpoint, metrics.jsonl)."),
-    cache: Optional[Path] = typer.Option(None, help="Teacher cache (dpt/dft, offline: the teacher is never loaded)."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache (dpt/dft, offline: the teacher is never loaded): a "
+                                                   "directory or file:// URL."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model for online KD (reference / baseline)."),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig keys; flags given here win."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (default 1)."),
@@ -378,7 +389,7 @@ def train(
     from .train import train as _train
 
     flags = dict(stage=stage, student=student, data=str(data), images=str(images), out=str(out),
-                 cache=str(cache) if cache else None, teacher=teacher, epochs=epochs, max_steps=max_steps,
+                 cache=cache, teacher=teacher, epochs=epochs, max_steps=max_steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, template=template,
                  gradient_checkpointing=gradient_checkpointing, num_workers=num_workers,
                  save_every=save_every, log_every=log_every, on_nan=on_nan, dist_timeout_s=dist_timeout_s)
@@ -419,7 +430,8 @@ def eval_(
     data: Path = typer.Option(..., help="LLaVA JSON with reference answers (gpt turns; question_type)."),
     images: Path = typer.Option(..., help="Image root directory."),
     out: Optional[Path] = typer.Option(None, help="JSON report path."),
-    teacher_cache: Optional[Path] = typer.Option(None, help="Cache of the same data: agreement and KL."),
+    teacher_cache: Optional[str] = typer.Option(None, help="Cache of the same data (directory or URL): agreement "
+                                                           "and KL."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model: agreement and KL, online."),
     batch_size: int = typer.Option(16, help="Generation batch size."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N samples only."),
@@ -435,7 +447,7 @@ def eval_(
     from .evaluate import evaluate, format_report
 
     cfg = EvalConfig(model=model, data=str(data), images=str(images), out=str(out) if out else None,
-                     teacher_cache=str(teacher_cache) if teacher_cache else None, teacher=teacher,
+                     teacher_cache=teacher_cache, teacher=teacher,
                      batch_size=batch_size, limit=limit, template=template, max_new_tokens=max_new_tokens,
                      max_length=max_length)
     try:

@@ -412,8 +412,10 @@ def dump(cfg: DumpConfig) -> Path:
     ``cfg.backend``: ``hf`` (the reference) or ``vllm`` (engine settings ``cfg.vllm``)."""
     from .data.llava import DataError, read_llava_json
 
+    from .cache.store import cache_location
+
     validate(cfg)
-    out = Path(cfg.out)
+    out = cache_location(cfg.out, what="--out").local  # a URL it cannot open is refused here, before any work
     rank, world, local_rank = dist_env()
     check_backend(cfg, world)
     check_output(out)

@@ -322,6 +322,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError("give at most one of teacher_cache and teacher")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {cfg.batch_size}, {cfg.max_new_tokens}")
+    if cfg.teacher_cache is not None:
+        from .cache.store import cache_location
+
+        cache_location(cfg.teacher_cache, what="teacher_cache")  # refused before the model loads
     device = _device()
     model, processor = _load(cfg.model, device)
     tok = processor.tokenizer

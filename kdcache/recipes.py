@@ -82,6 +82,8 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
 
 def plan(recipe: dict, workdir: Path) -> list[Step]:
     """Resolve names into paths and typed configs; raises ConfigError before anything runs."""
+    from .cache.store import cache_location
+
     models = {k: v for k, v in (recipe.get("models") or {}).items()}
     data = recipe.get("data") or {}
     defaults = recipe.get("defaults") or {}
@@ -169,6 +171,7 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
             try:
                 cfg = from_dict(DumpConfig, kw)
                 validate(cfg)
+                cache_location(cfg.out)  # a URL kdcache cannot open is refused before any step runs
             except (ConfigError, ValueError) as e:
                 raise ConfigError(f"{where}: {e}") from None
             steps.append(Step(kind, name, {"config": cfg}, Path(cfg.out)))

@@ -545,7 +545,11 @@ def train(cfg: TrainConfig) -> Path:
     from .models import image_token_id, load_model, num_image_tokens, read_meta
     from .teacher import teacher_records
 
+    from .cache.store import cache_location
+
     validate(cfg)
+    if cfg.cache:
+        cache_location(cfg.cache, what="--cache")  # a URL it cannot open is refused before any model loads
     out = Path(cfg.out)
     if (out / "DONE").is_file():
         _check_same_run(out, cfg)

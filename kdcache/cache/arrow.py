@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from kdcache.cache.format import targets_of
 from kdcache.cache.reader import CacheReader
+from kdcache.cache.store import cache_location
 from kdcache.positions import KIND_NAMES
 
 KIND_DICTIONARY = pa.array([KIND_NAMES[i] for i in range(len(KIND_NAMES))], type=pa.string())
@@ -108,9 +109,10 @@ def export_parquet(path: str | os.PathLike, out_path: str | os.PathLike,
     with Parquet's Float16 logical type, pyarrow >= 15). Returns the number of rows written."""
     import pyarrow.parquet as pq
 
+    out = cache_location(out_path, what="Parquet output").local
     schema, batches = iter_batches(path, sample_ids)
     n = 0
-    with pq.ParquetWriter(str(out_path), schema, compression="zstd") as w:
+    with pq.ParquetWriter(str(out), schema, compression="zstd") as w:
         for b in batches:
             w.write_batch(b)
             n += b.num_rows

@@ -27,6 +27,7 @@ from kdcache.cache.format import (
     sample_checksum,
     validate_attrs,
 )
+from kdcache.cache.store import cache_location
 from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY, read_json_attrs
 from kdcache.positions import ROLE_VISUAL
 from kdcache.records import TeacherRecord
@@ -146,7 +147,8 @@ class CacheReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, check: bool = True):
-        self.path = Path(path)
+        self.location = cache_location(path)
+        self.path = self.location.local
         self.check = check
         if not (self.path / "zarr.json").exists():
             raise FileNotFoundError(f"no cache at {self.path} (no zarr.json)")
@@ -156,7 +158,7 @@ class CacheReader:
         self._state = None
 
     def __getstate__(self):
-        return {"path": self.path, "check": self.check, "attrs": self.attrs, "_state": None}
+        return {"location": self.location, "path": self.path, "check": self.check, "attrs": self.attrs, "_state": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)

@@ -18,6 +18,7 @@ from kdcache.cache.format import (
     relation_rank,
 )
 from kdcache.cache.reader import CacheReader
+from kdcache.cache.store import cache_location
 from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
 from kdcache.positions import KIND_NAMES, KIND_RESPONSE
 
@@ -28,7 +29,7 @@ def _dir_bytes(d: Path) -> int:
 
 def disk_bytes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes on disk per array, summed over parts (index arrays as ``index/<name>``)."""
-    path = Path(path)
+    path = cache_location(path).local
     parts_dir = path / "parts"
     parts = [p for p in parts_dir.iterdir() if p.is_dir()] if parts_dir.is_dir() else []
     out = {}

@@ -29,6 +29,7 @@ from kdcache.cache.format import (
     validate_attrs,
 )
 from kdcache.cache.reader import PartIndex, list_parts, load_part_index, storage_view
+from kdcache.cache.store import cache_location
 from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY, read_json_attrs
 from kdcache.positions import ROLE_VISUAL, select_positions
 
@@ -102,7 +103,7 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
     import zarr
     from zarr.storage import LocalStore
 
-    path = Path(path)
+    path = cache_location(path).local
     rep = VerifyReport(str(path))
     try:
         attrs = read_json_attrs(path)

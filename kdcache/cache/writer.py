@@ -58,6 +58,7 @@ from kdcache.cache.format import (
     zarr_compressors,
     zarr_filters,
 )
+from kdcache.cache.store import cache_location
 from kdcache.positions import ROLE_VISUAL, select_positions
 from kdcache.records import TeacherRecord
 
@@ -224,7 +225,8 @@ class CacheWriter:
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        self.path = Path(path)
+        self.location = cache_location(path)
+        self.path = self.location.local
         self.rank = rank
         self.world_size = world_size
         self.layout = layout
@@ -707,8 +709,9 @@ def open_writer(path, attrs, rank: int = 0, world_size: int = 1, layout: Layout 
     return CacheWriter(path, attrs, rank=rank, world_size=world_size, layout=layout, **kw)
 
 
-def cache_finished(path: Path) -> bool:
+def cache_finished(path) -> bool:
     """True when every rank's part of the cache at ``path`` is marked finished."""
+    path = cache_location(path).local
     root = read_json_attrs(path) if (path / "zarr.json").is_file() else None
     if not root or "settings" not in root:
         return False
