@@ -195,7 +195,8 @@ def check_packed_records(packed: dict, vocab_size: int, cache: str | None) -> No
             continue
         t = packed[f]  # [R] or [R, ...]
         bad = (t.isnan() | (t == inf)) if f in ("topk_logprobs", "tail_logmass") else ~torch.isfinite(t)
-        bad = bad.reshape(t.shape[0], -1).any(dim=1)  # [R]
+        if bad.dim() > 1:  # flatten(1), not reshape(R, -1): a text-only batch has R = 0 visual rows
+            bad = bad.flatten(1).any(dim=1)  # [R]
         if bool(bad.any()):
             kind = "NaN or +inf" if f in ("topk_logprobs", "tail_logmass") else "NaN or inf"
             _refuse_samples(packed, rows_of(f)[bad], cache, f"have non-finite {f} ({kind} in {int(bad.sum())} "

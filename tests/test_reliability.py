@@ -124,6 +124,23 @@ def test_check_packed_records_names_the_samples(ref_cache):
     check_packed_records(pack_records(batch(put("topk_logprobs", 1, (0, -1), float("-inf")))), V, "c.zarr")
 
 
+def test_check_packed_records_takes_a_batch_without_visual_rows(ref_cache):
+    """Issue 15: a batch of text-only samples packs [0, D] visual hidden states; the check passes it
+    (it used to fail reshaping 0 rows) and still refuses a NaN elsewhere in the batch."""
+    reader = CacheReader(ref_cache)
+    V = int(reader.attrs["teacher"]["vocab_size"])
+    recs = reader.read_range(0, 0, 2)
+    for r in recs:  # as the cache returns a text-only sample: no visual rows
+        r.visual_hidden = r.visual_hidden[:0]
+    packed = pack_records(recs)
+    assert packed["visual_hidden"].shape[0] == 0
+    check_packed_records(packed, V, "c.zarr")
+    recs[1].tail_logmass = recs[1].tail_logmass.clone()
+    recs[1].tail_logmass[0] = float("nan")
+    with pytest.raises(CacheRecordError, match=rf"\['{recs[1].sample_id}'\].*non-finite tail_logmass"):
+        check_packed_records(pack_records(recs), V, "c.zarr")
+
+
 def test_nonfinite_cache_is_refused_before_the_gather(ref_cache, synth_data, tiny_student, tmp_path):
     """A cache with NaN hidden states in one sample of step 3: steps 1-2 run and are checkpointed,
     then the run stops with the sample's id and row, the array and the fix (no NaN loss, no step

@@ -480,7 +480,9 @@ def sample_checksum(row: int, sample_id: str | bytes, arrays: list[np.ndarray]) 
         a = np.ascontiguousarray(a)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
-        crc = zlib.crc32(memoryview(a).cast("B"), crc)
+        # a byte view of the flat array: memoryview.cast refuses zero-length shapes (a text-only
+        # sample's [0, D] visual rows), which contribute no bytes
+        crc = zlib.crc32(a.reshape(-1).view(np.uint8), crc)
     return crc & 0xFFFFFFFF
 
 

@@ -118,6 +118,20 @@ def test_checksum_covers_row_and_sample_id():
     assert len({c, sample_checksum(4, "é1", arrays), sample_checksum(3, "é2", arrays)}) == 3
 
 
+def test_checksum_of_a_text_only_sample_skips_its_empty_arrays():
+    """Issue 15: a text-only sample has [0, D] visual rows (and a [0] image span); they add no
+    bytes, so the crc equals that of the sample without them, and a bit flip is still seen."""
+    import zlib
+
+    ids = np.arange(6, dtype=np.int32)
+    hidden = np.zeros((0, 16), dtype=np.uint16)  # visual_hidden of a text-only sample
+    c = sample_checksum(2, "t", [ids, hidden, np.zeros(0, np.float32)])
+    assert c == sample_checksum(2, "t", [ids]) == zlib.crc32(ids.tobytes(), zlib.crc32(b"t", zlib.crc32(
+        np.int64(2).tobytes())))
+    ids[0] ^= 1
+    assert sample_checksum(2, "t", [ids, hidden]) != c
+
+
 def test_bf16_bits_round_trip_exact():
     x = torch.randn(100).to(torch.bfloat16)
     bits = x.view(torch.int16).numpy().view(np.uint16)
