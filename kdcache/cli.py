@@ -182,7 +182,9 @@ def dump(
                                                         "this seed and its row; reruns are identical)."),
     batch_size: int = typer.Option(_DUMP.batch_size, help="Samples per teacher forward."),
     max_length: int = typer.Option(_DUMP.max_length, help="Longest sample in tokens (image expanded)."),
-    on_too_long: str = typer.Option(_DUMP.on_too_long, help="skip (counted) | error"),
+    on_too_long: str = typer.Option(_DUMP.on_too_long, help="A sample longer than --max-length: skip (counted) | "
+                                                            "error | truncate (cut to --max-length as LLaVA's "
+                                                            "training does; train must truncate alike)."),
     template: str = typer.Option(_DUMP.template, help="chat (the tokenizer's) | qwen2_base | pretrain"),
     num_workers: int = typer.Option(_DUMP.num_workers, help="Data-loading processes."),
     device: str = typer.Option(_DUMP.device, help="auto | cpu | cuda | cuda:N"),
@@ -372,6 +374,10 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 pt/dpt, 2e-5 sft/dft)."),
     seed: Optional[int] = typer.Option(None, help="Seed (data order, init)."),
     template: Optional[str] = typer.Option(None, help="chat | qwen2_base | pretrain"),
+    max_length: Optional[int] = typer.Option(None, help=f"Longest sample in tokens, image expanded (default "
+                                                        f"{_TRAIN.max_length}; a cache's dump --max-length)."),
+    on_too_long: Optional[str] = typer.Option(None, help="A sample longer than --max-length: skip (default) | error | "
+                                                         "truncate (needed for a cache dumped with truncate)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations to save memory."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps (0: only at the end)."),
@@ -391,8 +397,8 @@ def train(
     flags = dict(stage=stage, student=student, data=str(data), images=str(images), out=str(out),
                  cache=cache, teacher=teacher, epochs=epochs, max_steps=max_steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, template=template,
-                 gradient_checkpointing=gradient_checkpointing, num_workers=num_workers,
-                 save_every=save_every, log_every=log_every, on_nan=on_nan, dist_timeout_s=dist_timeout_s)
+                 max_length=max_length, on_too_long=on_too_long, gradient_checkpointing=gradient_checkpointing,
+                 num_workers=num_workers, save_every=save_every, log_every=log_every, on_nan=on_nan, dist_timeout_s=dist_timeout_s)
     try:
         base = {}
         if config is not None:

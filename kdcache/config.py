@@ -17,6 +17,11 @@ STAGES = ("pt", "dpt", "sft", "dft")
 # Paper settings (LLaVA-KD, section 4.1): projector-only stages at 1e-3, full stages at 2e-5.
 STAGE_LR = {"pt": 1e-3, "dpt": 1e-3, "sft": 2e-5, "dft": 2e-5}
 TEMPLATES = ("chat", "qwen2_base", "pretrain")
+# A sample longer than max_length: skip it (counted), stop the run, or cut its tail to max_length
+# tokens as LLaVA's training does (still skipped when the cut would split the image or leave no
+# response token). A truncating dump records ``truncate: true`` in the cache's settings and its
+# trainer must truncate at the same max_length.
+ON_TOO_LONG = ("skip", "error", "truncate")
 
 
 class ConfigError(ValueError):
@@ -84,7 +89,7 @@ class DumpConfig:
     draw_seed: int = 0  # seed of the sampled:N draws (sample with row r: generator seeded by (draw_seed, r))
     batch_size: int = 8
     max_length: int = 2048
-    on_too_long: str = "skip"  # skip | error
+    on_too_long: str = "skip"  # ON_TOO_LONG: skip | error | truncate
     template: str = "chat"  # chat | qwen2_base | pretrain
     chunk_size: int = 2048  # LM-head rows per chunk
     num_workers: int = 2  # data-loading processes (tokenise + decode images)
@@ -135,7 +140,7 @@ class TrainConfig:
     teacher: str | None = None  # online KD: the teacher runs beside the student (reference)
     template: str = "chat"
     max_length: int = 2048
-    on_too_long: str = "skip"
+    on_too_long: str = "skip"  # ON_TOO_LONG; a cache dumped with truncate needs truncate here, same max_length
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 8  # per device
@@ -199,7 +204,7 @@ def validate(cfg) -> None:
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
         _one_of("template", cfg.template, TEMPLATES)
-        _one_of("on_too_long", cfg.on_too_long, ("skip", "error"))
+        _one_of("on_too_long", cfg.on_too_long, ON_TOO_LONG)
         _one_of("mixed_precision", cfg.mixed_precision, ("auto", "no", "bf16", "fp16"))
         for key in ("max_length", "log_every", "block_size"):
             if getattr(cfg, key) < 1:
@@ -234,6 +239,9 @@ def validate(cfg) -> None:
             raise ConfigError(f"logprob_dtype: {cfg.logprob_dtype!r} is not float16 or float32")
         if cfg.top_k < 1:
             raise ConfigError("top_k must be >= 1")
+        _one_of("on_too_long", cfg.on_too_long, ON_TOO_LONG)
+        if cfg.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {cfg.max_length}")
         if cfg.bucket_batches < 1:
             raise ConfigError(f"bucket_batches must be >= 1 (1: no length bucketing), got {cfg.bucket_batches}")
         from .records import parse_targets

@@ -146,7 +146,9 @@ def dump_settings(cfg: DumpConfig, world_size: int) -> dict:
 
     ``targets: sampled:N`` stores N columns, so ``top_k`` is N (``cfg.top_k`` is not used) and
     ``draw_seed`` is recorded; the other modes have no ``draw_seed``. ``relation`` is
-    ``kdcache.relation.stored_relation`` (``none`` for the default ``hidden`` with hidden none)."""
+    ``kdcache.relation.stored_relation`` (``none`` for the default ``hidden`` with hidden none).
+    ``truncate: true`` only with ``on_too_long: truncate`` (samples longer than ``max_length`` were
+    cut to it; skip and error store the same samples, so they are not recorded)."""
     from .records import parse_targets
     from .relation import stored_relation
 
@@ -158,6 +160,8 @@ def dump_settings(cfg: DumpConfig, world_size: int) -> dict:
                 "world_size": int(world_size), "targets": cfg.targets}
     if mode == "sampled":
         settings["draw_seed"] = int(cfg.draw_seed)
+    if cfg.on_too_long == "truncate":  # samples cut to max_length: the trainer must cut them alike
+        settings["truncate"] = True
     return settings
 
 

@@ -25,7 +25,9 @@ student pass over the full conversation (``tokenize_sample``):
 
 Both are micro-averaged over positions. The teacher is either a cache dumped from the same JSON
 with the ``response`` position kind, or a model run online through ``teacher_records`` with
-k = V (then the tail bucket is empty and the KL is the full-vocabulary KL).
+k = V (then the tail bucket is empty and the KL is the full-vocabulary KL). Samples the cache
+lacks (the dump skipped them) or holds cut short (``--on-too-long truncate``: the reference
+answer may be gone) are listed as ``missing``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 
 from .config import EvalConfig
 from .generation import generate_batch, left_pad, stop_token_ids
-from .positions import KIND_RESPONSE, ROLE_RESPONSE
+from .positions import KIND_RESPONSE, ROLE_RESPONSE, ROLE_VISUAL
 
 ALL_TYPES = "all"  # question type of samples without a ``question_type`` key
 
@@ -424,7 +426,13 @@ def _agreement_batch(agree: _Agreement, model, chunk: Sequence[_Item], pix, pad:
         pixels = pixels.to(device=device, dtype=model.dtype)
     hidden = model.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                          pixel_values=pixels, use_cache=False).last_hidden_state  # [B, T, D]
+    n_img_t = int(reader.attrs["teacher"]["num_image_tokens"]) if reader is not None else 0
     for b, (it, rec) in enumerate(zip(chunk, records)):
+        if rec is not None and teacher is None:
+            # the teacher's untruncated length: this sequence with the cache's image-span length
+            n_vis = int((it.full.roles == ROLE_VISUAL).sum())
+            if rec.num_tokens < it.full.num_tokens - n_vis + (n_img_t if n_vis else 0):
+                rec = None  # a dump with --on-too-long truncate cut it: its last answer may be gone
         if rec is None:
             agree.missing.append(it.sample.id)
             continue
@@ -464,7 +472,7 @@ def format_report(report: dict[str, Any]) -> str:
         kl = "-" if a["kl"] is None else f"{a['kl']:.4f}"
         out.append(f"agreement with {a['source']}: top-1 {_pct(a['top1_agreement'])}, "
                    f"KL(teacher||student) {kl} over {a['positions']} answer positions "
-                   f"of {a['samples']} samples" + (f" ({len(a['missing'])} not in the cache)" if a["missing"] else ""))
+                   f"of {a['samples']} samples" + (f" ({len(a['missing'])} not in the cache or cut short there)" if a["missing"] else ""))
     return "\n".join(out)
 
 

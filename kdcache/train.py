@@ -248,6 +248,12 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
         problems.append(f"visual tokens per image: cache {t['num_image_tokens']}, student {n_image}")
     if problems:
         raise CacheMismatchError(f"cache {cfg.cache} does not match student {cfg.student}: " + "; ".join(problems))
+    if "truncate" in st and (cfg.on_too_long != "truncate" or cfg.max_length != st["max_length"]):
+        # the dump cut long samples to its max_length: only the same cut gives the cached token ids
+        raise CacheMismatchError(f"cache {cfg.cache} cut samples longer than {st['max_length']} tokens (dumped with "
+                                 f"--on-too-long truncate --max-length {st['max_length']}), this run asks "
+                                 f"on_too_long {cfg.on_too_long} with max_length {cfg.max_length}: pass "
+                                 f"--on-too-long truncate --max-length {st['max_length']}")
     lc = cfg.loss
     dumped = set(st["positions"])
     for kind, key, w in (("visual", "beta_vis", lc.beta_vis), ("response", "alpha_res", lc.alpha_res),
@@ -276,6 +282,21 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
         raise CacheMismatchError(f"loss.relation_features {lc.relation_features!r} needs the teacher's hidden states, "
                                  f"but cache {cfg.cache} has relation {st['relation']!r}: a factor of the logit Gram "
                                  "only. Set loss.relation_features: logits, or dump with --relation hidden")
+
+
+def missing_rows_message(missing: set[int], skipped, cfg: TrainConfig, settings: dict) -> str:
+    """Why cached rows have no sample in this run: this run skipped them (a too-long sample at a
+    lower max_length than the dump's, a missing image...), or the data file has fewer rows."""
+    why = {row: (sid, reason) for row, sid, reason in skipped.items if row in missing}
+    if not why:
+        return (f"cache {cfg.cache} holds rows the data file {cfg.data} does not have: {sorted(missing)[:5]}: "
+                "pass the data file the cache was dumped from")
+    row = min(why)
+    sid, reason = why[row]
+    fix = (f"pass --max-length {settings['max_length']} (the dump's)" if reason == "too_long"
+           else "fix the sample as the skip message says, or re-dump the cache from this data")
+    return (f"cache {cfg.cache} holds {len(missing)} sample(s) this run skipped, e.g. sample {sid!r} (row {row} of "
+            f"{cfg.data}): {reason} at max_length {cfg.max_length}: {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,8 +620,7 @@ def train(cfg: TrainConfig) -> Path:
                                      "nothing to distil from. Dump it again (a new --out) with the right --images")
         missing = set(reader.rows()) - {s.row for s in kept}
         if missing:
-            raise CacheMismatchError(f"the cache holds rows the data file {cfg.data} does not: "
-                                     f"{sorted(missing)[:5]}... Pass the data file the cache was dumped from.")
+            raise CacheMismatchError(missing_rows_message(missing, skipped, cfg, reader.attrs["settings"]))
         st = reader.attrs["settings"]
         # on the device once: the exact mode's LM head is [V, D_t] (0.6 GB in bf16 for Qwen2.5-3B)
         side = TeacherSide(gram=torch.as_tensor(reader.gram()).to(acc.device),  # M_t = W_t^T W_t [D_t, D_t]

@@ -86,7 +86,7 @@ def test_missing_required_key():
     ({"batch_size": 0}, "batch_size"),
     ({"grad_accum": 0}, "grad_accum"),
     ({"template": "vicuna"}, "template"),
-    ({"on_too_long": "truncate"}, "on_too_long"),
+    ({"on_too_long": "cut"}, "on_too_long"),
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"max_steps": 0}, "max_steps"),
     ({"epochs": 0}, "epochs"),
@@ -107,6 +107,8 @@ def test_validate_names_the_bad_value(bad, named):
     ({"hidden": "fp8"}, "hidden"),
     ({"logprob_dtype": "bf16"}, "logprob_dtype"),
     ({"top_k": 0}, "top_k"),
+    ({"on_too_long": "cut"}, "on_too_long: 'cut' is not one of skip, error, truncate"),
+    ({"max_length": 1}, "max_length"),
 ])
 def test_dump_config_validation(bad, named):
     with pytest.raises(ConfigError, match=named):

@@ -81,18 +81,24 @@ def prepare_samples(
     image_token_id: int,
     num_image_tokens: int,
     max_length: int | None,
-    on_too_long: Literal["skip", "error"],
+    on_too_long: Literal["skip", "error", "truncate"],
 ) -> tuple[list[LlavaSample], list[Tokenized], SkipCounter]:
-    """``prepare`` with the run policy of dump and train: every bad sample is skipped and
-    counted, except that ``on_too_long="error"`` makes an over-long sample stop the run."""
-    if on_too_long not in ("skip", "error"):
-        raise ValueError(f"on_too_long must be 'skip' or 'error', got {on_too_long!r}")
+    """``prepare`` with the run policy of dump and train (``kdcache.config.ON_TOO_LONG``): every
+    bad sample is skipped and counted, except that ``on_too_long="error"`` makes an over-long
+    sample stop the run, and ``"truncate"`` cuts it to ``max_length`` tokens (skipped as
+    too_long only if the cut would split its image span or leave no response token)."""
+    from kdcache.config import ON_TOO_LONG
+
+    if on_too_long not in ON_TOO_LONG:
+        raise ValueError(f"on_too_long must be one of {', '.join(ON_TOO_LONG)}, got {on_too_long!r}")
     kept, toks, skipped = prepare(samples, tokenizer, template=template, image_token_id=image_token_id,
                                   num_image_tokens=num_image_tokens, max_length=max_length,
-                                  images_root=images_root, on_error="skip", on_too_long="error")
+                                  images_root=images_root, on_error="skip",
+                                  on_too_long="truncate" if on_too_long == "truncate" else "error")
     if on_too_long == "error" and skipped.counts.get("too_long"):
         raise ValueError(f"{skipped.counts['too_long']} sample(s) exceed max_length {max_length}, e.g. "
-                         f"{skipped.examples['too_long'][0]} (or pass --on-too-long skip to count and skip them)")
+                         f"{skipped.examples['too_long'][0]} (or pass --on-too-long skip to count and skip them, "
+                         "or truncate to cut them to max_length)")
     return kept, toks, skipped
 
 
