@@ -31,6 +31,7 @@ skips the step on every rank (``on_nan: skip``, logged) or stops the run (``stop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import torch
 
 from . import losses as L
 from .cache.format import CacheCorrupt
-from .config import TrainConfig, to_dict, validate
+from .config import STAGE_LR, TrainConfig, to_dict, validate
 from .positions import KIND_PROMPT, KIND_RESPONSE, KIND_VISUAL
 from .records import TeacherRecord
 from .relation import lm_gram
@@ -572,6 +573,8 @@ def train(cfg: TrainConfig) -> Path:
     validate(cfg)
     if cfg.cache:
         cache_location(cfg.cache, what="--cache")  # a URL it cannot open is refused before any model loads
+    # the rate this run uses, recorded in train_config.json (a new config: the caller's is left as is)
+    cfg = dataclasses.replace(cfg, lr=cfg.learning_rate)
     out = Path(cfg.out)
     if (out / "DONE").is_file():
         _check_same_run(out, cfg)
@@ -781,7 +784,9 @@ def train(cfg: TrainConfig) -> Path:
                 acc.log({k_: v for k_, v in rec.items() if isinstance(v, float)}, step=step)
             tok_rate = rec["tokens_per_s"]
             tokens, wait, t_last = 0, 0.0, time.perf_counter()
-        bar.set_postfix({**{k_: f"{v:.3f}" for k_, v in sums.items()}, "tok/s": f"{tok_rate:.0f}"}, refresh=False)
+        # the rate since the last log line (right after one: that line's), never a 0 before the first
+        live = tokens / max(time.perf_counter() - t_last, 1e-9) if tokens else tok_rate
+        bar.set_postfix({**{k_: f"{v:.3f}" for k_, v in sums.items()}, "tok/s": f"{live:.0f}"}, refresh=False)
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             acc.wait_for_everyone()
@@ -908,6 +913,8 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     if not f.is_file():
         return
     saved, now = json.loads(f.read_text()), json.loads(json.dumps(to_dict(cfg)))
+    if saved.get("lr") is None:  # written before the resolved rate was recorded: the stage's default
+        saved["lr"] = STAGE_LR[saved["stage"]]
     if saved != now:
         diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
         raise RuntimeError(f"{f} was written with other settings ({', '.join(diff)}): resume needs "

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.config import DumpConfig, LossConfig, TrainConfig
+from kdcache.config import STAGE_LR, DumpConfig, LossConfig, TrainConfig
 from kdcache.dump import dump
 from kdcache.train import CacheMismatchError, train
 from tests.helpers import dump_small
@@ -180,6 +180,8 @@ def test_dft_reads_a_real_cache_with_two_workers(tmp_path, synth_data, tiny_stud
     # the order does not depend on the number of workers, nor the values
     assert read_samples(w2) == read_samples(w0)
     assert len({i for s in read_samples(w2) for i in s["ids"]}) == 12
+    # no --lr given: train_config.json records the rate used (the stage's default), not null
+    assert json.loads((Path(w2) / "train_config.json").read_text())["lr"] == STAGE_LR["dft"]
     for a, b in zip(read_metrics(w2), read_metrics(w0)):
         for term in ("reg", "res", "vis", "rel", "total"):
             assert a[f"loss/{term}"] == pytest.approx(b[f"loss/{term}"], abs=1e-6)
