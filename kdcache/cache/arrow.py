@@ -5,7 +5,9 @@ target_token int32 (= input_ids[position + 1], the token the output at ``positio
 topk_ids fixed_size_list<int32>[k], topk_logprobs fixed_size_list<float16|float32>[k],
 tail_logmass float32, and for ``targets: sampled:N`` sample_counts fixed_size_list<uint16>[N]
 (draws per id; padding columns have id 0, log-prob -inf, count 0). The cache's root attributes
-travel as schema metadata ``kdcache_attrs``. Hidden states (visual_hidden, and position_hidden of
+travel as schema metadata ``kdcache_attrs``. SQL engines without a float16 type (DuckDB's Arrow
+scan) take ``to_arrow(path, float16=False)``: the same values widened to float32, exactly; DuckDB
+reads the Parquet export's Float16 column as is. Hidden states (visual_hidden, and position_hidden of
 ``targets: hidden``) are not exported: they are D floats per row, for the trainer, not for tables.
 """
 
@@ -57,6 +59,7 @@ def _batch(records, schema: pa.Schema, k: int) -> pa.RecordBatch:
     sids = np.repeat(np.array([r.sample_id for r in records], dtype=object), n)
     rows = np.repeat(np.array([r.row for r in records], dtype=np.int64), n)
     lp_type = schema.field("topk_logprobs").type.value_type
+    tlp = tlp.astype(lp_type.to_pandas_dtype(), copy=False)  # float16 -> float32 is exact
     cols = [
         pa.array(sids, type=pa.string()),
         pa.array(rows, type=pa.int64()),
@@ -74,12 +77,14 @@ def _batch(records, schema: pa.Schema, k: int) -> pa.RecordBatch:
 
 
 def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = None,
-                 block: int = 256) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
-    """(schema, record batches of ``block`` samples) of the committed ok samples."""
+                 block: int = 256, *, float16: bool = True) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
+    """(schema, record batches of ``block`` samples) of the committed ok samples; ``float16=False``
+    widens float16 log-probs to float32 (for engines without float16)."""
     reader = CacheReader(path)
     k = reader.k
     sampled = targets_of(reader.attrs["settings"])[0] == "sampled"
-    schema = arrow_schema(k, reader.attrs["settings"]["logprob_dtype"], reader.attrs, sample_counts=sampled)
+    lp_dtype = reader.attrs["settings"]["logprob_dtype"] if float16 else "float32"
+    schema = arrow_schema(k, lp_dtype, reader.attrs, sample_counts=sampled)
     wanted = set(sample_ids) if sample_ids is not None else None
 
     def gen():
@@ -96,10 +101,12 @@ def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = Non
     return schema, gen()
 
 
-def to_arrow(path: str | os.PathLike, sample_ids: Iterable[str] | None = None) -> pa.Table:
+def to_arrow(path: str | os.PathLike, sample_ids: Iterable[str] | None = None, *, float16: bool = True
+             ) -> pa.Table:
     """One row per distilled position of the committed ok samples (optionally only
-    ``sample_ids``), in part then commit order."""
-    schema, batches = iter_batches(path, sample_ids)
+    ``sample_ids``), in part then commit order. ``float16=False``: float16 log-probs widened to
+    float32 (exact), for SQL engines without float16 such as DuckDB."""
+    schema, batches = iter_batches(path, sample_ids, float16=float16)
     return pa.Table.from_batches(list(batches), schema=schema)
 
 

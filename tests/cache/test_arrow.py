@@ -95,3 +95,26 @@ def test_cache_stats(cache, records):
     acc = np.concatenate([a == b for a, b in resp]).mean()
     assert s["top1_accuracy_response"] == pytest.approx(acc)
     assert 0 < s["mean_entropy_k1"] <= np.log(9) + 1e-6
+
+
+def test_duckdb_runs_the_readme_query_on_the_float32_view_and_the_parquet(cache, tmp_path):
+    """The README's snippet: DuckDB cannot scan Arrow float16, so it gets ``float16=False`` (the same
+    values, widened exactly) or the Parquet export (Float16 logical type, which it reads)."""
+    import duckdb  # in the test extra
+    t16 = to_arrow(cache)
+    t = to_arrow(cache, float16=False)
+    assert t.schema.field("topk_logprobs").type == pa.list_(pa.float32(), 8)
+    np.testing.assert_array_equal(np.stack(t.column("topk_logprobs").to_numpy(zero_copy_only=False)),
+                                  np.stack(t16.column("topk_logprobs").to_numpy(zero_copy_only=False)).astype(np.float32))
+    query = "select kind, avg(1 - exp(tail_logmass)) as kept from {} group by kind order by kind"
+    got = duckdb.sql(query.format("t")).fetchall()
+    tail = t16.column("tail_logmass").to_numpy()
+    kinds = np.array(t16.column("kind").to_pylist())
+    want = [(k, float(np.mean(1 - np.exp(tail[kinds == k].astype(np.float64))))) for k in sorted(set(kinds))]
+    assert [k for k, _ in got] == [k for k, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+    pq_path = tmp_path / "t.parquet"
+    export_parquet(cache, pq_path)
+    assert duckdb.sql(query.format(f"'{pq_path}'")).fetchall() == got
+    first = duckdb.sql(f"select topk_logprobs from '{pq_path}' limit 1").fetchall()[0][0]
+    assert first == t.column("topk_logprobs")[0].as_py()
