@@ -325,13 +325,13 @@ def inspect(
 ):
     """Summarise a cache: samples, tokens, positions per kind, bytes, kept mass, teacher accuracy.
 
-    Example: kdcache inspect caches/t.zarr --sample 000123
+    Example: kdcache inspect caches/t.zarr --sample syn-000003
     """
-    from .inspect_cache import inspect_cache
+    from .inspect_cache import UnknownSample, inspect_cache
 
     try:
         lines = inspect_cache(cache, sample=sample, tokenizer=tokenizer, top=top)
-    except _user_errors() as e:
+    except (UnknownSample, *_user_errors()) as e:
         _fail(e)
     for line in lines:
         typer.echo(line)

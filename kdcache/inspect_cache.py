@@ -8,6 +8,10 @@ from pathlib import Path
 from .positions import KIND_NAMES
 
 
+class UnknownSample(LookupError):
+    """``--sample`` names no committed sample of the cache; the message lists near ids."""
+
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
@@ -69,7 +73,15 @@ def sample_lines(path, sample: str, tokenizer, top: int) -> list[str]:
             rec = reader.read_rows(p, p.ok[[ids.index(sample)]])[0]
             break
     if rec is None:
-        raise KeyError(f"sample {sample!r} is not a committed sample of {path}")
+        import difflib
+
+        known = [i for p in reader.parts.values() for i in reader.sample_ids(p, p.ok)]
+        near = difflib.get_close_matches(sample, known, n=3, cutoff=0.5) or [i for i in known if sample in i][:3]
+        raise UnknownSample(
+            f"sample {sample!r} is not a committed sample of {path} ({len(known)} samples"
+            + (f", ids like {known[0]!r} .. {known[-1]!r}" if known else "") + ")"
+            + (f": did you mean {', '.join(repr(n) for n in near)}?" if near else
+               ": pass an id from the data file's 'id' field (`kdcache export` lists them all)"))
     dec = (lambda i: repr(tokenizer.decode([int(i)]))) if tokenizer is not None else (lambda i: str(int(i)))
     lines = [f"sample {rec.sample_id} (row {rec.row}): {rec.num_tokens} tokens, {len(rec.positions)} positions", "",
              f"{'pos':>5} {'kind':<9} {'next token':<16} top tokens (p)"]
