@@ -417,15 +417,33 @@ def run(
     recipe: Path = typer.Argument(..., help="A pipelines/*.yaml recipe."),
     workdir: Optional[Path] = typer.Option(None, help="Where runs and caches go (default: the recipe's)."),
     dry_run: bool = typer.Option(False, help="Print the stages and exit."),
+    set_: list[str] = typer.Option([], "--set", help="Override KEY=VALUE (repeatable; VALUE is YAML): "
+                                                     "defaults.max_steps=2, dump_defaults.top_k=16, or "
+                                                     "steps.NAME.KEY=VALUE for the step called NAME "
+                                                     "(steps.data.num_images=40); required recipes get them too."),
 ):
-    """Run a whole multi-stage recipe, skipping stages already done and dumping the caches it needs.
+    """Run a whole multi-stage recipe, skipping steps done with the same settings and inputs.
+
+    Every input is checked before the first step; a step's output made with other settings is
+    refused, naming what changed (stamps in WORKDIR/.steps/).
 
     Example: kdcache run pipelines/llava_kd.yaml
+
+    Example: kdcache run pipelines/llava_kd.yaml --set defaults.max_steps=20 --set steps.data.num_images=400
     """
+    from .config import ConfigError
     from .recipes import run_recipe
 
     try:
-        run_recipe(recipe, workdir=workdir, dry_run=dry_run)
+        overrides = {}
+        for item in set_:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set defaults.max_steps=2")
+            import yaml
+
+            overrides[key.strip()] = yaml.safe_load(value)
+        run_recipe(recipe, workdir=workdir, dry_run=dry_run, overrides=overrides)
     except _user_errors() as e:
         _fail(e)
 

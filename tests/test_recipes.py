@@ -19,7 +19,10 @@ from kdcache.recipes import is_done, load_recipe, plan, run_recipe
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 RECIPES = sorted(PIPELINES.glob("*.yaml"))
-SMALL = {"defaults.max_steps": 2, "defaults.batch_size": 4, "defaults.num_workers": 0}
+SMALL = {"defaults.max_steps": 2, "defaults.batch_size": 4, "defaults.num_workers": 0,
+         # the teacher's and assistant's make-data step, at the size of recipe_root's data/
+         "steps.data.num_images": 12, "steps.data.qa_per_image": 1, "steps.data.num_val": 2,
+         "steps.data.num_eval": 4, "steps.data.student_images": 8}
 # Teacher and assistant first: the others require them.
 ORDER = sorted(RECIPES, key=lambda p: (p.stem not in ("teacher_pt_sft", "assistant_pt_sft"), p.stem))
 
@@ -213,3 +216,46 @@ def test_recipe_with_vllm_fails_before_any_work_without_vllm(tmp_path, monkeypat
     assert len(lines) == 1 and lines[0].startswith("error: ") and "kdcache[vllm]" in lines[0], res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "teacher_pt_sft.yaml"]
     assert len(run_recipe(path, dry_run=True)) == 7  # a dry run only prints: it needs no vLLM
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight and stamps: every input checked before the first step; done means done with these settings
+
+
+def test_missing_inputs_are_reported_before_any_step_runs(tmp_path, monkeypatch):
+    r = _base()
+    r.pop("requires")  # nothing makes the teacher nor data/*_small.json now
+    path = _write(tmp_path, r)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        run_recipe(path)
+    msg = str(e.value)
+    assert "nothing was run" in msg
+    assert "steps[1] (dump teacher_captions) needs teacher runs/teacher/sft" in msg
+    assert "needs data data/captions_small.json" in msg and "needs tokenizer data/tokenizer" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # nothing made
+
+
+def test_data_made_with_other_settings_is_made_again_and_stale_outputs_are_refused(tmp_path, monkeypatch, capsys):
+    """The issue's path: `make-data --out data` (no *_small.json, other sizes) then a recipe. The
+    make-data step is not done (its settings differ): it runs. Then a rerun with another warm-up finds
+    the pt step's output made with other settings and refuses, naming the key, touching nothing."""
+    from kdcache.data.synthetic import make_synthetic
+
+    make_synthetic(tmp_path / "data", num_images=6, qa_per_image=1, num_val=1, num_eval=1, seed=0)
+    assert not (tmp_path / "data" / "captions_small.json").exists()
+    monkeypatch.chdir(tmp_path)
+    teacher = PIPELINES / "teacher_pt_sft.yaml"
+    steps = run_recipe(teacher, overrides=SMALL)
+    out = capsys.readouterr().out
+    assert "holds synthetic data made with other settings" in out and "settings.num_images" in out
+    assert (tmp_path / "data" / "captions_small.json").is_file()
+    assert len(json.loads((tmp_path / "data" / "captions.json").read_text())) == 12
+    assert all(is_done(s) for s in steps) and (tmp_path / "runs/teacher/.steps/pt.json").is_file()
+    before = (tmp_path / "runs/teacher/pt/DONE").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"steps\[2\] \(train pt\): runs/teacher/pt exists but was made with "
+                                          r"other settings or inputs: settings\.warmup_ratio.*Remove it"):
+        run_recipe(teacher, overrides={**SMALL, "defaults.warmup_ratio": 0.1})
+    assert (tmp_path / "runs/teacher/pt/DONE").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match=r"override\(s\) steps\.nope\.x: no step"):
+        run_recipe(teacher, overrides={**SMALL, "steps.nope.x": 1})

@@ -54,6 +54,7 @@ QUESTION_TYPES = ("colour", "shape", "count", "position", "yesno")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
 DEFAULT_SYSTEM = "You are a helpful assistant."
+MANIFEST = "synthetic.json"  # written last by make_synthetic: its arguments and the files it wrote
 
 # Qwen2.5-style ChatML: a default system turn when none is given; generation prompt on request.
 CHAT_TEMPLATE = (
@@ -308,7 +309,23 @@ def make_synthetic(
     corpus += [DEFAULT_SYSTEM, "system\n", "user\n", "assistant\n", QWEN2_BASE_SYSTEM + " USER: ASSISTANT: "]
     paths["tokenizer"] = root / "tokenizer"
     train_tokenizer(corpus, paths["tokenizer"], vocab_size=vocab_size)
+    # Written last: what the directory holds and how it was made (a recipe's make-data step is
+    # done only when this equals its settings and every file listed exists).
+    manifest = {"args": dict(num_images=num_images, qa_per_image=qa_per_image, num_val=num_val, num_eval=num_eval,
+                             seed=seed, image_size=image_size, max_objects=max_objects,
+                             num_text_only=num_text_only, student_images=student_images, vocab_size=vocab_size),
+                "files": {k: str(v.relative_to(root)) for k, v in paths.items() if k != "root"}}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return paths
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """``{args, files}`` of the synthetic data at ``out_dir`` (``make_synthetic``), or None."""
+    f = Path(out_dir) / MANIFEST
+    try:
+        return json.loads(f.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def make_split_subset(
