@@ -1,4 +1,10 @@
-"""The ``kdcache`` command line: each command parses its flags and calls one function."""
+"""The ``kdcache`` command line: each command parses its flags and calls one function.
+
+Errors end the output with one line, after every progress bar is closed: ``error: ...`` naming
+what is wrong (the sample, the key) and the fix, exit code 2, for the user's errors
+(``_user_errors``); for anything else the traceback, then one ``error:`` line with the
+exception's last line and what Python noted on the way (the sample being written), exit code 1.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,17 @@ from .config import DumpConfig as _DUMP, TrainConfig as _TRAIN  # defaults of fl
 # 10-20x slower; passive waiting costs nothing measurable. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """``typer.Typer`` whose unexpected errors still end with one ``error:`` line (``_crash``)."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as e:  # SystemExit (typer.Exit, _fail) and KeyboardInterrupt pass through
+            _crash(e)
+
+
+app = _App(
     name="kdcache",
     help=(
         "Offline LLaVA-KD: dump a multimodal teacher's sparse targets to a Zarr cache once "
@@ -65,9 +81,37 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             CacheLocked, CacheMismatchError, DataError, SampleError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+def _close_bars() -> None:
+    """Close every open tqdm bar (ours, transformers', accelerate's): the error printed next is
+    then the last line, not followed by a bar tqdm redraws when the interpreter exits."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm.std import tqdm
+
+    for bar in list(tqdm._instances):  # every subclass's bars (tqdm.auto's too) live in one set
+        bar.close()
+
+
 def _fail(e: Exception) -> None:
+    _close_bars()
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _crash(e: Exception) -> None:
+    """An error that is not the user's: the traceback (for a bug report), then one line."""
+    import traceback
+
+    _close_bars()
+    traceback.print_exception(e)
+    # the last line of the message: a DataLoader worker's error arrives as a RuntimeError whose
+    # message ends with the original exception's line (e.g. a SampleError naming the sample)
+    last = next((ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), "")
+    notes = "".join(f" ({n})" for n in getattr(e, "__notes__", []))
+    typer.secho(f"error: {type(e).__name__}: {last}{notes}. Unexpected: the traceback above shows where (report it "
+                "if it is a kdcache bug); work committed so far is kept, rerun the same command to resume",
+                fg=typer.colors.RED, err=True)
+    sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -329,10 +329,15 @@ class BackgroundWriter:
 
     def _write(self, ops) -> None:
         for op in ops:
-            if isinstance(op, tuple):
-                self.writer.skip(*op)
-            else:
-                self.writer.add(op)
+            try:
+                if isinstance(op, tuple):
+                    self.writer.skip(*op)
+                else:
+                    self.writer.add(op)
+            except Exception as e:  # name the sample in the error the CLI prints last
+                row, sid = op[:2] if isinstance(op, tuple) else (op.row, op.sample_id)
+                e.add_note(f"while writing sample {sid!r}, row {row}")
+                raise
         if time.perf_counter() - self.last_commit >= self.interval:
             self.writer.flush()
             self.last_commit = time.perf_counter()
@@ -694,10 +699,13 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
         bar.update(len(order) - cursor)
     except BaseException:
         bg.join(reraise=False)  # the loop's own error wins; what the thread committed stays
+        bar.close()  # before the error is printed, so that the error is the last line
         raise
-    bg.join()  # re-raises the writer thread's error (e.g. a full disk)
+    try:
+        bg.join()  # re-raises the writer thread's error (e.g. a full disk)
+    finally:
+        bar.close()
     writer.close(finished=True)
-    bar.close()
     stats.seconds = time.perf_counter() - t0
     stats.bytes_written = max(0, sum(dir_bytes(d) for d in mine_dirs) - bytes0)
     return stats

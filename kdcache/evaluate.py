@@ -360,18 +360,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         skipped.report()
 
     predictions: list[str] = []
-    bar = tqdm(total=len(items), desc="eval", unit="sample", dynamic_ncols=True)
-    for s0 in range(0, len(items), cfg.batch_size):
-        chunk = items[s0:s0 + cfg.batch_size]
-        pix = _pixels([it.sample for it in chunk], processor.image_processor, cfg.images)
-        predictions += generate_answers(model, tok, [it.prompt.input_ids for it in chunk], pix,
-                                        max_new_tokens=cfg.max_new_tokens, cut_newline=cfg.template == "pretrain")
-        if agree is not None:
-            _agreement_batch(agree, model, chunk, pix, pad, reader=reader, teacher=teacher,
-                             teacher_inputs=None if teacher is None else (t_proc, t_image_id, t_n_img),
-                             cfg=cfg)
-        bar.update(len(chunk))
-    bar.close()
+    # closed on an error too, before it is printed (the error is the last line)
+    with tqdm(total=len(items), desc="eval", unit="sample", dynamic_ncols=True) as bar:
+        for s0 in range(0, len(items), cfg.batch_size):
+            chunk = items[s0:s0 + cfg.batch_size]
+            pix = _pixels([it.sample for it in chunk], processor.image_processor, cfg.images)
+            predictions += generate_answers(model, tok, [it.prompt.input_ids for it in chunk], pix,
+                                            max_new_tokens=cfg.max_new_tokens, cut_newline=cfg.template == "pretrain")
+            if agree is not None:
+                _agreement_batch(agree, model, chunk, pix, pad, reader=reader, teacher=teacher,
+                                 teacher_inputs=None if teacher is None else (t_proc, t_image_id, t_n_img),
+                                 cfg=cfg)
+            bar.update(len(chunk))
 
     sc = score(predictions, [it.reference for it in items], [it.qtype for it in items])
     report = {

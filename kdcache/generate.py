@@ -297,7 +297,7 @@ def generate_dataset(teacher: str, data: str, images: str, out: str, *, max_new_
         image_id, n_img = image_token_id(config), num_image_tokens(config, processor)
         bar = tqdm(total=len(samples), initial=len(samples) - sum(len(c) for _, c in todo), desc="generate",
                    unit="sample", dynamic_ncols=True, file=sys.stderr)
-        with open(side, "a", encoding="utf-8") as f:
+        with bar, open(side, "a", encoding="utf-8") as f:  # the bar closes on an error too, before it prints
             for ci, chunk in todo:
                 lines = _generate_chunk(gen, chunk, tok, st=st, image_id=image_id, n_img=n_img, chunk_index=ci,
                                         images_root=images)
@@ -308,7 +308,6 @@ def generate_dataset(teacher: str, data: str, images: str, out: str, *, max_new_
                     done[rec["row"]] = rec
                 generated += len(chunk)
                 bar.update(len(chunk))
-        bar.close()
 
     objs, skipped, empty = [], {}, 0
     for s in samples:

@@ -57,3 +57,88 @@ def test_bad_model_name_is_a_clean_error(tmp_path):
              cwd=tmp_path)
     assert r.returncode == 2
     assert "init-model" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors end the output: one line after every progress bar (issue 15)
+
+
+def _last_line(text: str) -> str:
+    """The last line a terminal shows: tqdm redraws a bar with carriage returns on one line."""
+    return text.rstrip("\n").splitlines()[-1].split("\r")[-1]
+
+
+@pytest.fixture(scope="module")
+def small_rows(tmp_path_factory, synth_data):
+    """Four instruct_small rows and a text-only ShareGPT row (row 2)."""
+    import json
+
+    rows = json.loads(open(synth_data["instruct_small"]).read())[:4]
+    rows.insert(2, {"id": "text-1", "model": "", "conversations": [{"from": "human", "value": "What is 2 plus 3?"},
+                                                                   {"from": "gpt", "value": "5"}]})
+    path = tmp_path_factory.mktemp("cli_rows") / "rows.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_error_in_the_training_loop_is_the_last_line_after_the_bar(tmp_path, synth_data, tiny_teacher, tiny_student,
+                                                                  small_rows, cli_env):
+    """A cache with a NaN in one sample stops `kdcache train` at that step: the bar, closed, then the
+    error naming the sample and the fix (the bar used to be redrawn after it, at exit)."""
+    import json
+
+    from kdcache.cache.reader import CacheReader
+    from kdcache.cache.writer import CacheWriter
+    from kdcache.config import DumpConfig
+    from kdcache.dump import dump
+
+    good = dump(DumpConfig(teacher=str(tiny_teacher), data=str(small_rows), images=str(synth_data["images_root"]),
+                           out=str(tmp_path / "good.zarr"), num_workers=0))
+    reader = CacheReader(good)
+    recs = reader.read_range(0, 0, reader.num_samples)
+    for r in recs:  # every sample damaged: the first step meets one, whatever the order
+        r.tail_logmass = r.tail_logmass.clone()
+        r.tail_logmass[0] = float("nan")
+    w = CacheWriter(tmp_path / "nan.zarr", json.loads(json.dumps(reader.attrs)), rank=0, world_size=1)
+    w.write_gram(reader.gram())
+    for r in recs:
+        w.add(r)
+    w.close(finished=True)
+    r = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", "--stage", "dft", "--student", str(tiny_student),
+                        "--data", str(small_rows), "--images", str(synth_data["images_root"]),
+                        "--cache", str(tmp_path / "nan.zarr"), "--out", str(tmp_path / "run"), "--batch-size", "1",
+                        "--max-steps", "2", "--num-workers", "0"],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "train dft" in r.stderr  # the bar was drawn ...
+    last = _last_line(r.stderr)
+    assert last.startswith("error: cache ") and "have non-finite tail_logmass" in last, last  # ... and closed before
+    assert any(f"['{x.sample_id}']" in last for x in recs) and last.endswith("and re-dump the cache"), last
+    assert "Traceback" not in r.stderr
+
+
+def test_unexpected_error_ends_with_one_line_naming_the_sample(tmp_path, synth_data, tiny_teacher, small_rows, cli_env):
+    """Any other exception: the traceback, then one error line with the sample being written and the
+    way on. The fault is the one issue 15 found, put back: a checksum that refuses a text-only
+    sample's zero-length visual rows."""
+    harness = (
+        "import sys, numpy as np\n"
+        "import kdcache.cache.writer as w\n"
+        "real = w.sample_checksum\n"
+        "def old(row, sid, arrays):\n"
+        "    for a in arrays:\n"
+        "        memoryview(np.ascontiguousarray(a)).cast('B')\n"
+        "    return real(row, sid, arrays)\n"
+        "w.sample_checksum = old\n"
+        "from kdcache.cli import app\n"
+        "sys.argv = ['kdcache'] + sys.argv[1:]\n"
+        "app()\n")
+    r = subprocess.run([sys.executable, "-c", harness, "dump", "--teacher", str(tiny_teacher), "--data", str(small_rows),
+                        "--images", str(synth_data["images_root"]), "--out", str(tmp_path / "c.zarr"),
+                        "--num-workers", "0", "--batch-size", "2"],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" in r.stderr and "dump rank 0" in r.stderr
+    last = _last_line(r.stderr)
+    assert last.startswith("error: TypeError: memoryview: cannot cast view with zeros"), last
+    assert "(while writing sample 'text-1', row 2)" in last and last.endswith("rerun the same command to resume"), last
