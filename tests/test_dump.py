@@ -208,6 +208,59 @@ def test_other_settings_into_existing_cache_is_refused(tiny_teacher, synth_data,
     assert _snapshot(ref_cache) == before
 
 
+def test_resume_compares_content_not_path_spelling(tiny_teacher, synth_data, ref_cache, tmp_path, monkeypatch):
+    """Issue 15: a dump started as ``--data ./data/x.json --teacher ./teacher`` on the dump box and
+    resumed after the data and teacher moved (another machine: ``data/x.json``, ``models/teacher``)
+    finishes the same cache as an uninterrupted run; a different content at the new place is
+    refused naming the key, the cache untouched."""
+    from kdcache.cache.writer import CacheWriter
+    from kdcache.models import init_model, read_meta, write_meta
+
+    box, train_box = tmp_path / "dump_box", tmp_path / "train_box"
+    (box / "data").mkdir(parents=True)
+    shutil.copy(synth_data["instruct_small"], box / "data" / "x.json")
+    shutil.copytree(tiny_teacher, box / "teacher")
+    out = tmp_path / "c.zarr"
+    real_flush, flushes = CacheWriter.flush, []
+
+    def crash_after_two_commits(self):
+        real_flush(self)
+        flushes.append(1)
+        if len(flushes) == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.chdir(box)
+    monkeypatch.setattr(CacheWriter, "flush", crash_after_two_commits)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dump(_cfg("./teacher", "./data/x.json", synth_data["images_root"], out, commit_every_s=0))
+    monkeypatch.undo()
+    done = _committed(out / "parts" / "0")
+    assert 0 < done < 20
+
+    (train_box / "models").mkdir(parents=True)
+    shutil.move(box / "data", train_box / "data")
+    shutil.move(box / "teacher", train_box / "models" / "teacher")
+    monkeypatch.chdir(train_box)
+    dump(_cfg("models/teacher", "data/x.json", synth_data["images_root"], out))
+    _assert_same_records(CacheReader(out), CacheReader(ref_cache), exact=True)
+    attrs = CacheReader(out).attrs
+    assert attrs["dataset"]["path"] == "./data/x.json" and attrs["teacher"]["name_or_path"] == "./teacher"
+
+    before = _snapshot(out)
+    rows = json.loads((train_box / "data" / "x.json").read_text())
+    rows[3]["conversations"][1]["value"] += " indeed"
+    (train_box / "data" / "x.json").write_text(json.dumps(rows))
+    with pytest.raises(CacheMismatch, match=r"dataset\.sha256: cache has '[0-9a-f]{64}', this run asks"):
+        dump(_cfg("models/teacher", "data/x.json", synth_data["images_root"], out))
+    shutil.copy(synth_data["instruct_small"], train_box / "data" / "x.json")  # the content back
+    other = init_model(train_box / "models" / "other", preset="tiny-teacher", tokenizer=str(synth_data["tokenizer"]),
+                       seed=5)  # same config, other weights
+    write_meta(other, {**read_meta(other), "projector_trained": True, "stages": ["pt", "sft"]})
+    with pytest.raises(CacheMismatch, match=r"teacher\.weights_hash: cache has"):
+        dump(_cfg("models/other", "data/x.json", synth_data["images_root"], out))
+    assert _snapshot(out) == before
+
+
 def test_untrained_projector_is_refused_with_the_fix(tiny_student, synth_data, tmp_path):
     # tiny_student is a fresh `init-model` directory: its meta says no stage trained the projector
     with pytest.raises(DumpError, match=r"kdcache train --stage pt --student"):

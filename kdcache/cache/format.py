@@ -34,6 +34,12 @@ SCHEMA_RESOURCE = "schemas/cache_attrs.schema.json"
 # Root attribute keys that may change between runs of one cache without changing its meaning.
 # ``codecs`` is informational: on resume the existing arrays keep their own codecs.
 VOLATILE_KEYS = frozenset({"kdcache_version", "codecs"})
+# Attributes that say where an input was found, not what it is. Compatibility is decided by the
+# content keys beside them (dataset sha256 and num_rows; the teacher's config and weights hashes;
+# the tokenizer's vocabulary and template hashes): ``./data/x.json`` and ``data/x.json``, or a
+# dataset or teacher directory moved from the dump box to a training machine, are the same cache.
+# The cache keeps the spelling of the run that created it.
+LOCATION_KEYS = frozenset({"dataset.path", "teacher.name_or_path", "tokenizer.name_or_path"})
 
 # ---- per-sample status codes (index/status) --------------------------------------------------
 STATUS_OK = 0
@@ -428,7 +434,7 @@ def make_attrs(
 
 def attr_differences(existing: Any, new: Any, prefix: str = "") -> list[str]:
     """Human-readable differences ``"settings.top_k: cache has 64, this run asks 32"``, skipping
-    VOLATILE_KEYS at the top level."""
+    VOLATILE_KEYS at the top level and the LOCATION_KEYS (paths: content keys decide)."""
     missing = "<missing>"
     if isinstance(existing, dict) and isinstance(new, dict):
         diffs = []
@@ -436,6 +442,8 @@ def attr_differences(existing: Any, new: Any, prefix: str = "") -> list[str]:
             if not prefix and key in VOLATILE_KEYS:
                 continue
             path = f"{prefix}.{key}" if prefix else key
+            if path in LOCATION_KEYS:
+                continue
             if key not in existing or key not in new:
                 a = existing.get(key, missing)
                 b = new.get(key, missing)

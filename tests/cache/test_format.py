@@ -88,6 +88,22 @@ def test_check_compatible_names_the_key_and_ignores_version():
     assert "teacher.vocab_size: cache has 97, this run asks 5" in msg
 
 
+def test_check_compatible_compares_content_not_paths():
+    """Issue 15: the paths of the data, teacher and tokenizer are where they were found; the
+    hashes next to them decide."""
+    a = make_attrs_for(k=64)
+    b = json.loads(json.dumps(a))
+    b["dataset"]["path"] = "./" + a["dataset"]["path"]
+    b["teacher"]["name_or_path"] = b["tokenizer"]["name_or_path"] = "/mnt/train-box/models/teacher"
+    check_compatible(a, b)
+    b["dataset"]["sha256"] = "1" * 64
+    b["tokenizer"]["vocab_hash"] = "other"
+    with pytest.raises(CacheMismatch) as e:
+        check_compatible(a, b)
+    assert "dataset.sha256: cache has" in str(e.value) and "tokenizer.vocab_hash" in str(e.value)
+    assert "dataset.path" not in str(e.value) and "name_or_path" not in str(e.value)
+
+
 def test_layout_rows_are_whole_chunks_per_shard():
     lay = Layout(chunk_bytes=1 << 20, shard_bytes=24 << 20)
     chunk, shard = lay.rows(64 * 2)  # fp16 [k=64] rows
