@@ -75,10 +75,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.llava import DataError, SampleError
     from .dump import DumpError
     from .models import ModelLoadError
-    from .train import CacheMismatchError
+    from .train import CacheMismatchError, RunMismatchError
 
     return (BackendUnavailable, CacheLocationError, ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError,
-            CacheLocked, CacheMismatchError, DataError, SampleError, FileNotFoundError, NotADirectoryError, PermissionError)
+            CacheLocked, CacheMismatchError, RunMismatchError, DataError, SampleError, FileNotFoundError,
+            NotADirectoryError, PermissionError)
 
 
 def _close_bars() -> None:

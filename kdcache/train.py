@@ -58,6 +58,10 @@ class CacheMismatchError(RuntimeError):
     """The cache was made for another tokenizer, template, vocabulary or data."""
 
 
+class RunMismatchError(RuntimeError):
+    """A rerun into an output directory is another command than the run it would resume."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: the (optional) cache drives the order; every sample is re-tokenised and checked.
 
@@ -907,18 +911,41 @@ def _cosine(optimizer, total: int, warmup_ratio: float, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
+# TrainConfig keys that name files or directories: a rerun may spell them otherwise
+# (./data/x.json for data/x.json, an absolute path); the data file may also have moved, same bytes.
+PATH_KEYS = ("student", "data", "images", "out", "cache", "teacher")
+
+
+def _same_place(key: str, a, b) -> bool:
+    """Do two values of a PATH_KEYS key name the same input? Resolved paths, or for ``data`` the
+    same bytes (sha256); URLs (``s3://...``) and hub ids compare as written."""
+    if a == b or a is None or b is None:
+        return a == b
+    if "://" in a or "://" in b:
+        return False
+    from .dump import file_hash
+
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    return key == "data" and pa.is_file() and pb.is_file() and file_hash(pa) == file_hash(pb)
+
+
 def _check_same_run(out: Path, cfg: TrainConfig) -> None:
-    """A rerun into ``out`` must be the same command (resume), not another run."""
+    """A rerun into ``out`` must be the same command (resume), not another run; paths compare by
+    what they name (``_same_place``), not by their spelling."""
     f = out / "train_config.json"
     if not f.is_file():
         return
     saved, now = json.loads(f.read_text()), json.loads(json.dumps(to_dict(cfg)))
     if saved.get("lr") is None:  # written before the resolved rate was recorded: the stage's default
         saved["lr"] = STAGE_LR[saved["stage"]]
-    if saved != now:
-        diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-        raise RuntimeError(f"{f} was written with other settings ({', '.join(diff)}): resume needs "
-                           "the same command; use a new --out for a new run")
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+            and not (k in PATH_KEYS and _same_place(k, saved.get(k), now.get(k)))]
+    if diff:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in diff)
+        raise RunMismatchError(f"{out} holds a run made with other settings ({shown}): a rerun resumes only the "
+                               "same command; pass those settings, or use a new --out for a new run")
 
 
 def _resume(ckpt: Path, cfg: TrainConfig, model, optimizer, scheduler, acc):

@@ -21,7 +21,7 @@ import pytest
 from kdcache.cache.arrow import export_parquet
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.verify import verify_cache
-from kdcache.config import DumpConfig, EvalConfig, TrainConfig
+from kdcache.config import DumpConfig, EvalConfig, TrainConfig, from_dict
 from kdcache.data.llava import parse_llava
 from kdcache.data.templates import tokenize_sample
 from kdcache.dump import dump
@@ -203,3 +203,26 @@ def test_training_a_truncated_cache_needs_the_same_cut(world, tiny_student, tmp_
         train(TrainConfig(**base, max_length=MAX_LENGTH))  # on_too_long skip
     with pytest.raises(CacheMismatchError, match=rf"--on-too-long truncate --max-length {MAX_LENGTH}$"):
         train(TrainConfig(**base, max_length=MAX_LENGTH + 1, on_too_long="truncate"))
+
+
+def test_rerun_of_a_finished_run_compares_paths_by_what_they_name(world, tiny_student, tmp_path, monkeypatch):
+    """Issue 15, section 3, for train: the run's data spelled ./rows.json from its folder, or a
+    copy with the same bytes elsewhere, is the same run (nothing to do); another setting is
+    refused naming it."""
+    from kdcache.train import RunMismatchError
+
+    moved = tmp_path / "elsewhere" / "rows.json"
+    moved.parent.mkdir()
+    shutil.copy(world["data"], moved)
+    saved = json.loads((world["run"] / "train_config.json").read_text())
+    before = (world["run"] / "metrics.jsonl").read_text()
+    monkeypatch.chdir(world["root"])
+    for data in ("./rows.json", str(moved)):
+        again = from_dict(TrainConfig, {**saved, "data": data, "out": "./dft"})
+        assert train(again) == Path("./dft")
+    assert (world["run"] / "metrics.jsonl").read_text() == before
+    with pytest.raises(RunMismatchError, match=r"lr: 2e-05 then, 0\.001 now.*use a new --out"):
+        train(from_dict(TrainConfig, {**saved, "data": "./rows.json", "lr": 1e-3}))
+    moved.write_text(moved.read_text().replace('"5"', '"6"'))  # other content under the moved name
+    with pytest.raises(RunMismatchError, match=r"data: '.*rows\.json' then, '.*elsewhere/rows\.json' now"):
+        train(from_dict(TrainConfig, {**saved, "data": str(moved)}))
