@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .config import VLLM_GPU_MEMORY_ALONE as _VLLM_ALONE
 from .config import VllmConfig as _VLLM  # the vLLM flags' defaults (a stdlib-only module)
 from .config import DumpConfig as _DUMP, TrainConfig as _TRAIN  # defaults of flags (dist_timeout_s)
 
@@ -38,12 +39,13 @@ app = _App(
     help=(
         "Offline LLaVA-KD: dump a multimodal teacher's sparse targets to a Zarr cache once "
         "(big GPU box), then distil students from the cache (small GPUs) without the teacher.\n\n"
-        "Typical flow:\n\n"
-        "  kdcache make-data --out data\n\n"
+        "Typical flow (the README's \"The commands\" has every step):\n\n"
+        "  kdcache make-data --out data --num-images 4000 --student-images 1000\n\n"
         "  kdcache init-model --preset tiny-teacher --tokenizer data/tokenizer --out models/teacher\n\n"
-        "  kdcache dump --teacher runs/teacher-sft --data data/instruct.json --images data --out caches/t.zarr\n\n"
-        "  kdcache train --stage dft --student runs/student-sft --data data/instruct.json --images data "
-        "--cache caches/t.zarr --out runs/student-dft\n\n"
+        "  kdcache dump --teacher runs/t-sft --data data/instruct_small.json --images data/images --out caches/t.zarr "
+        "--top-k 64\n\n"
+        "  kdcache train --stage dft --student runs/s-sft --data data/instruct_small.json --images data/images "
+        "--cache caches/t.zarr --out runs/s-dft --batch-size 32 --epochs 6 --lr 1e-3\n\n"
         "  kdcache run pipelines/llava_kd.yaml      (a whole recipe)\n\n"
         "  kdcache demo --quick                     (everything, end to end, on CPU)"
     ),
@@ -131,7 +133,7 @@ def make_data(
 ):
     """Write the synthetic shapes dataset (LLaVA format) and its BPE tokenizer.
 
-    Example: kdcache make-data --out data --num-images 2000
+    Example: kdcache make-data --out data --num-images 4000 --student-images 1000
     """
     from .data.synthetic import make_synthetic
 
@@ -179,7 +181,7 @@ def forward(
 ):
     """Run one forward pass on the first batch and print shapes and the loss (a smoke test).
 
-    Example: kdcache forward --model models/teacher --data data/instruct.json --images data
+    Example: kdcache forward --model runs/t-sft --data data/instruct.json --images data/images
     """
     from .evaluate import forward_smoke
 
@@ -198,6 +200,12 @@ _VLLM_MEM = typer.Option(_VLLM.gpu_memory_utilization,
                          help="--backend vllm: vLLM's share of GPU memory; default 0.6 when a dump's hidden states "
                               "are computed (the HF teacher shares the GPU), else 0.9.")
 _VLLM_LEN = typer.Option(_VLLM.max_model_len, help="--backend vllm: context length (default: the model's).")
+# generate's own texts for the engine flags it shares with dump (no prompt log-probs, no HF copy)
+_GEN_VLLM_TOKENS = typer.Option(_VLLM.max_num_batched_tokens, help="--backend vllm: tokens per engine step.")
+_GEN_VLLM_DTYPE = typer.Option(_VLLM.dtype, help="--backend vllm: bfloat16 | float16 | float32.")
+_GEN_VLLM_MEM = typer.Option(_VLLM.gpu_memory_utilization,
+                             help=f"--backend vllm: vLLM's share of GPU memory (default {_VLLM_ALONE}: it has "
+                                  "the GPU alone).")
 
 
 @app.command()
@@ -268,9 +276,10 @@ def dump(
     the GPU; --hidden none skips the HF forward (no L_rel targets). The cache's settings record
     backend: vllm. Not yet run against a real vLLM engine on this project's machines.
 
-    Example: kdcache dump --teacher runs/teacher --data data/instruct.json --images data --out caches/t.zarr
+    Example: kdcache dump --teacher runs/t-sft --data data/instruct_small.json --images data/images
+             --out caches/t.zarr --top-k 64
 
-    Example: kdcache dump --backend vllm --teacher runs/teacher --data data/instruct.json --images data
+    Example: kdcache dump --backend vllm --teacher runs/t-sft --data data/instruct.json --images data/images
              --out caches/t-vllm.zarr --batch-size 256 --hidden none
     """
     from .backends import BackendUnavailable
@@ -313,16 +322,16 @@ def generate(
     batch_size: int = typer.Option(8, help="Samples generated together."),
     max_length: int = typer.Option(2048, help="Longest prompt + answer in tokens (longer samples are left out)."),
     vllm_tensor_parallel_size: int = _VLLM_TP,
-    vllm_max_num_batched_tokens: int = _VLLM_TOKENS,
-    vllm_dtype: str = _VLLM_DTYPE,
-    vllm_gpu_memory_utilization: Optional[float] = _VLLM_MEM,
+    vllm_max_num_batched_tokens: int = _GEN_VLLM_TOKENS,
+    vllm_dtype: str = _GEN_VLLM_DTYPE,
+    vllm_gpu_memory_utilization: Optional[float] = _GEN_VLLM_MEM,
     vllm_max_model_len: Optional[int] = _VLLM_LEN,
 ):
     """Rewrite the assistant turns with the teacher's own answers, turn by turn (each turn sees the
     teacher's earlier answers). Ids, images and extra keys are kept. Resumable.
 
-    Example: kdcache generate --teacher runs/teacher-sft --data data/instruct.json --images data
-             --out data/instruct_teacher.json --max-new-tokens 64
+    Example: kdcache generate --teacher runs/t-sft --data data/instruct_small.json --images data/images
+             --out data/instruct_teacher.json --max-new-tokens 16
     """
     from .backends import BackendUnavailable
     from .generate import GenerateError, generate_dataset
@@ -416,7 +425,8 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides epochs)."),
     batch_size: Optional[int] = typer.Option(None, help="Per-device batch size (default 8)."),
     grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default 1)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-3 pt/dpt, 2e-5 sft/dft)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the paper's for 0.5B-3B LLMs, 1e-3 pt/dpt, "
+                                                  "2e-5 sft/dft; the tiny presets want ~2e-3 sft, 1e-3 dft)."),
     seed: Optional[int] = typer.Option(None, help="Seed (data order, init)."),
     template: Optional[str] = typer.Option(None, help="chat | qwen2_base | pretrain"),
     max_length: Optional[int] = typer.Option(None, help=f"Longest sample in tokens, image expanded (default "
@@ -433,8 +443,8 @@ def train(
 ):
     """Train one stage. Loss: L_reg + a L_res + b L_vis + g L_rel (weights in --config's loss: block).
 
-    Example: kdcache train --stage dft --student runs/s-sft --data data/instruct.json --images data
-             --cache caches/t.zarr --out runs/s-dft
+    Example: kdcache train --stage dft --student runs/s-sft --data data/instruct_small.json --images data/images
+             --cache caches/t.zarr --out runs/s-dft --batch-size 32 --epochs 6 --lr 1e-3
     """
     from .config import TrainConfig, from_dict
     from .train import train as _train
@@ -474,7 +484,7 @@ def run(
 
     Example: kdcache run pipelines/llava_kd.yaml
 
-    Example: kdcache run pipelines/llava_kd.yaml --set defaults.max_steps=20 --set steps.data.num_images=400
+    Example: kdcache run pipelines/llava_kd.yaml --workdir runs/llava_kd_short --set defaults.max_steps=20
     """
     from .config import ConfigError
     from .recipes import run_recipe
@@ -510,7 +520,7 @@ def eval_(
 ):
     """Answer each question by greedy generation and score it per question type.
 
-    Example: kdcache eval --model runs/s-dft --data data/eval.json --images data --out eval.json
+    Example: kdcache eval --model runs/s-dft --data data/eval.json --images data/images --out eval.json
     """
     from .config import EvalConfig
     from .evaluate import evaluate, format_report
@@ -528,7 +538,7 @@ def eval_(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="Artefacts directory."),
-    quick: bool = typer.Option(False, help="Smoke-test sizes (under 3 minutes)."),
+    quick: bool = typer.Option(False, help="Smoke-test sizes (~2-3 min on a 2-core CPU)."),
     seeds: Optional[int] = typer.Option(None, help="Student seeds (default 3; --quick 1)."),
 ):
     """Distil a tiny teacher into a tiny student on the synthetic task, against two baselines.

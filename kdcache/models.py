@@ -19,8 +19,10 @@ Command: ``kdcache init-model --preset tiny-teacher --tokenizer data/tokenizer -
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import logging
 import json
 import os
 import socket
@@ -77,6 +79,48 @@ TINY_LLM: dict[str, dict] = {
                          num_attention_heads=4, num_key_value_heads=2),
 }
 PRESETS = tuple(TINY_LLM) + tuple(f"random:{a}" for a in QWEN_SHAPES)
+
+
+# Below this size a model loads or saves in well under a second: transformers' per-tensor
+# progress bars ("Loading weights", "Writing model shards") would be noise around kdcache's own.
+QUIET_BARS_BELOW_BYTES = 256 * 2**20
+
+
+@contextlib.contextmanager
+def hf_bars_unless_large(nbytes: int):
+    """transformers' progress bars off while a model of ``nbytes`` below ``QUIET_BARS_BELOW_BYTES``
+    loads or saves (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    if nbytes >= QUIET_BARS_BELOW_BYTES or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+class _OnePilNote(logging.Filter):
+    """Without torchvision transformers falls back to the PIL image processor (what kdcache
+    expects here: no torchvision matches the CPU torch) and says so on every process's first
+    load; kdcache says it once, in the README, so the warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_OnePilNote())
+
+
+def _weights_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's parameters (what ``save_pretrained`` writes, about)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 class ModelLoadError(RuntimeError):
@@ -179,7 +223,8 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
     path = model_dir(name, flag)
     try:
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        with hf_bars_unless_large(_weights_bytes(path)):
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
         processor = AutoProcessor.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load a LLaVA model from {path}: {e}") from e
@@ -355,7 +400,8 @@ def init_model(out: str | Path, *, preset: str | None = None, llm: str | None = 
     model.config.pad_token_id = tok.pad_token_id if tok is not None else None
     model.generation_config.pad_token_id = model.config.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with hf_bars_unless_large(model_bytes(model)):
+        model.save_pretrained(out, safe_serialization=True)
     if tok is not None:
         vc = model.config.vision_config
         _processor_for(tok, vc.image_size, vc.patch_size, "full").save_pretrained(out)

@@ -30,9 +30,32 @@ def _save(plt, fig, out: str | Path) -> Path:
     return out
 
 
+def loss_lines(metrics: list[dict]) -> list[tuple[str, list[int], list[float], bool]]:
+    """(label, steps, values, is_total) per loss term of one run's metrics.jsonl rows. ``total``
+    comes first (drawn under the terms); where it equals ``reg`` at every step (a stage that does
+    not distil) there is one line, ``reg = total``, instead of two on top of each other."""
+    terms = sorted({k for r in metrics for k in r if k.startswith("loss/")} - {"loss/total"})
+    # equal up to float rounding (total is formed from the terms on the device): one line
+    same = all("loss/reg" in r and abs(r["loss/total"] - r["loss/reg"]) <= 1e-6 * max(1.0, abs(r["loss/reg"]))
+               for r in metrics if "loss/total" in r)
+    lines = []
+    if not same:
+        pts = [(r["step"], r["loss/total"]) for r in metrics if "loss/total" in r]
+        lines.append(("total", [p[0] for p in pts], [p[1] for p in pts], True))
+    for t in terms:
+        pts = [(r["step"], r[t]) for r in metrics if t in r]
+        lines.append(("reg = total" if same and t == "loss/reg" else t[5:], [p[0] for p in pts],
+                      [p[1] for p in pts], False))
+    return lines
+
+
 def plot_losses(runs: dict[str, str | Path], out: str | Path, title: str = "loss terms per stage") -> Path:
-    """One panel per run (stage), one line per loss term over optimizer steps."""
+    """One panel per run (stage), one line per loss term over optimizer steps (integer ticks).
+    ``total`` is a thick grey line under the terms; where it equals ``reg`` (stages that do not
+    distil) one line says ``reg = total``."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     runs = {k: v for k, v in runs.items() if read_metrics(v)}
     n = max(1, len(runs))
     cols = min(3, n)
@@ -40,12 +63,14 @@ def plot_losses(runs: dict[str, str | Path], out: str | Path, title: str = "loss
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (name, d) in zip(axes.flat, runs.items()):
         m = read_metrics(d)
-        terms = sorted({k for r in m for k in r if k.startswith("loss/")})
-        for t in terms:
-            pts = [(r["step"], r[t]) for r in m if t in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=t[5:], lw=1.2)
+        for label, xs, ys, total in loss_lines(m):
+            if total:
+                ax.plot(xs, ys, label=label, lw=3.0, color="0.6", zorder=1)
+            else:
+                ax.plot(xs, ys, label=label, lw=1.2, zorder=2, marker="." if len(xs) < 12 else None)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

@@ -507,12 +507,13 @@ def _drop_checkpoint(ckpt: Path) -> None:
 
 def save_model(model, processor, out: Path, meta: dict) -> None:
     """``save_pretrained`` (safetensors) + processor + kdcache meta, written atomically."""
-    from .models import write_meta
+    from .models import hf_bars_unless_large, model_bytes, write_meta
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with hf_bars_unless_large(model_bytes(model)):
+        model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     write_meta(tmp, meta)
     if out.exists():
@@ -770,7 +771,7 @@ def train(cfg: TrainConfig) -> Path:
         if samples_f:
             samples_f.write(json.dumps({"step": step, "epoch": epoch, "ids": step_ids}) + "\n")
             samples_f.flush()
-        if step % cfg.log_every == 0 or step == total_steps or skipped_step:
+        if step % cfg.log_every == 0 or step in (1, total_steps) or skipped_step:  # step 1: curves start at the start
             dt = time.perf_counter() - t_last
             if acc.num_processes > 1:  # the logged losses are the mean over ranks
                 keys = sorted(sums)
