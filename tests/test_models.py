@@ -125,3 +125,17 @@ def test_fingerprints_are_stable_and_sensitive(tok_dir, tmp_path):
     assert models.config_hash(ma.config) == models.config_hash(models.load_model(str(a))[0].config)
     assert models.config_hash(ma.config) != models.config_hash(mb.config)
     assert len(models.tokenizer_hash(pa.tokenizer)) == 16
+
+
+def test_small_models_load_and_save_without_transformers_bars_or_the_pil_warning(tok_dir, tmp_path, capfd):
+    """An 8 MB model loads in milliseconds: no per-tensor bars, no torchvision-fallback warning;
+    the bars setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    out = models.init_model(tmp_path / "s", preset="tiny-student", tokenizer=tok_dir, seed=0)
+    models.load_model(str(out))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert "requires torchvision" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
+    assert models.model_bytes(models.load_model(str(out))[0]) < models.QUIET_BARS_BELOW_BYTES
