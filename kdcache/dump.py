@@ -691,10 +691,11 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
                 stats.tokens += r.num_tokens
                 stats.positions += len(r.positions)
             bg.submit(ops)
+            if stats.tokens:  # no rate before a record came (a length-sorted window arrives out of order)
+                dt = time.perf_counter() - t0
+                bar.set_postfix({"tok/s": f"{stats.tokens / dt:.0f}", "pos/s": f"{stats.positions / dt:.0f}"},
+                                refresh=False)
             bar.update(len(ops))
-            dt = time.perf_counter() - t0
-            bar.set_postfix({"tok/s": f"{stats.tokens / dt:.0f}", "pos/s": f"{stats.positions / dt:.0f}"},
-                            refresh=False)
         bg.submit([skip_at[row] for row in order[cursor:]])
         bar.update(len(order) - cursor)
     except BaseException:
