@@ -82,7 +82,7 @@ class DumpConfig:
     relation: str = "hidden"
     logprob_dtype: str = "float16"  # float16 | float32
     temperature: float = 1.0  # the dump's softmax temperature (KD temperature is the trainer's)
-    # What is stored per position (kdcache.records.parse_targets): topk (top_k ids, log-probs, tail) |
+    # What is stored per position (kdcache.target_kinds.parse_targets): topk (top_k ids, log-probs, tail) |
     # hidden (top_k as topk + the LM head's input at every position + the LM head: exact) |
     # sampled:N (N draws from the teacher's distribution, Anshumann et al. 2025; top_k is not used)
     targets: str = "topk"
@@ -244,13 +244,13 @@ def validate(cfg) -> None:
             raise ConfigError(f"max_length must be >= 2, got {cfg.max_length}")
         if cfg.bucket_batches < 1:
             raise ConfigError(f"bucket_batches must be >= 1 (1: no length bucketing), got {cfg.bucket_batches}")
-        from .records import parse_targets
+        from .target_kinds import parse_targets
 
         try:
-            mode, _n = parse_targets(cfg.targets)
+            kind = parse_targets(cfg.targets)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
-        if mode == "hidden" and cfg.hidden == "none":
+        if kind.exact and cfg.hidden == "none":
             raise ConfigError("targets: 'hidden' stores the hidden state at every position in the hidden dtype, "
                               "but hidden is 'none': choose hidden bf16, fp16 or float32")
         from .relation import parse_relation
@@ -262,7 +262,7 @@ def validate(cfg) -> None:
         if rel_mode == "lowrank" and cfg.hidden == "none":
             raise ConfigError(f"relation: {cfg.relation!r} factors the visual hidden states and stores the factor in "
                               "the hidden dtype, but hidden is 'none': choose hidden bf16 (or fp16, float32)")
-        if rel_mode == "lowrank" and mode == "hidden":
+        if rel_mode == "lowrank" and kind.exact:
             raise ConfigError(f"relation: {cfg.relation!r} with targets 'hidden': that mode stores every hidden state "
                               "of the image span already, so the factor would save nothing; use relation hidden, "
                               "or targets topk with the factor")

@@ -149,17 +149,16 @@ def dump_settings(cfg: DumpConfig, world_size: int) -> dict:
     ``kdcache.relation.stored_relation`` (``none`` for the default ``hidden`` with hidden none).
     ``truncate: true`` only with ``on_too_long: truncate`` (samples longer than ``max_length`` were
     cut to it; skip and error store the same samples, so they are not recorded)."""
-    from .records import parse_targets
     from .relation import stored_relation
+    from .target_kinds import parse_targets
 
-    mode, n_draws = parse_targets(cfg.targets)
-    settings = {"top_k": int(n_draws if mode == "sampled" else cfg.top_k), "positions": list(cfg.positions),
+    kind = parse_targets(cfg.targets)
+    settings = {"top_k": kind.top_k(cfg.top_k), "positions": list(cfg.positions),
                 "logprob_dtype": cfg.logprob_dtype,
                 "hidden": cfg.hidden, "temperature": float(cfg.temperature), "backend": cfg.backend,
                 "relation": stored_relation(cfg.relation, cfg.hidden), "max_length": int(cfg.max_length),
                 "world_size": int(world_size), "targets": cfg.targets}
-    if mode == "sampled":
-        settings["draw_seed"] = int(cfg.draw_seed)
+    settings.update(kind.settings_extra(cfg))
     if cfg.on_too_long == "truncate":  # samples cut to max_length: the trainer must cut them alike
         settings["truncate"] = True
     return settings
@@ -607,7 +606,9 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
         print(f"[rank {rank}] part {rank} of {out} is already complete ({len(done)} samples committed); "
               "nothing to do", flush=True)
         return stats
-    exact = cfg.targets == "hidden"
+    from .target_kinds import parse_targets
+
+    exact = parse_targets(cfg.targets).exact
     if exact and model.lm_head.bias is not None:
         raise DumpError(f"--targets hidden stores H and the LM head so that logits = H W^T, but teacher "
                         f"{cfg.teacher} has an lm_head.bias {tuple(model.lm_head.bias.shape)}: use --targets topk "

@@ -2,7 +2,8 @@
 
 ``kdcache.teacher.teacher_records`` makes these from a model; ``kdcache.cache.writer`` stores
 them; ``kdcache.cache.reader`` gives them back; the trainer feeds them to the losses. Fields
-are torch tensors (CPU after the cache, the model's device in online mode).
+are torch tensors (CPU after the cache, the model's device in online mode). Which per-position
+fields a record fills is its target kind's (``kdcache.target_kinds``).
 """
 
 from __future__ import annotations
@@ -10,34 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-TARGET_MODES = ("topk", "hidden", "sampled")
-MAX_DRAWS = 65535  # sample_counts are stored as uint16
-
-
-def parse_targets(targets: str) -> tuple[str, int | None]:
-    """``"topk"`` -> ("topk", None), ``"hidden"`` -> ("hidden", None), ``"sampled:N"`` -> ("sampled", N).
-
-    topk       the k most probable ids, their log-probs and the tail log-mass (LLaVA-KD, default)
-    hidden     exact: top-k as above plus the LM head's input H at every distilled position (the
-               full distribution is softmax(H W^T / T) with the teacher's LM head W, stored once)
-    sampled:N  N ids drawn with replacement from softmax(z / T) per position (Anshumann et al.
-               2025): distinct ids, their true log-probs, draw counts, and the tail outside them
-    Raises ValueError (TypeError for a non-string) naming the accepted forms.
-    """
-    forms = f"accepted: topk, hidden, sampled:N with 1 <= N <= {MAX_DRAWS}"
-    if not isinstance(targets, str):
-        raise TypeError(f"targets: {targets!r} is not a string ({forms})")
-    if targets in ("topk", "hidden"):
-        return targets, None
-    head, sep, tail = targets.partition(":")
-    if head == "sampled" and sep and tail.isdigit() and tail == str(int(tail)):
-        n = int(tail)
-        if 1 <= n <= MAX_DRAWS:
-            return "sampled", n
-        raise ValueError(f"targets: {targets!r} draws {n} ids per position ({forms})")
-    raise ValueError(f"targets: {targets!r} is not a target mode ({forms})")
-
 
 @dataclass
 class TeacherRecord:

@@ -12,7 +12,7 @@ logits are Z = H W^T and the relation target R = Z Z^T = H (W^T W) H^T.
 
 The LM head runs over chunks of positions: a batch's full [B, T, V] logits never exist.
 
-Target modes (``targets=``, ``kdcache.records.parse_targets``): ``topk`` as above; ``hidden``
+Target modes (``targets=``, ``kdcache.target_kinds.parse_targets``): ``topk`` as above; ``hidden``
 adds H at every distilled position (exact KD from H and the LM head); ``sampled:N`` replaces the
 top-k by N draws per position from softmax(z/T) (``sample_from_hidden``), seeded per sample by
 (draw_seed, row) (``sample_uniforms``) so a sample's draws do not depend on its batch.
@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from .positions import select_positions, visual_span
-from .records import TeacherRecord, parse_targets
+from .records import TeacherRecord
+from .target_kinds import Sampled, parse_targets
 
 
 def _chunk_logits(h: torch.Tensor, lm_weight: torch.Tensor, lm_bias: torch.Tensor | None,
@@ -172,7 +173,7 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
     batch: input_ids [B, T], attention_mask [B, T], roles [B, T] (255 = pad),
     pixel_values [n_img, 3, H, W] or None, sample_ids, rows. Records stay on the model's device.
 
-    targets (``kdcache.records.parse_targets``):
+    targets (``kdcache.target_kinds.parse_targets``):
       ``topk``       top-k ids / log-probs / tail (``topk_from_hidden``)
       ``hidden``     the same top-k, plus ``position_hidden`` [P, D]: the LM head's input at every
                      distilled position, rows in ``positions`` order (refused for an LM head with
@@ -191,12 +192,12 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
     """
     from .relation import factor_records, gram_sqrt, lm_gram, parse_relation
 
-    mode, n_draws = parse_targets(targets)
+    kind = parse_targets(targets)
     rel_mode, rel_rank = parse_relation(relation)
     if rel_mode == "lowrank" and not with_hidden:
         raise ValueError(f"relation {relation!r} factors the visual hidden states: it needs with_hidden=True")
     lm = model.lm_head
-    if mode == "hidden" and lm.bias is not None:
+    if kind.exact and lm.bias is not None:
         raise ValueError("targets 'hidden' needs logits = H W^T, but the teacher's lm_head has a bias "
                          f"(lm_head.bias {tuple(lm.bias.shape)}): use --targets topk or sampled:N")
     was_training = model.training
@@ -221,7 +222,8 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
         per_sample.append((roles, pos, kc))
     h = torch.cat(sel)  # [P_total, D]
     counts = None
-    if mode == "sampled":
+    if isinstance(kind, Sampled):
+        n_draws = kind.n
         # per-sample streams: a sample's draws do not depend on the batch it falls in
         u = torch.cat([sample_uniforms(draw_seed, int(batch["rows"][b]), len(pos), n_draws)
                        for b, (_r, pos, _k) in enumerate(per_sample)])  # [P_total, N] float64, CPU
@@ -244,7 +246,7 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
             tail_logmass=tail[off:off + P],
             visual_hidden=hidden[b, spans[b]] if with_hidden else None,
             sample_counts=counts[off:off + P] if counts is not None else None,
-            position_hidden=h[off:off + P] if mode == "hidden" else None,
+            position_hidden=h[off:off + P] if kind.exact else None,
         ))
         off += P
     if was_training:

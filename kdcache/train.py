@@ -50,6 +50,7 @@ from .config import STAGE_LR, TrainConfig, to_dict, validate
 from .positions import KIND_PROMPT, KIND_RESPONSE, KIND_VISUAL
 from .records import TeacherRecord
 from .relation import lm_gram
+from .target_kinds import Topk, parse_targets
 
 STATE_FILE = "trainer_state.json"
 
@@ -267,17 +268,9 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
             raise CacheMismatchError(f"loss.{key} = {w} needs {kind} positions, but cache {cfg.cache} was dumped "
                                      f"with positions {sorted(dumped)}: set loss.{key}: 0 or dump with "
                                      f"--positions including {kind}")
-    targets = st["targets"]
-    if targets.startswith("sampled:"):
-        if lc.divergence != "fkl":
-            raise CacheMismatchError(f"cache {cfg.cache} has sampled targets ({targets}), whose unbiased loss exists for "
-                                     f"forward KL only; this run asks loss.divergence {lc.divergence!r}: set "
-                                     "loss.divergence: fkl, or dump with --targets topk / hidden")
-        if lc.kd_temperature != float(st["temperature"]):
-            raise CacheMismatchError(f"cache {cfg.cache} drew its samples at temperature {st['temperature']}, this run "
-                                     f"asks loss.kd_temperature {lc.kd_temperature}: draws cannot be re-tempered without "
-                                     f"bias; set loss.kd_temperature: {st['temperature']} or dump with --temperature "
-                                     f"{lc.kd_temperature}")
+    problem = parse_targets(st["targets"]).train_problem(cfg, st)
+    if problem is not None:
+        raise CacheMismatchError(problem)
     # caches made before the relation option have relation none exactly when hidden is none
     if lc.gamma_rel and (st["relation"] == "none" or st["hidden"] == "none"):
         raise CacheMismatchError(f"loss.gamma_rel = {lc.gamma_rel} needs relation targets, but cache "
@@ -327,13 +320,13 @@ class TeacherSide:
     gram:        [D_t, D_t] M_t = W_t^T W_t for the logit-space relation loss, or None
     lm_head:     [V, D_t] the teacher's LM head (targets "hidden": the exact mode), else None
     temperature: the temperature the records' log-probs were computed at (the dump's; 1 online)
-    targets:     "topk" | "hidden" | "sampled:N" (the cache's settings.targets; "topk" online)
+    targets:     the target kind (``kdcache.target_kinds``) of the cache's settings.targets; Topk online
     """
 
     gram: torch.Tensor | None
     lm_head: torch.Tensor | None
     temperature: float
-    targets: str
+    targets: Topk
 
 
 def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side: TeacherSide | None,
@@ -406,31 +399,15 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
 
 def _kd_targets(records: list[TeacherRecord], safe: torch.Tensor, side: TeacherSide, cfg: TrainConfig) -> dict:
     """The teacher-target keywords of ``fused_lm_losses`` for the loss rows (``safe`` [N]: the
-    row of each loss row among the batch's distilled positions; 0 where it has none).
-
-    topk     ids + log-probs (+ tail). The log-probs are at the dump's temperature T_d and the
-             losses re-temper them by the KD temperature T, so they are passed as T_d * log p
-             (= logits up to a per-row constant): log_softmax(T_d log p_{T_d} / T) = softmax(z / T)
-             on the k ids whatever T_d is.
-    sampled  the drawn ids, their log-probs and counts (the unbiased forward-KL estimator; the
-             draws are from the dump's temperature, which must equal T: checked at start).
-    hidden   the teacher's hidden states at the positions + its LM head: the exact distribution.
-    """
+    row of each loss row among the batch's distilled positions; 0 where it has none), as the
+    cache's target kind builds them (``kdcache.target_kinds``: ``fused_targets``)."""
     device = safe.device
 
     def cat(field, dtype=None):
         t = torch.cat([getattr(r, field) for r in records]).to(device)  # [P, ...]
         return (t if dtype is None else t.to(dtype))[safe]
 
-    if side.targets == "hidden":
-        return {"teacher_hidden": cat("position_hidden"), "teacher_lm_weight": side.lm_head.to(device)}
-    ids = cat("topk_ids", torch.long)  # [N, k]
-    if side.targets.startswith("sampled:"):
-        return {"topk_ids": ids, "topk_logprobs": cat("topk_logprobs", torch.float32),
-                "sample_counts": cat("sample_counts", torch.long)}
-    t_d = side.temperature
-    return {"topk_ids": ids, "topk_logprobs": cat("topk_logprobs", torch.float32) * t_d,
-            "tail_logmass": cat("tail_logmass", torch.float32) * t_d if cfg.loss.tail else None}
+    return side.targets.fused_targets(cat, side, cfg, device)
 
 
 def _div_params(cfg: TrainConfig) -> dict:
@@ -630,10 +607,11 @@ def train(cfg: TrainConfig) -> Path:
         if missing:
             raise CacheMismatchError(missing_rows_message(missing, skipped, cfg, reader.attrs["settings"]))
         st = reader.attrs["settings"]
+        kind = parse_targets(st["targets"])
         # on the device once: the exact mode's LM head is [V, D_t] (0.6 GB in bf16 for Qwen2.5-3B)
         side = TeacherSide(gram=torch.as_tensor(reader.gram()).to(acc.device),  # M_t = W_t^T W_t [D_t, D_t]
-                           lm_head=reader.lm_head().to(acc.device) if st["targets"] == "hidden" else None,
-                           temperature=float(st["temperature"]), targets=st["targets"])
+                           lm_head=reader.lm_head().to(acc.device) if kind.exact else None,
+                           temperature=float(st["temperature"]), targets=kind)
         source = cfg.cache
         _say_temperature(reader.attrs, cfg, acc)
     else:
@@ -647,7 +625,7 @@ def train(cfg: TrainConfig) -> Path:
             raise CacheMismatchError(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
                                      f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
         side = TeacherSide(gram=lm_gram(teacher.lm_head.weight.detach().float()),  # [D_t, D_t] as dumped
-                           lm_head=None, temperature=1.0, targets="topk")
+                           lm_head=None, temperature=1.0, targets=Topk())
 
     n_rank = _rank_count(source, acc)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -872,16 +850,7 @@ def _online_k(cfg: TrainConfig, teacher) -> int:
 
 def _say_temperature(attrs: dict, cfg: TrainConfig, acc) -> None:
     st = attrs["settings"]
-    t_dump, t_kd, targets = float(st["temperature"]), cfg.loss.kd_temperature, st["targets"]
-    if targets == "hidden":
-        acc.print(f"targets hidden: the teacher's full distribution is rebuilt at KD temperature {t_kd} (exact)")
-    elif targets.startswith("sampled:"):
-        acc.print(f"targets {targets}: unbiased forward KL from draws at temperature {t_dump} = the KD temperature")
-    elif t_kd == t_dump:
-        acc.print(f"KD temperature {t_kd} = the dump's: exact on the top-k ids and the tail")
-    else:
-        acc.print(f"KD temperature {t_kd} != the dump's {t_dump}: exact on the top-k ids relative to each "
-                  "other, approximate on the tail bucket (its inner shape is not cached)")
+    acc.print(parse_targets(st["targets"]).temperature_note(float(st["temperature"]), cfg.loss.kd_temperature))
 
 
 def _rank_count(source, acc) -> int:

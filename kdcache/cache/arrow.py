@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.format import targets_of
+from kdcache.cache.format import data_array_names
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.store import cache_location
 from kdcache.positions import KIND_NAMES
@@ -82,7 +82,7 @@ def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = Non
     widens float16 log-probs to float32 (for engines without float16)."""
     reader = CacheReader(path)
     k = reader.k
-    sampled = targets_of(reader.attrs["settings"])[0] == "sampled"
+    sampled = "sample_counts" in data_array_names(reader.attrs["settings"])
     lp_dtype = reader.attrs["settings"]["logprob_dtype"] if float16 else "float32"
     schema = arrow_schema(k, lp_dtype, reader.attrs, sample_counts=sampled)
     wanted = set(sample_ids) if sample_ids is not None else None

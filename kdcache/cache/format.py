@@ -8,8 +8,9 @@ One cache is one Zarr v3 group (see ``kdcache/cache/README.md``)::
     <cache>/parts/<rank>/<data array>      ragged, flat, no padding (DATA_ARRAYS)
     <cache>/parts/<rank>/index/<name>      one row per sample, committed or skipped (INDEX_ARRAYS)
 
-Everything here is a pure function of its arguments so the writer, reader, verifier and tests
-share one definition of the layout.
+Everything here is a pure function of its arguments (beyond reading the schema and a node's
+``zarr.json``) so the writer, reader, verifier and tests share one definition of the layout:
+array names and axes, the checksum order, the bf16 storage helpers.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ import math
 import zlib
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdcache import __version__
 from kdcache.positions import parse_kinds
-from kdcache.records import parse_targets
+from kdcache.target_kinds import Topk, parse_targets
 
 FORMAT_VERSION = 1
+GRAM_ARRAY = "teacher_gram"
+LM_HEAD_ARRAY = "teacher_lm_head"  # [V, D] the teacher's LM head (targets hidden), rank 0
 SCHEMA_RESOURCE = "schemas/cache_attrs.schema.json"
 
 # Root attribute keys that may change between runs of one cache without changing its meaning.
@@ -65,6 +69,10 @@ POSITION_ARRAYS = ("positions", "kinds", "topk_ids", "topk_logprobs", "tail_logm
 VISUAL_ARRAYS = ("visual_hidden", "visual_factor")  # visual_factor [V, R]: relation lowrank:R, instead
 ID_ARRAYS = ("sample_id_bytes",)
 DATA_ARRAYS = TOKEN_ARRAYS + POSITION_ARRAYS + VISUAL_ARRAYS + ID_ARRAYS
+# The order in which a sample's arrays enter its checksum (``sample_checksum``); a part holds the
+# ones its settings store (``data_array_names``). sample_id_bytes is covered as the id itself.
+CHECKSUM_ORDER = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass",
+                  "visual_hidden", "sample_counts", "position_hidden", "visual_factor")
 AXIS_OF = {
     **{a: "tokens" for a in TOKEN_ARRAYS},
     **{a: "positions" for a in POSITION_ARRAYS},
@@ -160,8 +168,8 @@ def _divisor_chunk(shard_rows: int, max_rows: int) -> int:
     return shard_rows // d
 
 
-def targets_of(settings: dict) -> tuple[str, int | None]:
-    """``settings['targets']`` parsed: ("topk" | "hidden", None) or ("sampled", N)."""
+def targets_of(settings: dict) -> Topk:
+    """``settings['targets']`` parsed: its target kind (``kdcache.target_kinds``)."""
     return parse_targets(settings["targets"])
 
 
@@ -178,7 +186,7 @@ def rebuilds_visual_hidden(settings: dict) -> bool:
     response for the last one when a caption follows the image at once), so storing the rows twice
     is waste. With ``visual`` but not ``response`` that last output would be missing."""
     kinds = set(settings["positions"])
-    return (settings["relation"] == "hidden" and targets_of(settings)[0] == "hidden"
+    return (settings["relation"] == "hidden" and targets_of(settings).exact
             and {"visual", "response"} <= kinds)
 
 
@@ -200,20 +208,17 @@ def index_arrays(settings: dict) -> dict[str, tuple[str, int | None]]:
 
 
 def data_array_names(settings: dict) -> list[str]:
-    """Data arrays a part holds under ``settings`` (sample_id_bytes excluded), in checksum order:
-    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail_logmass, [visual_hidden],
-    [sample_counts], [position_hidden], [visual_factor]."""
-    mode, _ = targets_of(settings)
-    names = ["input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass"]
+    """Data arrays a part holds under ``settings`` (sample_id_bytes excluded), in checksum order
+    (``CHECKSUM_ORDER``): input_ids, roles, positions, kinds, the target kind's arrays (topk_ids,
+    topk_logprobs, tail_logmass [, sample_counts | position_hidden]), [visual_hidden],
+    [visual_factor], sorted into that order."""
+    names = {"input_ids", "roles", "positions", "kinds"}
+    names.update(row[0] for row in targets_of(settings).arrays(settings, 0))
     if stores_visual_hidden(settings):
-        names.append("visual_hidden")
-    if mode == "sampled":
-        names.append("sample_counts")
-    if mode == "hidden":
-        names.append("position_hidden")
+        names.add("visual_hidden")
     if relation_rank(settings) is not None:
-        names.append("visual_factor")
-    return names
+        names.add("visual_factor")
+    return [n for n in CHECKSUM_ORDER if n in names]
 
 
 def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, ArraySpec]:
@@ -230,34 +235,23 @@ def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, Ar
     Big arrays (``aligned``) are only ever written in whole shards, except at flush/close.
     """
     k = int(settings["top_k"])
-    lp = settings["logprob_dtype"]
+    kind = targets_of(settings)
+    if kind.exact and settings["hidden"] == "none":
+        raise CacheFormatError("settings.targets 'hidden' stores hidden states at every position, but "
+                               "settings.hidden is 'none': choose bf16, fp16 or float32")
     table: list[tuple[str, str, int | None, str, str | None]] = [
         ("input_ids", "int32", None, "bitshuffle", None),
         ("roles", "uint8", None, "bitshuffle", None),
         ("positions", "int32", None, "bitshuffle", None),
         ("kinds", "uint8", None, "bitshuffle", None),
-        ("topk_ids", "int32", k, "zstd", None),
-        # float16 log-probs sorted descending are non-decreasing as uint16 bit patterns (the sign
-        # bit is set and larger magnitudes have larger patterns): stored as those bits with a
-        # delta filter, so zstd sees small non-negative steps. Lossless; float32 stays as is.
-        ("topk_logprobs", "uint16", k, "delta-zstd", "float16") if lp == "float16"
-        else ("topk_logprobs", lp, k, "byteshuffle", None),
-        ("tail_logmass", "float32", None, "byteshuffle", None),
+        *kind.arrays(settings, hidden_size),
         ("sample_id_bytes", "uint8", None, "bitshuffle", None),
     ]
-    mode, _ = targets_of(settings)
-    if mode == "hidden" and settings["hidden"] == "none":
-        raise CacheFormatError("settings.targets 'hidden' stores hidden states at every position, but "
-                               "settings.hidden is 'none': choose bf16, fp16 or float32")
     h = settings["hidden"]
     logical = HIDDEN_LOGICAL[h] if h == "bf16" else None
     # hidden states barely compress (~1.3x); zstd level 1 encodes ~2.4x faster than level 3
     if stores_visual_hidden(settings):
         table.append(("visual_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle-fast", logical))
-    if mode == "sampled":
-        table.append(("sample_counts", "uint16", k, "bitshuffle", None))
-    if mode == "hidden":
-        table.append(("position_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle-fast", logical))
     rank = relation_rank(settings)
     if rank is not None:  # the factor's columns are as noisy as hidden states: the fast level too
         table.append(("visual_factor", HIDDEN_STORAGE[h], rank, "byteshuffle-fast", logical))
@@ -340,6 +334,23 @@ def codec_table(settings: dict, hidden_size: int, layout: Layout) -> dict[str, d
 
 
 # ---- attributes ------------------------------------------------------------------------------
+def read_json_attrs(node_dir: Path) -> dict | None:
+    """Attributes of a zarr v3 node straight from its ``zarr.json``, or None if not there yet."""
+    meta = Path(node_dir) / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        raise CacheFormatError(f"{meta}: not valid JSON ({type(e).__name__}: {e}); the cache is damaged: "
+                               "run `kdcache verify` and re-dump it") from e
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        raise CacheFormatError(f"{meta}: 'attributes' is not a JSON object; the cache is damaged: "
+                               "run `kdcache verify` and re-dump it")
+    return attrs
+
+
 def load_schema() -> dict:
     """The JSON Schema of the root attributes, shipped in the wheel under ``kdcache/schemas``."""
     text = resources.files("kdcache").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
@@ -373,22 +384,10 @@ def _check_targets(settings: dict, where: str) -> None:
     """What the schema cannot say about settings.targets: N's range, top_k = N, draw_seed present
     exactly for sampled, and hidden states for the exact mode."""
     try:
-        mode, n = parse_targets(settings["targets"])
+        kind = parse_targets(settings["targets"])
     except ValueError as e:
         raise CacheFormatError(f"{where}: settings.{e}") from None
-    if mode == "sampled":
-        if int(settings["top_k"]) != n:
-            raise CacheFormatError(f"{where}: settings.top_k is {settings['top_k']} but targets "
-                                   f"{settings['targets']!r} stores {n} columns: top_k must equal N")
-        if "draw_seed" not in settings:
-            raise CacheFormatError(f"{where}: settings.draw_seed is missing (targets {settings['targets']!r} "
-                                   "records the seed of its draws)")
-    elif "draw_seed" in settings:
-        raise CacheFormatError(f"{where}: settings.draw_seed is only for targets sampled:N, not "
-                               f"{settings['targets']!r}")
-    if mode == "hidden" and settings["hidden"] == "none":
-        raise CacheFormatError(f"{where}: settings.targets 'hidden' needs hidden states, but settings.hidden "
-                               "is 'none': choose bf16, fp16 or float32")
+    kind.check_settings(settings, where, CacheFormatError)
     _check_relation(settings, where)
 
 
@@ -401,7 +400,7 @@ def _check_relation(settings: dict, where: str) -> None:
     if rel.startswith("lowrank:") and settings["hidden"] == "none":
         raise CacheFormatError(f"{where}: settings.relation {rel!r} stores its rows in the hidden dtype, but "
                                "settings.hidden is 'none': choose bf16, fp16 or float32, or relation none")
-    if rel.startswith("lowrank:") and targets_of(settings)[0] == "hidden":
+    if rel.startswith("lowrank:") and targets_of(settings).exact:
         raise CacheFormatError(f"{where}: settings.relation {rel!r} with targets 'hidden': that mode stores "
                                "every hidden state already; use relation hidden")
 
@@ -471,6 +470,34 @@ def check_compatible(existing_attrs: dict, new_attrs: dict) -> None:
 
 
 # ---- per-sample encoding ---------------------------------------------------------------------
+# Zarr has no bfloat16: bf16 rows are stored as their uint16 bit patterns with logical_dtype
+# "bfloat16"; float16 log-probs as uint16 bits too (delta-coded), logical_dtype "float16".
+def hidden_to_storage(h, mode: str) -> np.ndarray:
+    """[N, D] tensor -> stored numpy array in hidden mode ``mode``: bf16 as its uint16 bit pattern,
+    fp16 / float32 native."""
+    import torch
+
+    h = h.detach().cpu().contiguous()
+    if mode == "bf16":
+        return h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return h.to(torch.float16 if mode == "fp16" else torch.float32).numpy()
+
+
+def storage_view(a: np.ndarray, logical: str | None) -> np.ndarray:
+    """Stored rows -> their logical numpy dtype where numpy has it: float16 kept as uint16 bits
+    (delta-coded log-probs) is viewed back as float16 (no copy); anything else as stored."""
+    return a.view(np.float16) if logical == "float16" else a
+
+
+def hidden_from_storage(a: np.ndarray, logical: str | None):
+    """Stored hidden rows -> tensor; uint16 with logical_dtype bfloat16 -> torch.bfloat16."""
+    import torch
+
+    if logical == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bit patterns -> float32 (exact): the bits are the top half of a float32."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -494,18 +521,12 @@ def sample_checksum(row: int, sample_id: str | bytes, arrays: list[np.ndarray]) 
     return crc & 0xFFFFFFFF
 
 
-def checksum_arrays(
-    input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail, hidden,
-    sample_counts=None, position_hidden=None, visual_factor=None,
-) -> list[np.ndarray]:
-    """The arrays covered by the checksum, in order; the optional ones (visual ``hidden``,
-    ``sample_counts``, ``position_hidden``, ``visual_factor``) are omitted when None. The index's
-    ``relation_error`` is not covered (index chunks have their own crc32c)."""
-    out = [input_ids, roles, positions, kinds, topk_ids, topk_logprobs, tail]
-    for a in (hidden, sample_counts, position_hidden, visual_factor):
-        if a is not None:
-            out.append(a)
-    return out
+def checksum_arrays(arrays: dict[str, np.ndarray | None]) -> list[np.ndarray]:
+    """The arrays of one sample covered by its checksum, in ``CHECKSUM_ORDER``: ``arrays`` maps
+    array names to their rows as stored (extra names such as sample_id_bytes are not covered;
+    absent or None ones are skipped). The index's ``relation_error`` is not covered (index chunks
+    have their own crc32c)."""
+    return [arrays[n] for n in CHECKSUM_ORDER if arrays.get(n) is not None]
 
 
 def logprob_tolerance(p: np.ndarray, lp: np.ndarray, dtype: np.dtype) -> np.ndarray:

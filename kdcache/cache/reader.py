@@ -16,19 +16,24 @@ import torch
 
 from kdcache.cache.format import (
     AXIS_OF,
+    GRAM_ARRAY,
+    LM_HEAD_ARRAY,
     REASON_NAMES,
     STATUS_OK,
     CacheCorrupt,
     CacheFormatError,
     checksum_arrays,
     data_array_names,
+    hidden_from_storage,
     index_arrays,
+    read_json_attrs,
     rebuilds_visual_hidden,
     sample_checksum,
+    storage_view,
+    targets_of,
     validate_attrs,
 )
 from kdcache.cache.store import cache_location
-from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY, read_json_attrs
 from kdcache.positions import ROLE_VISUAL
 from kdcache.records import TeacherRecord
 
@@ -118,19 +123,6 @@ def list_parts(root: Path) -> list[int]:
         return []
     return sorted(int(p.name) for p in parts_dir.iterdir()
                   if p.name.isdigit() and (p / "zarr.json").exists())
-
-
-def storage_view(a: np.ndarray, logical: str | None) -> np.ndarray:
-    """Stored rows -> their logical numpy dtype where numpy has it: float16 kept as uint16 bits
-    (delta-coded log-probs) is viewed back as float16 (no copy); anything else as stored."""
-    return a.view(np.float16) if logical == "float16" else a
-
-
-def hidden_from_storage(a: np.ndarray, logical: str | None) -> torch.Tensor:
-    """Stored hidden rows -> tensor; uint16 with logical_dtype bfloat16 -> torch.bfloat16."""
-    if logical == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
 
 
 # Arrays whose rows to read exceed this are read run by run instead of over the whole span.
@@ -329,6 +321,7 @@ class CacheReader:
     def _read_rows(self, p: PartIndex, idx: np.ndarray) -> list[TeacherRecord]:
         settings = self.attrs["settings"]
         names = data_array_names(settings)
+        kind = targets_of(settings)  # decodes the per-position targets
         slabs = self.read_slab(p.rank, idx, names)
         logical = {n: self._array(p.rank, n).attrs.get("logical_dtype")
                    for n in ("visual_hidden", "position_hidden", "visual_factor") if n in names}
@@ -343,20 +336,17 @@ class CacheReader:
                 o = int(starts[j])
                 parts[name] = slab[o : o + int(p.length(AXIS_OF[name])[i])]
             if self.check:
-                crc = sample_checksum(int(p.cols["row"][i]), sids[j], checksum_arrays(
-                    *(parts[n] for n in names[:7]), parts.get("visual_hidden"), parts.get("sample_counts"),
-                    parts.get("position_hidden"), parts.get("visual_factor")))
+                crc = sample_checksum(int(p.cols["row"][i]), sids[j], checksum_arrays(parts))
                 if crc != int(p.cols["checksum"][i]):
                     raise CacheCorrupt(
                         f"sample {sids[j]!r} (row {int(p.cols['row'][i])}, part {p.rank}): "
                         "checksum mismatch; run `kdcache verify` and re-dump the damaged part"
                     )
-            pos_hidden = (hidden_from_storage(parts["position_hidden"], logical["position_hidden"])
-                          if "position_hidden" in parts else None)  # [P, D]
+            targets = kind.decode(parts, logical)  # topk_ids, topk_logprobs, tail_logmass (+ its own fields)
             if "visual_hidden" in parts:
                 vis = hidden_from_storage(parts["visual_hidden"], logical["visual_hidden"])  # [N_vis, D]
             elif rebuild_visual:
-                vis = pos_hidden[self._span_rows(parts, sids[j], int(p.cols["row"][i]), p.rank)]
+                vis = targets["position_hidden"][self._span_rows(parts, sids[j], int(p.cols["row"][i]), p.rank)]
             else:
                 vis = None
             recs.append(TeacherRecord(
@@ -366,14 +356,8 @@ class CacheReader:
                 roles=torch.from_numpy(parts["roles"]),
                 positions=torch.from_numpy(parts["positions"]),
                 kinds=torch.from_numpy(parts["kinds"]),
-                topk_ids=torch.from_numpy(parts["topk_ids"]),
-                topk_logprobs=torch.from_numpy(parts["topk_logprobs"]),
-                tail_logmass=torch.from_numpy(parts["tail_logmass"]),
+                **targets,
                 visual_hidden=vis,
-                # uint16 on disk; int32 like topk_ids (torch's uint16 lacks most ops)
-                sample_counts=(torch.from_numpy(parts["sample_counts"].astype(np.int32))
-                               if "sample_counts" in parts else None),
-                position_hidden=pos_hidden,
                 visual_factor=(hidden_from_storage(parts["visual_factor"], logical["visual_factor"])
                                if "visual_factor" in parts else None),  # [N_vis, R]
                 relation_error=float(rel_err[i]) if rel_err is not None else None,

@@ -9,9 +9,11 @@ import numpy as np
 
 from kdcache.cache.format import (
     DATA_ARRAYS,
+    GRAM_ARRAY,
     INDEX_ARRAYS,
-    RELATION_INDEX_ARRAYS,
+    LM_HEAD_ARRAY,
     REASON_NAMES,
+    RELATION_INDEX_ARRAYS,
     STATUS_OK,
     Layout,
     data_specs,
@@ -19,7 +21,6 @@ from kdcache.cache.format import (
 )
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.store import cache_location
-from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
 from kdcache.positions import KIND_NAMES, KIND_RESPONSE
 
 

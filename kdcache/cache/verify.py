@@ -14,6 +14,8 @@ import numpy as np
 
 from kdcache.cache.format import (
     AXIS_OF,
+    GRAM_ARRAY,
+    LM_HEAD_ARRAY,
     REASON_NAMES,
     STATUS_OK,
     TOTAL_KEYS,
@@ -23,17 +25,17 @@ from kdcache.cache.format import (
     checksum_arrays,
     data_array_names,
     logprob_tolerance,
+    read_json_attrs,
     relation_rank,
     sample_checksum,
+    storage_view,
     targets_of,
     validate_attrs,
 )
-from kdcache.cache.reader import PartIndex, list_parts, load_part_index, storage_view
+from kdcache.cache.reader import PartIndex, list_parts, load_part_index
 from kdcache.cache.store import cache_location
-from kdcache.cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY, read_json_attrs
 from kdcache.positions import ROLE_VISUAL, select_positions
 
-CHECKED = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass")
 BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significand bits)
 
 
@@ -128,7 +130,7 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
     except Exception as e:
         rep.add(f"{GRAM_ARRAY}: unreadable ({type(e).__name__}: {e})")
     lm_head = None
-    if targets_of(attrs["settings"])[0] == "hidden":
+    if targets_of(attrs["settings"]).exact:
         try:
             lm_head = _check_lm_head(zarr, store, path, attrs, rep)
         except Exception as e:
@@ -383,8 +385,7 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
                   rep: VerifyReport, *, sid_bytes: bytes, probe: Top1Probe | None = None) -> None:
     hidden = d.get("visual_hidden")
     factor = d.get("visual_factor")
-    crc = sample_checksum(int(p.cols["row"][i]), sid_bytes, checksum_arrays(
-        *(d[n] for n in CHECKED), hidden, d.get("sample_counts"), d.get("position_hidden"), factor))
+    crc = sample_checksum(int(p.cols["row"][i]), sid_bytes, checksum_arrays(d))
     if crc != int(p.cols["checksum"][i]):
         rep.add(f"{where}: checksum mismatch (stored {int(p.cols['checksum'][i]):#010x}, "
                 f"data gives {crc:#010x})")
@@ -409,11 +410,7 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
     if not np.array_equal(counts, p.cols["counts"][i]):
         rep.add(f"{where}: index counts {p.cols['counts'][i].tolist()} but roles give "
                 f"{counts.tolist()} (prompt, visual, response)")
-    mode, n_draws = targets_of(attrs["settings"])
-    if mode == "sampled":
-        _check_sampled(where, d, lp_dtype, n_draws, rep)
-    else:
-        _check_topk(where, d, lp_dtype, rep)
+    targets_of(attrs["settings"]).verify(where, d, lp_dtype, rep)
     n_vis = int(np.count_nonzero(roles == ROLE_VISUAL))
     D = int(attrs["teacher"]["hidden_size"])
     if hidden is not None:
@@ -440,7 +437,7 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
             probe.take(where, d["positions"], h, d["topk_ids"][:, 0])
 
 
-def _check_topk(where: str, d: dict, lp_dtype: np.dtype, rep: VerifyReport) -> None:
+def check_topk_rows(where: str, d: dict, lp_dtype: np.dtype, rep: VerifyReport) -> None:
     """targets topk / hidden: finite log-probs <= 0 sorted descending, tail in [-inf, 0], and the
     k + 1 buckets sum to 1 within the stored dtype's rounding."""
     lp = d["topk_logprobs"].astype(np.float64)  # [P, k]
@@ -480,7 +477,7 @@ def _check_mass(where, d, prob, lp_abs_src, tail, lp_dtype, rep: VerifyReport) -
                 f"{int(d['positions'][j])} (and {len(bad) - 1} more), tolerance {tol[j]:.2g}")
 
 
-def _check_sampled(where: str, d: dict, lp_dtype: np.dtype, n: int, rep: VerifyReport) -> None:
+def check_sampled_rows(where: str, d: dict, lp_dtype: np.dtype, n: int, rep: VerifyReport) -> None:
     """targets sampled:N: per position the counts sum to N; the columns with a count come first,
     hold distinct ids and finite log-probs <= 0 sorted descending; padding columns have count 0,
     id 0 and log-prob -inf; the drawn ids' mass plus the tail is 1."""

@@ -39,6 +39,8 @@ import torch
 from kdcache.cache.format import (
     AXIS_OF,
     DATA_ARRAYS,
+    GRAM_ARRAY,
+    LM_HEAD_ARRAY,
     REASON_CODES,
     STATUS_OK,
     TOTAL_KEYS,
@@ -49,11 +51,13 @@ from kdcache.cache.format import (
     check_compatible,
     checksum_arrays,
     data_specs,
-    targets_of,
+    hidden_to_storage,
     index_specs,
+    read_json_attrs,
     rebuilds_visual_hidden,
     relation_rank,
     sample_checksum,
+    targets_of,
     validate_attrs,
     zarr_compressors,
     zarr_filters,
@@ -61,9 +65,6 @@ from kdcache.cache.format import (
 from kdcache.cache.store import cache_location
 from kdcache.positions import ROLE_VISUAL, select_positions
 from kdcache.records import TeacherRecord
-
-GRAM_ARRAY = "teacher_gram"
-LM_HEAD_ARRAY = "teacher_lm_head"  # [V, D] the teacher's LM head (targets hidden), rank 0
 
 FAULT_ENV = "KDCACHE_FAULT"
 FAULT_SITES = ("data", "shard", "index", "commit", "committed", "close")
@@ -133,33 +134,8 @@ def sweep_partials(root: Path) -> list[Path]:
     return found
 
 
-def read_json_attrs(node_dir: Path) -> dict | None:
-    """Attributes of a zarr v3 node straight from its ``zarr.json``, or None if not there yet."""
-    meta = Path(node_dir) / "zarr.json"
-    try:
-        doc = json.loads(meta.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
-        raise CacheFormatError(f"{meta}: not valid JSON ({type(e).__name__}: {e}); the cache is damaged: "
-                               "run `kdcache verify` and re-dump it") from e
-    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
-    if not isinstance(attrs, dict):
-        raise CacheFormatError(f"{meta}: 'attributes' is not a JSON object; the cache is damaged: "
-                               "run `kdcache verify` and re-dump it")
-    return attrs
-
-
 def _tensor_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
-
-
-def _hidden_to_storage(h: torch.Tensor, mode: str) -> np.ndarray:
-    """[N, D] tensor -> stored numpy array: bf16 as its uint16 bit pattern, else native."""
-    h = h.detach().cpu().contiguous()
-    if mode == "bf16":
-        return h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return h.to(torch.float16 if mode == "fp16" else torch.float32).numpy()
 
 
 class CacheLocked(RuntimeError):
@@ -236,7 +212,7 @@ class CacheWriter:
         self.k = int(self.settings["top_k"])
         self.lp_dtype = np.dtype(self.settings["logprob_dtype"])
         self.hidden_mode = self.settings["hidden"]
-        self.targets, self.n_draws = targets_of(self.settings)  # n_draws: N of sampled:N, else None
+        self.target_kind = targets_of(self.settings)  # kdcache.target_kinds: encodes the per-position targets
         self.relation_rank = relation_rank(self.settings)  # R of relation lowrank:R, else None
         self.store = LocalStore(self.path)
         self.part_dir = self.path / "parts" / str(rank)
@@ -370,18 +346,11 @@ class CacheWriter:
         roles = _tensor_np(record.roles).astype(np.uint8, copy=False)  # [T]
         pos = _tensor_np(record.positions).astype(np.int32, copy=False)  # [P]
         kinds = _tensor_np(record.kinds).astype(np.uint8, copy=False)  # [P]
-        tid = _tensor_np(record.topk_ids).astype(np.int32, copy=False)  # [P, k]
-        tlp = _tensor_np(record.topk_logprobs.float()).astype(self.lp_dtype)  # [P, k]
-        tail = _tensor_np(record.tail_logmass.float()).astype(np.float32, copy=False)  # [P]
         where = f"sample {sid!r} (row {record.row})"
         T, P = ids.shape[0], pos.shape[0]
         if ids.ndim != 1 or roles.shape != (T,):
             raise ValueError(f"{where}: input_ids {ids.shape} and roles {roles.shape} must be [T]")
-        if tid.shape != (P, self.k) or tlp.shape != (P, self.k) or tail.shape != (P,):
-            raise ValueError(
-                f"{where}: expected topk_ids/topk_logprobs [P={P}, k={self.k}] and tail [P], got "
-                f"{tuple(tid.shape)}, {tuple(tlp.shape)}, {tuple(tail.shape)}"
-            )
+        targets = self.target_kind.encode(record, where, P, self)  # the kind's per-position arrays
         want_pos, want_kinds = select_positions(roles, self.kinds)
         if not (np.array_equal(pos, want_pos) and np.array_equal(kinds, want_kinds)):
             raise ValueError(
@@ -395,7 +364,7 @@ class CacheWriter:
             if record.visual_hidden is None:
                 raise ValueError(f"{where}: visual_hidden is None but settings.hidden is "
                                  f"{self.hidden_mode!r}")
-            hidden = _hidden_to_storage(record.visual_hidden, self.hidden_mode)  # [N_vis, D]
+            hidden = hidden_to_storage(record.visual_hidden, self.hidden_mode)  # [N_vis, D]
             if hidden.shape != (n_vis, self.hidden_size):
                 raise ValueError(
                     f"{where}: visual_hidden {tuple(hidden.shape)} should be [{n_vis} visual "
@@ -408,25 +377,16 @@ class CacheWriter:
             raise ValueError(f"{where}: an output in the image span is not a distilled position (the "
                              "image ends the sequence?), so visual_hidden cannot be rebuilt from "
                              "position_hidden; drop the sample or use --targets topk")
-        draws = self._sample_counts(record, where, P) if self.targets == "sampled" else None  # [P, N]
-        pos_hidden = self._position_hidden(record, where, P) if self.targets == "hidden" else None  # [P, D]
         factor, rel_err = self._visual_factor(record, where, n_vis) if self.relation_rank else (None, 0.0)  # [N_vis, R]
         sid_bytes = np.frombuffer(sid.encode("utf-8"), dtype=np.uint8)
-        crc = sample_checksum(record.row, sid, checksum_arrays(ids, roles, pos, kinds, tid, tlp, tail, hidden,
-                                                               draws, pos_hidden, factor))
-        counts = np.bincount(kinds, minlength=3)[:3].astype(np.int32)
-
-        slabs = {"input_ids": ids, "roles": roles, "positions": pos, "kinds": kinds,
-                 "topk_ids": tid, "topk_logprobs": tlp, "tail_logmass": tail,
+        slabs = {"input_ids": ids, "roles": roles, "positions": pos, "kinds": kinds, **targets,
                  "sample_id_bytes": sid_bytes}
         if hidden is not None:
             slabs["visual_hidden"] = hidden
-        if draws is not None:
-            slabs["sample_counts"] = draws
-        if pos_hidden is not None:
-            slabs["position_hidden"] = pos_hidden
         if factor is not None:
             slabs["visual_factor"] = factor
+        crc = sample_checksum(record.row, sid, checksum_arrays(slabs))
+        counts = np.bincount(kinds, minlength=3)[:3].astype(np.int32)
         self._append(slabs, record.row, STATUS_OK, counts, crc, rel_err)
         self._drain(force=False)
 
@@ -439,36 +399,13 @@ class CacheWriter:
             raise ValueError(f"{where}: settings.relation is {self.settings['relation']!r} but the record has no "
                              "visual_factor / relation_error: make records with teacher_records(relation=...) or "
                              "kdcache.relation.factor_records")
-        a = _hidden_to_storage(f, self.hidden_mode)  # [N_vis, R]
+        a = hidden_to_storage(f, self.hidden_mode)  # [N_vis, R]
         if a.shape != (n_vis, self.relation_rank):
             raise ValueError(f"{where}: visual_factor {tuple(a.shape)} should be [{n_vis} visual tokens, "
                              f"rank {self.relation_rank}]")
         if not (np.isfinite(err) and 0.0 <= err <= 1.5):
             raise ValueError(f"{where}: relation_error {err!r} is not a relative error in [0, 1.5]")
         return a, float(err)
-
-    def _sample_counts(self, record: TeacherRecord, where: str, P: int) -> np.ndarray:
-        """record.sample_counts -> uint16 [P, N], checked: 0 <= count, sum per position = N."""
-        if record.sample_counts is None:
-            raise ValueError(f"{where}: sample_counts is None but settings.targets is "
-                             f"{self.settings['targets']!r}")
-        c = _tensor_np(record.sample_counts).astype(np.int64)  # [P, N]
-        if c.shape != (P, self.k):
-            raise ValueError(f"{where}: sample_counts {tuple(c.shape)} should be [P={P}, N={self.k}]")
-        if P and (c.min() < 0 or (c.sum(axis=1) != self.n_draws).any()):
-            raise ValueError(f"{where}: sample_counts must be >= 0 and sum to N={self.n_draws} at every "
-                             "position (draws per distinct id)")
-        return c.astype(np.uint16)
-
-    def _position_hidden(self, record: TeacherRecord, where: str, P: int) -> np.ndarray:
-        """record.position_hidden -> stored [P, D] (bf16 as uint16 bits)."""
-        if record.position_hidden is None:
-            raise ValueError(f"{where}: position_hidden is None but settings.targets is 'hidden'")
-        h = _hidden_to_storage(record.position_hidden, self.hidden_mode)  # [P, D]
-        if h.shape != (P, self.hidden_size):
-            raise ValueError(f"{where}: position_hidden {tuple(h.shape)} should be [P={P} positions, "
-                             f"hidden_size {self.hidden_size}]")
-        return h
 
     def skip(self, row: int, sample_id: str, reason: int | str) -> None:
         """Record that dataset ``row`` was skipped for ``reason`` (a name or code of
@@ -548,7 +485,7 @@ class CacheWriter:
         if tuple(t.shape) != (V, self.hidden_size):
             raise ValueError(f"{LM_HEAD_ARRAY} must be [vocab_size, hidden_size] = [{V}, {self.hidden_size}], "
                              f"got {tuple(t.shape)}")
-        data = _hidden_to_storage(t, self.hidden_mode)  # [V, D]
+        data = hidden_to_storage(t, self.hidden_mode)  # [V, D]
         dtype = str(data.dtype)
         spec = ArraySpec(LM_HEAD_ARRAY, dtype, self.hidden_size, 1, None, "byteshuffle-fast")
         chunk_rows, shard_rows = self.layout.rows(spec.row_bytes)

@@ -91,9 +91,11 @@ def fix_checksum(path, i: int) -> None:
             (t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()))
     vis = bits(rec.visual_hidden) if (path / "parts/0/visual_hidden").exists() else None
     counts = None if rec.sample_counts is None else rec.sample_counts.numpy().astype(np.uint16)
-    crc = sample_checksum(rec.row, rec.sample_id, checksum_arrays(
-        rec.input_ids.numpy(), rec.roles.numpy(), rec.positions.numpy(), rec.kinds.numpy(), rec.topk_ids.numpy(),
-        rec.topk_logprobs.numpy(), rec.tail_logmass.numpy(), vis, counts, bits(rec.position_hidden)))
+    crc = sample_checksum(rec.row, rec.sample_id, checksum_arrays({
+        "input_ids": rec.input_ids.numpy(), "roles": rec.roles.numpy(), "positions": rec.positions.numpy(),
+        "kinds": rec.kinds.numpy(), "topk_ids": rec.topk_ids.numpy(), "topk_logprobs": rec.topk_logprobs.numpy(),
+        "tail_logmass": rec.tail_logmass.numpy(), "visual_hidden": vis, "sample_counts": counts,
+        "position_hidden": bits(rec.position_hidden)}))
     zarr.open_array(str(path / "parts/0/index/checksum"), mode="r+")[i] = crc
 
 

@@ -71,10 +71,10 @@ def test_truncated_chunk_is_caught(copy):
 
 def stored_checksum(rec) -> int:
     h = rec.visual_hidden.view(torch.int16).numpy().view(np.uint16)
-    return sample_checksum(rec.row, rec.sample_id, checksum_arrays(rec.input_ids.numpy(), rec.roles.numpy(),
-                                           rec.positions.numpy(), rec.kinds.numpy(),
-                                           rec.topk_ids.numpy(), rec.topk_logprobs.numpy(),
-                                           rec.tail_logmass.numpy(), h))
+    return sample_checksum(rec.row, rec.sample_id, checksum_arrays({
+        "input_ids": rec.input_ids.numpy(), "roles": rec.roles.numpy(), "positions": rec.positions.numpy(),
+        "kinds": rec.kinds.numpy(), "topk_ids": rec.topk_ids.numpy(), "topk_logprobs": rec.topk_logprobs.numpy(),
+        "tail_logmass": rec.tail_logmass.numpy(), "visual_hidden": h}))
 
 
 def test_out_of_range_id_is_caught(copy):
