@@ -69,7 +69,8 @@ _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 def disk_full_error(out: Path, rank: int, e: OSError) -> DumpError:
     """The one-line DumpError for a write that failed for lack of space; the samples committed
     before it are intact (every file is written to ``*.partial`` and renamed)."""
-    from .cache.writer import read_json_attrs, sweep_partials
+    from .cache.format import read_json_attrs
+    from .cache.writer import sweep_partials
 
     sweep_partials(out / "parts" / str(rank))  # give back the space of the torn temp files
     try:
@@ -220,11 +221,10 @@ def precheck_existing(out: Path, settings: dict, dataset: dict) -> None:
 def check_model_settings(cfg: DumpConfig, model) -> None:
     """Refuse settings the loaded teacher cannot honour (checked before the cache is created, so a
     refused setting is never recorded)."""
-    from .records import parse_targets
+    from .target_kinds import parse_targets
 
     V = int(model.lm_head.weight.shape[0])
-    mode, _n = parse_targets(cfg.targets)
-    if mode != "sampled" and not 1 <= cfg.top_k <= V:
+    if parse_targets(cfg.targets).takes_top_k and not 1 <= cfg.top_k <= V:
         raise DumpError(f"--top-k {cfg.top_k} exceeds teacher {cfg.teacher}'s vocabulary of {V} ids: "
                         f"use --top-k {V} (exact) or less")
 
@@ -595,7 +595,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
     ``prepared``: ``prepare_samples`` of ``mine`` (kept, their Tokenized, SkipCounter)."""
     from tqdm.auto import tqdm
 
-    from .cache.writer import GRAM_ARRAY, LM_HEAD_ARRAY
+    from .cache.format import GRAM_ARRAY, LM_HEAD_ARRAY
     from .data.collate import LlavaTorchDataset, collate, length_batches, padding_fraction
     from .relation import HIDDEN_TORCH_DTYPES, parse_relation, stored_relation
     from .teacher import teacher_records

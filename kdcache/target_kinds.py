@@ -92,6 +92,7 @@ class Topk:
     name: ClassVar[str] = "topk"
     form: ClassVar[str] = "topk"
     exact: ClassVar[bool] = False  # stores the LM head's input at every position (and the LM head)
+    takes_top_k: ClassVar[bool] = True  # stores cfg.top_k columns (checked against the vocabulary)
 
     @property
     def spec(self) -> str:
@@ -200,6 +201,7 @@ class Sampled(Topk):
 
     n: int = 0
     name: ClassVar[str] = "sampled"
+    takes_top_k: ClassVar[bool] = False
     form: ClassVar[str] = f"sampled:N with 1 <= N <= {MAX_DRAWS}"
 
     @property
