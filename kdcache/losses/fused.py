@@ -72,6 +72,7 @@ def head_inputs(
     teacher_hidden: torch.Tensor | None = None,
     teacher_lm_weight: torch.Tensor | None = None,
     sample_counts: torch.Tensor | None = None,
+    topk_mask: torch.Tensor | None = None,
 ) -> HeadInputs:
     """Validate the fused head's keywords (the one list of them, with their defaults) -> ``HeadInputs``.
 
@@ -91,6 +92,8 @@ def head_inputs(
     teacher_lm_weight: [V, D_t] its LM head. Each chunk forms the teacher logits by one matmul
                    in the teacher tensors' own dtype (outside autocast), takes the log-softmax
                    at T in that dtype promoted with float32, and never differentiates them.
+    topk_mask:     bool [N, k] with topk_ids: variable-k (nucleus) targets padded to k, False on
+                   the padding columns, which follow the valid ones (``topk_divergence``).
     sample_counts: int [N, n] with it, topk_ids / topk_logprobs are the distinct drawn ids and
                    their true log-probs (padding columns: count 0, id 0, log-prob -inf);
                    tail_logmass must be None and divergence "fkl" (the only unbiased one).
@@ -136,12 +139,14 @@ def head_inputs(
             raise ValueError("teacher_hidden/teacher_lm_weight (exact mode) exclude topk_ids, topk_logprobs, "
                              "tail_logmass and sample_counts: pass one kind of teacher target")
         target, kd_mask = Exact.build(teacher_hidden, teacher_lm_weight, kd_mask, N, V, head)
+    elif topk_mask is not None and (sample_counts is not None or topk_ids is None):
+        raise ValueError("topk_mask goes with top-k targets (topk_ids + topk_logprobs), not sampled ones")
     elif sample_counts is not None:
         target, kd_mask = Sampled.build(topk_ids, topk_logprobs, sample_counts, tail_logmass, kd_mask, N, V, head)
     elif topk_ids is not None and tail_logmass is not None:
-        target, kd_mask = TopkTail.build(topk_ids, topk_logprobs, tail_logmass, kd_mask, N, V, head)
+        target, kd_mask = TopkTail.build(topk_ids, topk_logprobs, tail_logmass, kd_mask, N, V, head, topk_mask)
     elif topk_ids is not None:
-        target, kd_mask = TopkRenorm.build(topk_ids, topk_logprobs, kd_mask, N, V, head)
+        target, kd_mask = TopkRenorm.build(topk_ids, topk_logprobs, kd_mask, N, V, head, topk_mask)
     else:
         kd_mask = None  # no divergence (a caller's kd_mask is moot)
     return HeadInputs(safe_labels, ce_mask, kd_mask, target, head)

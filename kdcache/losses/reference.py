@@ -175,6 +175,7 @@ def teacher_bucket_logprobs(
     vocab_size: int,
     temperature: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    topk_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Teacher's bucket log-probs: [N, k] (+ [N] tail) -> [N, k+1], or [N, k] without a tail.
 
@@ -186,13 +187,19 @@ def teacher_bucket_logprobs(
     tail (renormalised top-k): ``log_softmax(topk_logprobs / T)`` over the k ids, exact.
 
     At k = V the rest is empty: the tail is set to -inf whatever was passed (a finite value
-    there can only be rounding), so that bucket contributes nothing.
+    there can only be rounding), so that bucket contributes nothing. ``topk_mask`` [N, k] bool
+    (variable-k targets, e.g. nucleus): False columns are padding, an empty bucket (-inf); the
+    rest is empty on the rows whose valid columns number V.
     """
     lp = topk_logprobs.to(dtype)
+    if topk_mask is not None:
+        lp = lp.masked_fill(~topk_mask, NEG_INF)
     if tail_logmass is None:
         return torch.log_softmax(lp / temperature, dim=-1)
     tail = tail_logmass.to(dtype)
-    if lp.shape[-1] >= vocab_size:
+    if topk_mask is not None:
+        tail = torch.where(topk_mask.sum(-1) >= vocab_size, NEG_INF, tail)
+    elif lp.shape[-1] >= vocab_size:
         tail = torch.full_like(tail, NEG_INF)
     return torch.log_softmax(torch.cat([lp, tail.unsqueeze(-1)], dim=-1) / temperature, dim=-1)
 
@@ -216,24 +223,43 @@ def _tail_logsumexp(u: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(u.scatter(-1, ids, NEG_INF), dim=-1)
 
 
+def pad_ids_to_first(topk_ids: torch.Tensor, topk_mask: torch.Tensor) -> torch.Tensor:
+    """Padding columns (``topk_mask`` False) take the row's first id, so every id a row holds is
+    one of its valid ids: scattering at the ids then touches exactly the valid set. -> long [N, k]."""
+    ids = topk_ids.long()
+    return torch.where(topk_mask, ids, ids[:, :1])
+
+
 def student_bucket_logprobs(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, with_tail: bool = True, temperature: float = 1.0
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, with_tail: bool = True, temperature: float = 1.0,
+    topk_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Student's full distribution coarsened to the teacher's buckets.
 
     student_logits [N, V] (computed in float32, or float64 if given), topk_ids int [N, k]
     (distinct per row) -> [N, k+1] with_tail (log_softmax(z/T) at the ids, then the rest),
     else [N, k] = log_softmax over the k ids' logits only (renormalised top-k).
+    topk_mask [N, k] bool: False columns are padding (an empty bucket; their ids are ignored),
+    the rest is everything outside the valid ids.
     """
     u = student_logits.to(compute_dtype(student_logits)) / temperature  # [N, V]
-    ids = topk_ids.long()
-    u_k = u.gather(-1, ids)  # [N, k]
+    if topk_mask is None:
+        ids = topk_ids.long()
+        u_k = u.gather(-1, ids)  # [N, k]
+        if not with_tail:
+            return torch.log_softmax(u_k, dim=-1)
+        return student_buckets_from_parts(u_k, torch.logsumexp(u, dim=-1), _tail_logsumexp(u, ids))
+    ids = pad_ids_to_first(topk_ids, topk_mask)
+    u_k = u.gather(-1, ids).masked_fill(~topk_mask, NEG_INF)  # [N, k]
     if not with_tail:
         return torch.log_softmax(u_k, dim=-1)
-    return student_buckets_from_parts(u_k, torch.logsumexp(u, dim=-1), _tail_logsumexp(u, ids))
+    full = (topk_mask.sum(-1) >= u.shape[-1]).unsqueeze(-1)  # [N, 1] an empty rest: -inf, no gradient
+    rest = u.scatter(-1, ids, NEG_INF).masked_fill(full, 0.0)  # [N, V]
+    lse_tail = torch.logsumexp(rest, dim=-1).masked_fill(full.squeeze(-1), NEG_INF)
+    return student_buckets_from_parts(u_k, torch.logsumexp(u, dim=-1), lse_tail)
 
 
-def _check_topk(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature) -> None:
+def _check_topk(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature, topk_mask=None) -> None:
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     N, V = student_logits.shape
@@ -248,6 +274,17 @@ def _check_topk(student_logits, topk_ids, topk_logprobs, tail_logmass, temperatu
         raise ValueError(f"tail_logmass must be [N] = [{N}], got {tuple(tail_logmass.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if topk_mask is not None:
+        check_topk_mask(topk_mask, topk_ids.shape)
+
+
+def check_topk_mask(topk_mask: torch.Tensor, shape) -> None:
+    """topk_mask: bool of the ids' shape [N, k], the valid columns first (column 0 always valid)."""
+    if topk_mask.dtype != torch.bool or tuple(topk_mask.shape) != tuple(shape):
+        raise ValueError(f"topk_mask must be bool {list(shape)} like topk_ids, got {topk_mask.dtype} "
+                         f"{list(topk_mask.shape)}")
+    if topk_mask.numel() and not bool(topk_mask[:, 0].all()):
+        raise ValueError("topk_mask: every row needs its first column valid (the valid ids come first)")
 
 
 def topk_divergence(
@@ -257,6 +294,7 @@ def topk_divergence(
     tail_logmass: torch.Tensor | None = None,
     divergence: str = "fkl",
     temperature: float = 1.0,
+    topk_mask: torch.Tensor | None = None,
     **params,
 ) -> torch.Tensor:
     """Per-position divergence between the teacher's top-k(+tail) buckets and the student -> [N].
@@ -270,6 +308,10 @@ def topk_divergence(
     temperature:    T. The student is log_softmax(z / T); the teacher's buckets are re-tempered
                     by ``teacher_bucket_logprobs`` (exact among the k ids, approximate for the
                     tail). No T^2 factor is applied: scale the loss yourself if you want it.
+    topk_mask:      bool [N, k] or None. Variable-k targets (``topp``: a nucleus of each
+                    position's ids, padded to k): False marks padding columns, which follow the
+                    valid ones; they are an empty bucket on both sides, their ids ignored, and the
+                    rest is everything outside the valid ids.
 
     With a tail the student's buckets are log_softmax(z/T) gathered at the ids and the rest
     ``logsumexp(z/T outside the ids) - logsumexp(z/T)`` (stable; never log(1 - sum p)); the
@@ -279,10 +321,10 @@ def topk_divergence(
     ``masked_mean`` over the positions of each term.
     """
     spec = resolve_divergence(divergence, params)
-    _check_topk(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature)
+    _check_topk(student_logits, topk_ids, topk_logprobs, tail_logmass, temperature, topk_mask)
     cdt = compute_dtype(student_logits)
-    lt = teacher_bucket_logprobs(topk_logprobs, tail_logmass, student_logits.shape[-1], temperature, cdt)
-    ls = student_bucket_logprobs(student_logits, topk_ids, tail_logmass is not None, temperature)
+    lt = teacher_bucket_logprobs(topk_logprobs, tail_logmass, student_logits.shape[-1], temperature, cdt, topk_mask)
+    ls = student_bucket_logprobs(student_logits, topk_ids, tail_logmass is not None, temperature, topk_mask)
     return bucket_divergence(lt, ls, divergence, **spec)
 
 

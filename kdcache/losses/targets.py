@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import NEG_INF, bucket_divergence, check_sampled, sampled_weights, student_buckets_from_parts
-from .reference import teacher_bucket_logprobs
+from .reference import NEG_INF, bucket_divergence, check_sampled, check_topk_mask, pad_ids_to_first, sampled_weights
+from .reference import student_buckets_from_parts, teacher_bucket_logprobs
 
 # A row's rest (outside the ids) holding less than this of exp(u - max u) has its tail taken by an
 # exact log-sum-exp instead: float32 exp underflows below e^-103, so such a sum may have lost terms.
@@ -108,9 +108,10 @@ def softmax_chunk(h, w, labels, g_ce, g_kd, head, kd_part=None) -> Chunk:
     return Chunk(ce, kd, dz)
 
 
-def _topk_ids_logprobs(topk_ids, topk_logprobs, tail_logmass, kd_mask, N: int, V: int, cdt):
+def _topk_ids_logprobs(topk_ids, topk_logprobs, tail_logmass, kd_mask, N: int, V: int, cdt, topk_mask=None):
     """Validate top-k targets; rows without a target get distinct in-range ids and a flat
-    teacher -> (ids long [N, k], log-probs [N, k] in ``cdt``, tail [N] | None, kd_mask [N])."""
+    teacher -> (ids long [N, k], log-probs [N, k] in ``cdt``, tail [N] | None, kd_mask [N],
+    topk_mask [N, k] | None with padding ids set to their row's first id)."""
     if topk_logprobs is None:
         raise ValueError("topk_ids given without topk_logprobs")
     if topk_ids.dim() != 2 or topk_ids.shape != topk_logprobs.shape or topk_ids.shape[0] != N:
@@ -124,29 +125,38 @@ def _topk_ids_logprobs(topk_ids, topk_logprobs, tail_logmass, kd_mask, N: int, V
     dev = topk_ids.device
     kd_mask = kd_mask_or_all(kd_mask, N, dev)
     row = kd_mask.unsqueeze(1)
+    if topk_mask is not None:  # rows without a target: all k columns valid (distinct ids below)
+        topk_mask = topk_mask | ~row
+        check_topk_mask(topk_mask, topk_ids.shape)
     ids = torch.where(row, topk_ids.long(), torch.arange(k, device=dev))
+    if topk_mask is not None:
+        ids = pad_ids_to_first(ids, topk_mask)
     lp = torch.where(row, topk_logprobs.to(cdt), 0.0)
     tail = None if tail_logmass is None else torch.where(kd_mask, tail_logmass.to(cdt), 0.0)
-    return ids, lp, tail, kd_mask
+    return ids, lp, tail, kd_mask, topk_mask
 
 
 @dataclass(frozen=True)
 class TopkTail:
     """Top-k + tail buckets (``reference.topk_divergence`` with a tail).
 
-    ids long [N, k] distinct per row; lt [N, k+1] the teacher's bucket log-probs at T (``cdt``).
+    ids long [N, k] distinct per row; lt [N, k+1] the teacher's bucket log-probs at T (``cdt``);
+    mask bool [N, k] | None: variable-k targets (nucleus), False on padding columns (their ids
+    repeat the row's first, their buckets are empty on both sides).
     """
 
     ids: torch.Tensor
     lt: torch.Tensor
+    mask: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, topk_ids, topk_logprobs, tail_logmass, kd_mask, N: int, V: int, head):
-        ids, lp, tail, kd_mask = _topk_ids_logprobs(topk_ids, topk_logprobs, tail_logmass, kd_mask, N, V, head.cdt)
-        return cls(ids, teacher_bucket_logprobs(lp, tail, V, head.temperature, head.cdt)), kd_mask
+    def build(cls, topk_ids, topk_logprobs, tail_logmass, kd_mask, N: int, V: int, head, topk_mask=None):
+        ids, lp, tail, kd_mask, mask = _topk_ids_logprobs(topk_ids, topk_logprobs, tail_logmass, kd_mask, N, V,
+                                                          head.cdt, topk_mask)
+        return cls(ids, teacher_bucket_logprobs(lp, tail, V, head.temperature, head.cdt, mask), mask), kd_mask
 
     def rows(self, sl: slice) -> "TopkTail":
-        return TopkTail(self.ids[sl], self.lt[sl])
+        return TopkTail(self.ids[sl], self.lt[sl], None if self.mask is None else self.mask[sl])
 
     def chunk(self, h, w, labels, g_ce, g_kd, head) -> Chunk:
         """One exp pass per softmax.
@@ -160,8 +170,12 @@ class TopkTail:
         ``_REST_FLOOR`` (the top-k holds all but ~1e-18 of the student's mass) take lse_tail and
         the within-rest gradient from an exact log-sum-exp over their rest (one host sync per chunk
         checks for them). About 5 [c, V] memory passes where a plain path makes ~14.
+
+        With a mask, padding columns get u_k = -inf and p_k = 0 (their ids repeat a valid one, so
+        zeroing q at the ids zeroes the valid set only), and a row whose valid ids are the whole
+        vocabulary has an empty rest (-inf, no gradient).
         """
-        ids, lt, cdt = self.ids, self.lt, head.cdt
+        ids, lt, cdt, mask = self.ids, self.lt, head.cdt, self.mask
         want = g_ce is not None or g_kd is not None
         z = h @ w.T  # [c, V] the chunk's logits in the matmul dtype (formed once per chunk)
         V = z.shape[-1]
@@ -171,6 +185,11 @@ class TopkTail:
         lse_all = m + s.log()  # [c]
         u_k = u.gather(1, ids).to(cdt)  # [c, k]
         p_k = q.gather(1, ids) / s.unsqueeze(1)  # [c, k] softmax(u) at the ids
+        full = None
+        if mask is not None:
+            u_k = u_k.masked_fill(~mask, NEG_INF)
+            p_k = p_k.masked_fill(~mask, 0.0)
+            full = mask.sum(1) >= V  # [c] rows whose rest is empty
         ce = qz = sz = None
         if labels is not None:
             if T == 1.0:
@@ -179,13 +198,17 @@ class TopkTail:
                 qz, mz, sz = _exp_from_max(z, cdt)
                 lse_z = mz + sz.log()
             ce = lse_z - z.gather(1, labels.unsqueeze(1)).squeeze(1).to(cdt)
-        has_rest = ids.shape[1] < V
+        has_rest = ids.shape[1] < V if mask is None else not bool(full.all())
         q.scatter_(1, ids, 0.0)  # [c, V] now exp(u - m) outside the ids only
         low_rows = rest_rows = None
         if has_rest:
             S = q.sum(1)  # [c]
             low = S < _REST_FLOOR
+            if full is not None:
+                low = low & ~full  # an empty rest is not a small one
             lse_tail = m + S.clamp(min=torch.finfo(cdt).tiny).log()
+            if full is not None:
+                lse_tail = lse_tail.masked_fill(full, NEG_INF)
             if bool(low.any()):
                 low_rows = low.nonzero().squeeze(1)
                 rest_rows = u[low_rows].to(cdt).scatter(1, ids[low_rows], NEG_INF)  # [r, V]
@@ -208,6 +231,9 @@ class TopkTail:
         row_coef = coef / s  # [c] of q on the rest
         if has_rest:
             g_tail = grads[2]
+            if full is not None:  # an empty rest: S = 0 and no gradient
+                g_tail = g_tail.masked_fill(full, 0.0)
+                low = low | full
             row_coef = row_coef + torch.where(low, 0.0, g_tail / torch.where(low, 1.0, S))
         dz = q.mul_(row_coef.unsqueeze(1))  # [c, V] the rest's entries (the ids' are still 0)
         if low_rows is not None:  # g_tail * softmax within the rest, exactly
@@ -228,19 +254,22 @@ class TopkRenorm:
     """Renormalised top-k (``reference.topk_divergence`` without a tail): the divergence depends
     on u_k = z_ids / T alone, so dkd/du is autograd over the [c, k] graph scattered at the ids.
 
-    ids long [N, k]; lt [N, k] the teacher's renormalised log-probs at T (``cdt``).
+    ids long [N, k]; lt [N, k] the teacher's renormalised log-probs at T (``cdt``); mask bool
+    [N, k] | None as for ``TopkTail`` (padding columns: -inf on both sides).
     """
 
     ids: torch.Tensor
     lt: torch.Tensor
+    mask: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, topk_ids, topk_logprobs, kd_mask, N: int, V: int, head):
-        ids, lp, _, kd_mask = _topk_ids_logprobs(topk_ids, topk_logprobs, None, kd_mask, N, V, head.cdt)
-        return cls(ids, teacher_bucket_logprobs(lp, None, V, head.temperature, head.cdt)), kd_mask
+    def build(cls, topk_ids, topk_logprobs, kd_mask, N: int, V: int, head, topk_mask=None):
+        ids, lp, _, kd_mask, mask = _topk_ids_logprobs(topk_ids, topk_logprobs, None, kd_mask, N, V, head.cdt,
+                                                       topk_mask)
+        return cls(ids, teacher_bucket_logprobs(lp, None, V, head.temperature, head.cdt, mask), mask), kd_mask
 
     def rows(self, sl: slice) -> "TopkRenorm":
-        return TopkRenorm(self.ids[sl], self.lt[sl])
+        return TopkRenorm(self.ids[sl], self.lt[sl], None if self.mask is None else self.mask[sl])
 
     def chunk(self, h, w, labels, g_ce, g_kd, head) -> Chunk:
         return softmax_chunk(h, w, labels, g_ce, g_kd, head, self.kd_part)
@@ -250,7 +279,8 @@ class TopkRenorm:
         u_k = z.gather(1, ids) if T == 1.0 else z.gather(1, ids) / T  # [c, k]
         with torch.enable_grad():
             uk = u_k.detach().requires_grad_(want)
-            kd_rows = bucket_divergence(self.lt, torch.log_softmax(uk, dim=-1), head.divergence, **head.params)
+            su = uk if self.mask is None else uk.masked_fill(~self.mask, NEG_INF)
+            kd_rows = bucket_divergence(self.lt, torch.log_softmax(su, dim=-1), head.divergence, **head.params)
             grads = torch.autograd.grad((kd_rows * g_kd).sum(), [uk]) if want else None
         dz = None
         if want:
