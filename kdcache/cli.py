@@ -230,7 +230,9 @@ def dump(
     targets: str = typer.Option(_DUMP.targets, help="topk: the --top-k ids, log-probs and tail mass per position | "
                                                     "hidden: exact, topk plus the LM head's input at every position "
                                                     "and the LM head once | sampled:N: N ids drawn from the "
-                                                    "teacher's distribution with their counts (--top-k unused)."),
+                                                    "teacher's distribution with their counts (--top-k unused) | "
+                                                    "topp:P[,K]: per position the fewest top ids whose mass reaches P "
+                                                    "(at most K, default --top-k), stored ragged, with the tail."),
     draw_seed: int = typer.Option(_DUMP.draw_seed, help="--targets sampled:N: seed of the draws (per sample: "
                                                         "this seed and its row; reruns are identical)."),
     batch_size: int = typer.Option(_DUMP.batch_size, help="Samples per teacher forward."),

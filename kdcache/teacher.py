@@ -30,7 +30,7 @@ import torch
 
 from .positions import select_positions, visual_span
 from .records import TeacherRecord
-from .target_kinds import Sampled, parse_targets
+from .target_kinds import parse_targets
 
 
 def _chunk_logits(h: torch.Tensor, lm_weight: torch.Tensor, lm_bias: torch.Tensor | None,
@@ -221,18 +221,14 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
         spans.append(torch.from_numpy(visual_span(roles)).to(device).long())
         per_sample.append((roles, pos, kc))
     h = torch.cat(sel)  # [P_total, D]
-    counts = None
-    if isinstance(kind, Sampled):
-        n_draws = kind.n
+    rows = [int(batch["rows"][b]) for b in range(len(per_sample))]
+
+    def uniforms(n: int) -> torch.Tensor:  # [P_total, n] float64 on the CPU, one stream per sample
         # per-sample streams: a sample's draws do not depend on the batch it falls in
-        u = torch.cat([sample_uniforms(draw_seed, int(batch["rows"][b]), len(pos), n_draws)
-                       for b, (_r, pos, _k) in enumerate(per_sample)])  # [P_total, N] float64, CPU
-        ids, lps, tail, counts = sample_from_hidden(h, lm.weight, n_draws, uniforms=u, temperature=temperature,
-                                                    chunk_size=chunk_size, lm_bias=lm.bias)
-        counts = counts.to(torch.int32)
-    else:
-        ids, lps, tail = topk_from_hidden(h, lm.weight, top_k, temperature=temperature,
-                                          chunk_size=chunk_size, lm_bias=lm.bias)
+        return torch.cat([sample_uniforms(draw_seed, rows[b], len(pos), n) for b, (_r, pos, _k) in enumerate(per_sample)])
+
+    ids, lps, tail, counts = kind.position_targets(h, lm, top_k=top_k, temperature=temperature,
+                                                   chunk_size=chunk_size, uniforms=uniforms)
 
     records, off = [], 0
     for b, (roles, pos, kc) in enumerate(per_sample):

@@ -61,25 +61,37 @@ REASON_NAMES = {v: k for k, v in REASON_CODES.items()}
 
 # ---- arrays ----------------------------------------------------------------------------------
 # Data arrays of a part; the first axis is the ragged one ("T" tokens, "P" distilled positions,
-# "V" visual rows, "B" sample-id bytes). Width: None = 1-D, "k" = top-k, "D" = hidden size.
-# sample_counts (targets sampled:N) and position_hidden (targets hidden) exist only in their mode.
+# "V" visual rows, "B" sample-id bytes, "E" entries of variable-k targets). Width: None = 1-D,
+# "k" = top-k, "D" = hidden size. Which of them a part holds is its settings' (``data_array_names``):
+# the target kind's (``kdcache.target_kinds``) and the relation mode's.
 TOKEN_ARRAYS = ("input_ids", "roles")
 POSITION_ARRAYS = ("positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass", "sample_counts",
-                   "position_hidden")
+                   "position_hidden", "topp_counts")
 VISUAL_ARRAYS = ("visual_hidden", "visual_factor")  # visual_factor [V, R]: relation lowrank:R, instead
 ID_ARRAYS = ("sample_id_bytes",)
-DATA_ARRAYS = TOKEN_ARRAYS + POSITION_ARRAYS + VISUAL_ARRAYS + ID_ARRAYS
+ENTRY_ARRAYS = ("topp_ids", "topp_logprobs")  # targets topp: the kept ids of every position, flat
+DATA_ARRAYS = TOKEN_ARRAYS + POSITION_ARRAYS + VISUAL_ARRAYS + ID_ARRAYS + ENTRY_ARRAYS
 # The order in which a sample's arrays enter its checksum (``sample_checksum``); a part holds the
 # ones its settings store (``data_array_names``). sample_id_bytes is covered as the id itself.
 CHECKSUM_ORDER = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass",
+                  "topp_counts", "topp_ids", "topp_logprobs",
                   "visual_hidden", "sample_counts", "position_hidden", "visual_factor")
 AXIS_OF = {
     **{a: "tokens" for a in TOKEN_ARRAYS},
     **{a: "positions" for a in POSITION_ARRAYS},
     **{a: "visual" for a in VISUAL_ARRAYS},
     **{a: "id_bytes" for a in ID_ARRAYS},
+    **{a: "entries" for a in ENTRY_ARRAYS},
 }
-TOTAL_KEYS = ("tokens", "positions", "visual", "id_bytes")
+TOTAL_KEYS = ("tokens", "positions", "visual", "id_bytes")  # the axes of every cache (``axes``: and its kind's)
+# axis -> (offset index column, length index column) of a sample (positions: counts.sum(1))
+AXIS_INDEX = {
+    "tokens": ("token_offset", "num_tokens"),
+    "positions": ("pos_offset", None),
+    "visual": ("vis_offset", "num_visual"),
+    "id_bytes": ("id_offset", "id_len"),
+    "entries": ("entry_offset", "num_entries"),
+}
 
 # Index arrays (under parts/<rank>/index/): name -> (dtype, width or None).
 INDEX_ARRAYS: dict[str, tuple[str, int | None]] = {
@@ -169,8 +181,9 @@ def _divisor_chunk(shard_rows: int, max_rows: int) -> int:
 
 
 def targets_of(settings: dict) -> Topk:
-    """``settings['targets']`` parsed: its target kind (``kdcache.target_kinds``)."""
-    return parse_targets(settings["targets"])
+    """``settings['targets']`` parsed: its target kind (``kdcache.target_kinds``), bound to the
+    settings (e.g. topp's K = settings.top_k)."""
+    return parse_targets(settings["targets"]).bound(settings)
 
 
 def relation_rank(settings: dict) -> int | None:
@@ -200,11 +213,21 @@ def stores_visual_hidden(settings: dict) -> bool:
             and not rebuilds_visual_hidden(settings))
 
 
+def axes(settings: dict) -> tuple[str, ...]:
+    """The ragged axes of a part under ``settings``: ``TOTAL_KEYS`` and the target kind's own
+    (``entries`` for targets topp). A part's commit record holds one total per axis."""
+    return TOTAL_KEYS + tuple(targets_of(settings).extra_axes)
+
+
 def index_arrays(settings: dict) -> dict[str, tuple[str, int | None]]:
-    """Index arrays of a part under ``settings``: ``INDEX_ARRAYS``, plus ``relation_error`` with
-    relation lowrank:R."""
+    """Index arrays of a part under ``settings``: ``INDEX_ARRAYS``, the offset and length columns
+    of the target kind's own axes (``AXIS_INDEX``), and ``relation_error`` with relation lowrank:R."""
     extra = RELATION_INDEX_ARRAYS if relation_rank(settings) is not None else {}
-    return {**INDEX_ARRAYS, **extra}
+    own = {}
+    for axis in targets_of(settings).extra_axes:
+        off, ln = AXIS_INDEX[axis]
+        own.update({off: ("int64", None), ln: ("int32", None)})
+    return {**INDEX_ARRAYS, **own, **extra}
 
 
 def data_array_names(settings: dict) -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kdcache.cache.format import (
+    AXIS_INDEX,
     AXIS_OF,
     GRAM_ARRAY,
     LM_HEAD_ARRAY,
@@ -37,15 +38,6 @@ from kdcache.cache.store import cache_location
 from kdcache.positions import ROLE_VISUAL
 from kdcache.records import TeacherRecord
 
-# index column -> (offset column, length column) of each ragged axis
-AXIS_INDEX = {
-    "tokens": ("token_offset", "num_tokens"),
-    "positions": ("pos_offset", None),  # length = counts.sum(1)
-    "visual": ("vis_offset", "num_visual"),
-    "id_bytes": ("id_offset", "id_len"),
-}
-
-
 @dataclass
 class PartIndex:
     """Committed index of one part, in memory (~60 bytes per sample).
@@ -63,11 +55,18 @@ class PartIndex:
 
     def __post_init__(self):
         self._len = {}
-        for axis, (_off, ln) in AXIS_INDEX.items():
+        for axis, (off, ln) in AXIS_INDEX.items():
+            if off not in self.cols:  # an axis of another target kind
+                continue
             if axis == "positions":
                 self._len[axis] = self.cols["counts"].sum(axis=1, dtype=np.int64)
             else:
                 self._len[axis] = self.cols[ln].astype(np.int64)
+
+    @property
+    def axes(self) -> list[str]:
+        """The ragged axes this part has (``kdcache.cache.format.axes`` of its settings)."""
+        return list(self._len)
 
     def length(self, axis: str) -> np.ndarray:
         """[S] rows of each sample on ``axis``."""
@@ -103,7 +102,7 @@ def load_part_index(zarr, store, root: Path, rank: int, settings: dict) -> PartI
 def _check_extents(p: PartIndex, root: Path) -> None:
     """CacheCorrupt unless every committed sample's rows lie inside the commit record's totals:
     a damaged index must never turn into slices of other samples' rows (or huge reads)."""
-    for axis in AXIS_INDEX:
+    for axis in p.axes:
         off, ln = p.offset(axis).astype(np.int64), p.length(axis)
         total = p.totals.get(axis)
         if total is None:

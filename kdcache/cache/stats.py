@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.cache.format import (
+    AXIS_INDEX,
     DATA_ARRAYS,
     GRAM_ARRAY,
     INDEX_ARRAYS,
@@ -22,6 +23,9 @@ from kdcache.cache.format import (
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.store import cache_location
 from kdcache.positions import KIND_NAMES, KIND_RESPONSE
+
+
+ENTRY_INDEX_COLUMNS = AXIS_INDEX["entries"]  # entry_offset, num_entries (targets topp)
 
 
 def _dir_bytes(d: Path) -> int:
@@ -40,7 +44,7 @@ def disk_bytes(path: str | os.PathLike) -> dict[str, int]:
             out[name] = b
     for name in INDEX_ARRAYS:
         out[f"index/{name}"] = sum(_dir_bytes(p / "index" / name) for p in parts)
-    for name in RELATION_INDEX_ARRAYS:  # only in their relation mode
+    for name in (*RELATION_INDEX_ARRAYS, *ENTRY_INDEX_COLUMNS):  # only in their relation mode / target kind
         b = sum(_dir_bytes(p / "index" / name) for p in parts)
         if b:
             out[f"index/{name}"] = b

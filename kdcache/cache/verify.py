@@ -18,7 +18,6 @@ from kdcache.cache.format import (
     LM_HEAD_ARRAY,
     REASON_NAMES,
     STATUS_OK,
-    TOTAL_KEYS,
     CacheFormatError,
     attr_differences,
     bf16_bits_to_float32,
@@ -237,7 +236,7 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
     """Offsets contiguous from 0, totals equal the commit record, arrays long enough."""
     good = True
     where = f"part {p.rank}"
-    for axis in TOTAL_KEYS:
+    for axis in p.axes:
         off, ln = p.offset(axis).astype(np.int64), p.length(axis)
         expect = np.concatenate([[0], np.cumsum(ln)[:-1]]) if len(ln) else off
         bad = np.nonzero(off != expect)[0]
@@ -393,10 +392,6 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         rep.add(f"{where}: array input_ids has ids outside [0, {vocab}): "
                 f"min {int(ids.min())}, max {int(ids.max())}")
-    tid = d["topk_ids"]
-    if tid.size and (tid.min() < 0 or tid.max() >= vocab):
-        rep.add(f"{where}: array topk_ids has ids outside [0, {vocab}): "
-                f"min {int(tid.min())}, max {int(tid.max())}")
     if roles.size and roles.max() > 2:
         rep.add(f"{where}: array roles has unknown role {int(roles.max())}")
         return
@@ -410,7 +405,7 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
     if not np.array_equal(counts, p.cols["counts"][i]):
         rep.add(f"{where}: index counts {p.cols['counts'][i].tolist()} but roles give "
                 f"{counts.tolist()} (prompt, visual, response)")
-    targets_of(attrs["settings"]).verify(where, d, lp_dtype, rep)
+    targets_of(attrs["settings"]).verify(where, d, lp_dtype, vocab, rep)
     n_vis = int(np.count_nonzero(roles == ROLE_VISUAL))
     D = int(attrs["teacher"]["hidden_size"])
     if hidden is not None:
@@ -437,6 +432,12 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
             probe.take(where, d["positions"], h, d["topk_ids"][:, 0])
 
 
+def check_id_range(where: str, name: str, ids: np.ndarray, vocab: int, rep: VerifyReport) -> None:
+    """Every id of array ``name`` in [0, vocab)."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        rep.add(f"{where}: array {name} has ids outside [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
+
+
 def check_topk_rows(where: str, d: dict, lp_dtype: np.dtype, rep: VerifyReport) -> None:
     """targets topk / hidden: finite log-probs <= 0 sorted descending, tail in [-inf, 0], and the
     k + 1 buckets sum to 1 within the stored dtype's rounding."""
@@ -453,7 +454,7 @@ def check_topk_rows(where: str, d: dict, lp_dtype: np.dtype, rep: VerifyReport) 
     if not _tail_ok(where, tail, rep):
         return
     prob = np.exp(lp)
-    _check_mass(where, d, prob, lp, tail, lp_dtype, rep)
+    check_mass(where, d, prob, lp, tail, lp_dtype, rep)
 
 
 def _tail_ok(where: str, tail: np.ndarray, rep: VerifyReport) -> bool:
@@ -465,7 +466,7 @@ def _tail_ok(where: str, tail: np.ndarray, rep: VerifyReport) -> bool:
     return True
 
 
-def _check_mass(where, d, prob, lp_abs_src, tail, lp_dtype, rep: VerifyReport) -> None:
+def check_mass(where, d, prob, lp_abs_src, tail, lp_dtype, rep: VerifyReport) -> None:
     """sum(prob) + exp(tail) = 1 per position within ``logprob_tolerance`` (prob, |log-prob| [P, k],
     0 on padding columns)."""
     mass = prob.sum(axis=1) + np.exp(tail)  # [P]
@@ -519,4 +520,4 @@ def check_sampled_rows(where: str, d: dict, lp_dtype: np.dtype, n: int, rep: Ver
         rep.add(f"{where}: array topk_ids repeats a drawn id at one position (ids must be distinct)")
     if not _tail_ok(where, tail, rep):
         return
-    _check_mass(where, d, np.where(drawn, np.exp(lp_d), 0.0), lp_d, tail, lp_dtype, rep)
+    check_mass(where, d, np.where(drawn, np.exp(lp_d), 0.0), lp_d, tail, lp_dtype, rep)

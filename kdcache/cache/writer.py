@@ -37,16 +37,17 @@ import numpy as np
 import torch
 
 from kdcache.cache.format import (
+    AXIS_INDEX,
     AXIS_OF,
     DATA_ARRAYS,
     GRAM_ARRAY,
     LM_HEAD_ARRAY,
     REASON_CODES,
     STATUS_OK,
-    TOTAL_KEYS,
     ArraySpec,
     CacheFormatError,
     Layout,
+    axes,
     ceil_to,
     check_compatible,
     checksum_arrays,
@@ -214,6 +215,7 @@ class CacheWriter:
         self.hidden_mode = self.settings["hidden"]
         self.target_kind = targets_of(self.settings)  # kdcache.target_kinds: encodes the per-position targets
         self.relation_rank = relation_rank(self.settings)  # R of relation lowrank:R, else None
+        self.axes = axes(self.settings)  # ragged axes: TOTAL_KEYS and the target kind's own
         self.store = LocalStore(self.path)
         self.part_dir = self.path / "parts" / str(rank)
         self._lock = _lock_part(self.path, rank)
@@ -232,7 +234,7 @@ class CacheWriter:
 
         c = self.part.attrs["committed"]
         self.num_committed = int(c["samples"])
-        self.totals = {key: int(c[key]) for key in TOTAL_KEYS}
+        self.totals = {key: int(c[key]) for key in self.axes}
         rows = self.index["row"][: self.num_committed] if self.num_committed else np.zeros(0)
         self._rows: list[int] = [int(r) for r in rows]
         self._row_set = set(self._rows)
@@ -274,7 +276,7 @@ class CacheWriter:
     def _open_part(self, zarr):
         part_attrs = read_json_attrs(self.part_dir)
         if part_attrs is None:
-            zero = {"samples": 0, **{key: 0 for key in TOTAL_KEYS}}
+            zero = {"samples": 0, **{key: 0 for key in self.axes}}
             return zarr.create_group(
                 self.store,
                 path=f"parts/{self.rank}",
@@ -516,19 +518,19 @@ class CacheWriter:
         """Buffer a sample's rows and its (not yet committed) index row (``relation_error`` is
         written only with relation lowrank:R)."""
         nx = self._next
-        lens = {axis: 0 for axis in TOTAL_KEYS}
+        lens = {axis: 0 for axis in self.axes}
         for name, a in slabs.items():
             self._buf[name].append(a)
             self._buf_rows[name] += a.shape[0]
             lens[AXIS_OF[name]] = a.shape[0]
-        self._pending.append({
-            "row": row, "status": status, "token_offset": nx["tokens"],
-            "num_tokens": lens["tokens"], "pos_offset": nx["positions"], "counts": counts,
-            "vis_offset": nx["visual"], "num_visual": lens["visual"],
-            "id_offset": nx["id_bytes"], "id_len": lens["id_bytes"], "checksum": crc,
-            "relation_error": relation_error,
-        })
-        for axis in TOTAL_KEYS:
+        index_row = {"row": row, "status": status, "counts": counts, "checksum": crc, "relation_error": relation_error}
+        for axis in self.axes:  # each axis' offset (and length) columns
+            off, ln = AXIS_INDEX[axis]
+            index_row[off] = nx[axis]
+            if ln is not None:
+                index_row[ln] = lens[axis]
+        self._pending.append(index_row)
+        for axis in self.axes:
             nx[axis] += lens[axis]
         self._pending[-1]["_end"] = dict(nx)
         self._row_set.add(int(row))
@@ -579,13 +581,13 @@ class CacheWriter:
         if not self._pending:
             return
         self._write_big(force)
-        extent = {axis: float("inf") for axis in TOTAL_KEYS}
+        extent = {axis: float("inf") for axis in self.axes}
         for name, spec in self.dspecs.items():
             if spec.aligned:
                 extent[AXIS_OF[name]] = min(extent[AXIS_OF[name]], self._written[name])
         j = 0
         while j < len(self._pending) and all(
-            self._pending[j]["_end"][a] <= extent[a] for a in TOTAL_KEYS
+            self._pending[j]["_end"][a] <= extent[a] for a in self.axes
         ):
             j += 1
         if j == 0:
@@ -619,7 +621,7 @@ class CacheWriter:
         """Step 3: one atomic rewrite of the part's zarr.json makes the first ``j`` pending
         samples visible."""
         n = self.num_committed + j
-        totals = {key: int(ends[key]) for key in TOTAL_KEYS}
+        totals = {key: int(ends[key]) for key in self.axes}
         _fault_point("commit")
         self.part.attrs.update({"committed": {"samples": n, **totals}, "finished": False})
         _fault_point("committed")
