@@ -224,8 +224,9 @@ def check_model_settings(cfg: DumpConfig, model) -> None:
     from .target_kinds import parse_targets
 
     V = int(model.lm_head.weight.shape[0])
-    if parse_targets(cfg.targets).takes_top_k and not 1 <= cfg.top_k <= V:
-        raise DumpError(f"--top-k {cfg.top_k} exceeds teacher {cfg.teacher}'s vocabulary of {V} ids: "
+    kind = parse_targets(cfg.targets)
+    if kind.takes_top_k and not 1 <= kind.top_k(cfg.top_k) <= V:
+        raise DumpError(f"--top-k {kind.top_k(cfg.top_k)} exceeds teacher {cfg.teacher}'s vocabulary of {V} ids: "
                         f"use --top-k {V} (exact) or less")
 
 
@@ -608,7 +609,8 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
         return stats
     from .target_kinds import parse_targets
 
-    exact = parse_targets(cfg.targets).exact
+    kind = parse_targets(cfg.targets)
+    exact = kind.exact
     if exact and model.lm_head.bias is not None:
         raise DumpError(f"--targets hidden stores H and the LM head so that logits = H W^T, but teacher "
                         f"{cfg.teacher} has an lm_head.bias {tuple(model.lm_head.bias.shape)}: use --targets topk "
@@ -651,7 +653,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
         relation = stored_relation(cfg.relation, cfg.hidden)
         # lowrank: C = sqrt(W^T W) [D, D] once per dump (an eigh), each sample's factor per batch
         c = relation_sqrt(model) if parse_relation(relation)[0] == "lowrank" else None
-        record_batches = (teacher_records(model, batch, kinds=cfg.positions, top_k=cfg.top_k,
+        record_batches = (teacher_records(model, batch, kinds=cfg.positions, top_k=kind.top_k(cfg.top_k),
                                           temperature=cfg.temperature, with_hidden=relation != "none",
                                           chunk_size=cfg.chunk_size, targets=cfg.targets,
                                           draw_seed=cfg.draw_seed, relation=relation, relation_sqrt=c,

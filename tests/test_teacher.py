@@ -219,3 +219,34 @@ def test_cache_holds_the_plain_forward(teacher, tiny_teacher, synth_data, small_
         else:
             assert rec.visual_hidden.dtype == torch.bfloat16
             assert (np.abs(got_h - ref_h[span]) <= np.abs(ref_h[span]) * 2.0**-7 + 1e-6).all()
+
+
+@pytest.mark.parametrize("p", [0.02, 0.06])
+def test_topp_records_are_the_nucleus_with_exact_tail(teacher, batch_and_refs, p):
+    """targets topp:P,K: per position the fewest top ids whose mass reaches P (at most K), padded
+    with -inf after them, and the tail the exact log-mass outside the kept ids."""
+    model, _ = teacher
+    batch, refs = batch_and_refs
+    K = 24
+    recs = teacher_records(model, batch, kinds=("visual", "response"), top_k=K, with_hidden=False,
+                           targets=f"topp:{p},{K}")
+    counts = []
+    for r in recs:
+        ref_lp = refs[r.row][0][r.positions.long().numpy()]  # [P, V] float64
+        srt = -np.sort(-ref_lp, axis=1)
+        lp = r.topk_logprobs.numpy().astype(np.float64)  # [P, K]
+        kept = np.isfinite(lp)
+        c = kept.sum(1)
+        counts += c.tolist()
+        assert (kept == (np.arange(K)[None] < c[:, None])).all()  # kept ids first, then padding
+        mass = np.cumsum(np.exp(srt[:, :K]), axis=1)  # [P, K] mass of the top j+1
+        want = np.minimum((mass < p).sum(1) + 1, K)  # fewest ids reaching P, capped at K
+        assert (c == want).all()
+        tid = r.topk_ids.long().numpy()
+        np.testing.assert_allclose(np.where(kept, lp, 0), np.where(kept, srt[:, :K], 0), atol=2e-5)
+        assert (tid[~kept] == np.broadcast_to(tid[:, :1], tid.shape)[~kept]).all()  # padding repeats the first id
+        rest = ref_lp.copy()
+        for i in range(len(rest)):
+            rest[i, tid[i, :c[i]]] = -np.inf
+        np.testing.assert_allclose(r.tail_logmass.numpy(), np.log(np.exp(rest).sum(1)), atol=2e-5)
+    assert 1 < np.mean(counts) < K  # the nucleus varies: neither one id nor the cap everywhere
