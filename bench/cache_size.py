@@ -12,6 +12,11 @@ sample on disk (visual_hidden or visual_factor), the relative Gram error of the 
 (float16 rounding only): the max |error| against a float32 dump of the same k is printed with the
 KL between the two coarsened distributions. Choose codecs on a trained teacher's cache (the
 demo's), not on random weights: trained distributions are peaked and compress differently.
+
+A second table puts the nucleus targets (``--targets topp:P,K`` for each ``--topp`` P, capped at
+``--topp-k``) beside top-64: the target arrays' bytes on disk per position (topp: counts, kept
+ids and log-probs, tail, and its two index columns), the ids kept per position (mean, p50, p95,
+max) and the share of positions the cap cut short.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=200, help="samples to dump (first N of --data)")
     ap.add_argument("--rank", type=int, default=64, help="R of the lowrank:R relation row")
     ap.add_argument("--out", default=None, help="where to keep the caches (default: a temp dir)")
+    ap.add_argument("--topp", default="0.99,0.999", help="P of the nucleus rows (empty: none)")
+    ap.add_argument("--topp-k", type=int, default=256, help="K, the nucleus rows' cap")
+    ap.add_argument("--topp-vs", type=int, default=64, help="the top-k row they are compared with")
     args = ap.parse_args(argv)
 
     from kdcache.cache.reader import CacheReader
@@ -83,10 +91,44 @@ def main(argv=None) -> None:
         e_mean, e_max = (f"{errs.mean():.2e}", f"{errs.max():.2e}") if errs.size else ("-", "-")
         print(f"{k:>4} {rel:>11} {naive:>12.0f} {stored:>13.1f} {ratio:>6.2f} {rel_b / 1024:>11.2f} {e_mean:>13}"
               f" {e_max:>12} {tot / 1024:>13.1f} {err:>9.2e} {kl:>13.2e}")
+    if args.topp:
+        topp_table(args, data, work)
     n_vis = r.attrs["teacher"]["num_image_tokens"]
     print(f"\ncaches under {work}; {n_vis} visual tokens per image: relation bytes per sample before compression "
           f"are 2 N D (hidden bf16) and 2 N R (lowrank:R bf16) -- at N = 729, D = 2048: "
           f"{2 * 729 * 2048 / 1e6:.1f} MB vs {2 * 729 * args.rank / 1e3:.0f} KB at R = {args.rank}")
+
+
+def topp_table(args, data: Path, work: Path) -> None:
+    """Nucleus rows beside top-``--topp-vs``: target bytes per position and ids kept per position."""
+    import torch
+
+    from kdcache.cache.reader import CacheReader
+    from kdcache.cache.stats import disk_bytes
+    from kdcache.config import DumpConfig
+    from kdcache.dump import dump
+
+    arrays = ("topk_ids", "topk_logprobs", "tail_logmass", "topp_counts", "topp_ids", "topp_logprobs",
+              "index/entry_offset", "index/num_entries")
+    out = []
+    for targets, k in [("topk", args.topp_vs)] + [(f"topp:{p},{args.topp_k}", args.topp_k) for p in args.topp.split(",")]:
+        p = work / f"{targets.replace(':', '').replace(',', '-')}-k{k}.zarr"
+        dump(DumpConfig(teacher=args.teacher, data=str(data), images=args.images, out=str(p), top_k=k, hidden="none",
+                        targets=targets, num_workers=0))
+        r = CacheReader(p)
+        recs = r.read_range(0, 0, r.part_sizes[0])
+        kept = torch.cat([torch.isfinite(x.topk_logprobs.float()).sum(1) for x in recs]).double()  # [P]
+        b = disk_bytes(p)
+        out.append((targets if targets != "topk" else f"topk:{k}", sum(b.get(a, 0) for a in arrays) / len(kept),
+                    kept, float((kept == k).double().mean()) if targets != "topk" else float("nan")))
+    head = f"{'targets':>16} {'B/pos':>8} {'vs top-' + str(args.topp_vs):>10} {'ids mean':>9} {'p50':>5} {'p95':>5} {'max':>5} {'capped':>7}"
+    print("\n" + head + "\n" + "-" * len(head))
+    base = out[0][1]
+    for name, bpp, kept, capped in out:
+        q = torch.quantile(kept, torch.tensor([0.5, 0.95], dtype=torch.float64)).tolist()
+        cap = "-" if capped != capped else f"{100 * capped:.1f}%"
+        print(f"{name:>16} {bpp:>8.1f} {bpp / base:>10.2f} {kept.mean().item():>9.1f} {q[0]:>5.0f} {q[1]:>5.0f}"
+              f" {kept.max().item():>5.0f} {cap:>7}")
 
 
 if __name__ == "__main__":

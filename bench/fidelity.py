@@ -8,12 +8,13 @@ the students of every seed and the data); ``--teacher/--student/--data/--images`
 pieces for part 1.
 
 Part 1, on held-out samples (the first ``--limit`` of the eval split), for each mode
-(``topk:8``, ``topk:64``, ``sampled:8``, ``sampled:64``, ``hidden``), each dumped by the real
+(``topk:8``, ``topk:64``, ``topp:0.99``, ``topp:0.999`` (nucleus capped at K = 256),
+``sampled:8``, ``sampled:64``, ``hidden``), each dumped by the real
 ``kdcache dump`` with its default storage dtypes (float16 log-probs, bf16 hidden states):
 
 * ``KL(stored||exact)``: mean over positions of KL(q || p), p the teacher's exact distribution
   (float32, online), q what the cache lets a loss see as the teacher: top-k renormalised over
-  its k ids (= -log of the kept mass), the empirical distribution c/N of the sampled mode, the
+  its k ids (= -log of the kept mass; topp: the kept nucleus), the empirical distribution c/N of the sampled mode, the
   distribution rebuilt from bf16 hidden states and the stored LM head in the exact mode;
 * ``L_res err`` / ``L_vis err``: |L_mode - L_online| / L_online of the batch-mean forward KL at
   response / visual positions for a real student (the demo's PT-SFT student), L_online being
@@ -21,7 +22,8 @@ Part 1, on held-out samples (the first ``--limit`` of the eval split), for each 
   tail bucket), sampled the unbiased estimator ``sum_j c_j/N (log p_j - log s_j)``;
 * ``grad err``: ||g_mode - g_online|| / ||g_online|| of d(L_res + L_vis)/d(student logits);
 * ``B/pos``: bytes on disk of the target arrays per distilled position (ids, log-probs, tail,
-  counts; the exact mode's position hidden states), and the exact mode's one-off LM head.
+  counts; the exact mode's position hidden states; topp's ragged arrays and their index
+  columns), and the exact mode's one-off LM head.
 
 Part 2 (``--accuracy``): from each seed's DPT-SFT student of the demo, the DFT stage is run on
 the student split's cache of each mode (everything else as the demo's LLaVA-KD row), and the
@@ -42,12 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-MODES = ("topk:8", "topk:64", "sampled:8", "sampled:64", "hidden")
+MODES = ("topk:8", "topk:64", "topp:0.99", "topp:0.999", "sampled:8", "sampled:64", "hidden")
+TOPP_K = 256  # the nucleus modes' cap K (topp:P,256): a flat position may keep more than top-64
 
 
 def _dump_kwargs(mode: str) -> dict:
     if mode.startswith("topk:"):
         return {"top_k": int(mode.split(":")[1]), "targets": "topk"}
+    if mode.startswith("topp:"):
+        return {"targets": mode, "top_k": TOPP_K}
     if mode.startswith("sampled:"):
         return {"targets": mode, "draw_seed": 0}
     return {"targets": "hidden", "top_k": 8}
@@ -84,7 +89,8 @@ def target_bytes(cache: Path) -> tuple[float, float]:
     b = disk_bytes(cache)
     P = sum(int(p.length("positions").sum()) for p in CacheReader(cache).parts.values())
     per_pos = sum(b.get(a, 0) for a in ("topk_ids", "topk_logprobs", "tail_logmass", "sample_counts",
-                                       "position_hidden"))
+                                       "position_hidden", "topp_counts", "topp_ids", "topp_logprobs",
+                                       "index/entry_offset", "index/num_entries"))
     lm = sum(f.stat().st_size for f in (cache / "teacher_lm_head").rglob("*") if f.is_file()) \
         if (cache / "teacher_lm_head").is_dir() else 0
     return per_pos / P, float(lm)
@@ -105,9 +111,10 @@ def mode_losses(mode: str, z_s: torch.Tensor, recs, lm_head) -> torch.Tensor:
     from kdcache import losses as L
 
     cat = {f: torch.cat([getattr(r, f) for r in recs]) for f in ("topk_ids", "topk_logprobs", "tail_logmass")}
-    if mode.startswith("topk:"):
-        return L.topk_divergence(z_s, cat["topk_ids"].long(), cat["topk_logprobs"].float(),
-                                 cat["tail_logmass"].float())
+    if mode.startswith(("topk:", "topp:")):  # topp: records padded to K, the kept columns finite
+        lp = cat["topk_logprobs"].float()
+        return L.topk_divergence(z_s, cat["topk_ids"].long(), lp, cat["tail_logmass"].float(),
+                                 topk_mask=torch.isfinite(lp) if mode.startswith("topp:") else None)
     if mode.startswith("sampled:"):
         counts = torch.cat([r.sample_counts for r in recs]).long()
         return L.sampled_kl(z_s, cat["topk_ids"].long(), counts, cat["topk_logprobs"].float())
@@ -118,9 +125,10 @@ def mode_losses(mode: str, z_s: torch.Tensor, recs, lm_head) -> torch.Tensor:
 def stored_vs_exact_kl(mode: str, recs, lp_exact: torch.Tensor, lm_head) -> torch.Tensor:
     """KL(q || p) per position [P]: q the teacher as the cache gives it, p the exact teacher."""
     ids = torch.cat([r.topk_ids for r in recs]).long()
-    if mode.startswith("topk:"):
-        kept = torch.logsumexp(lp_exact.gather(1, ids), dim=1)  # log of the kept mass
-        return -kept
+    if mode.startswith(("topk:", "topp:")):
+        kept_cols = torch.isfinite(torch.cat([r.topk_logprobs for r in recs]).float())  # topp: padding False
+        kept = torch.logsumexp(lp_exact.gather(1, ids).masked_fill(~kept_cols, float("-inf")), dim=1)
+        return -kept  # log of the kept mass
     if mode.startswith("sampled:"):
         counts = torch.cat([r.sample_counts for r in recs]).double()
         q = counts / counts.sum(1, keepdim=True)
