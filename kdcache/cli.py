@@ -77,10 +77,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.llava import DataError, SampleError
     from .dump import DumpError
     from .models import ModelLoadError
-    from .train import CacheMismatchError, RunMismatchError
+    from .train import RunMismatchError
 
     return (BackendUnavailable, CacheLocationError, ConfigError, DumpError, ModelLoadError, CacheMismatch, CacheCorrupt, CacheFormatError,
-            CacheLocked, CacheMismatchError, RunMismatchError, DataError, SampleError, FileNotFoundError,
+            CacheLocked, RunMismatchError, DataError, SampleError, FileNotFoundError,
             NotADirectoryError, PermissionError)
 
 

@@ -256,7 +256,7 @@ def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype | Non
     Refuses a kdcache-assembled model whose projector no stage has trained, and turns load
     failures (e.g. a hub id without network) into DumpError with the advice to pass a directory.
     """
-    from .models import ModelLoadError, load_model, model_dir, projector_trained
+    from .models import ModelLoadError, default_dtype, load_model, model_dir, projector_trained
 
     try:
         path = model_dir(cfg.teacher, "--teacher")
@@ -270,7 +270,7 @@ def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype | Non
             f"--student runs/teacher-pt ...`, and dump from that directory."
         )
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
     try:
         model, processor = load_model(path, dtype=dtype, device=device)
     except ModelLoadError as e:

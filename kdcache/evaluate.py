@@ -150,9 +150,9 @@ def _device() -> torch.device:
 
 
 def _load(name: str, device: torch.device, flag: str = "--model"):
-    from .models import load_model
+    from .models import default_dtype, load_model
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     model, processor = load_model(name, dtype=dtype, device=device, flag=flag)
     model.requires_grad_(False).eval()
     return model, processor

@@ -119,10 +119,10 @@ def read_sidecar(path: Path, settings: GenerateSettings) -> dict[int, dict]:
 
 class _HfGenerator:
     def __init__(self, teacher: str, st: GenerateSettings):
-        from .models import load_model
+        from .models import default_dtype, load_model
 
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
         self.model, self.processor = load_model(teacher, dtype=dtype, device=device, flag="--teacher")
         self.model.requires_grad_(False).eval()
         self.st = st

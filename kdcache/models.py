@@ -214,6 +214,12 @@ def model_dir(name: str, flag: str = "") -> str:
     return src.name if src.kind == "dir" else hub_snapshot(src.name, flag)
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The one rule for a model's compute dtype when none is asked for: bf16 on CUDA, else float32
+    (CPU bf16 matmuls are slow and lose precision for nothing)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                attn_implementation: str | None = None, flag: str = ""):
     """Load ``(model, processor)`` from a LLaVA directory or hub id (see ``model_dir``; ``flag``

@@ -45,18 +45,15 @@ from pathlib import Path
 import torch
 
 from . import losses as L
-from .cache.format import CacheCorrupt
+from .cache.format import CacheCorrupt, CacheMismatch
 from .config import STAGE_LR, TrainConfig, to_dict, validate
+from .losses import IGNORE_INDEX
 from .positions import KIND_PROMPT, KIND_RESPONSE, KIND_VISUAL
 from .records import TeacherRecord
 from .relation import lm_gram
 from .target_kinds import Topk, parse_targets
 
 STATE_FILE = "trainer_state.json"
-
-
-class CacheMismatchError(RuntimeError):
-    """The cache was made for another tokenizer, template, vocabulary or data."""
 
 
 class RunMismatchError(RuntimeError):
@@ -82,12 +79,12 @@ class SampleJoin:
     def __call__(self, rec):
         row = rec.row if isinstance(rec, TeacherRecord) else int(rec)
         if row not in self.index:
-            raise CacheMismatchError(f"row {row} of the cache is not a usable sample of this data file "
+            raise CacheMismatch(f"row {row} of the cache is not a usable sample of this data file "
                                      "(missing, or skipped as bad input): pass the data file the cache was dumped from")
         item = self.dataset[self.index[row]]
         if isinstance(rec, TeacherRecord):
             if rec.sample_id != item["sample_id"] or not torch.equal(rec.input_ids.long(), item["input_ids"]):
-                raise CacheMismatchError(
+                raise CacheMismatch(
                     f"sample {item['sample_id']!r} (row {row}): the cache's token ids differ from this "
                     f"tokenisation ({rec.num_tokens} cached vs {len(item['input_ids'])} now). The cache was "
                     "dumped with another tokenizer, template, image-token count or data file: dump it again "
@@ -253,10 +250,10 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
     if t["num_image_tokens"] != n_image:
         problems.append(f"visual tokens per image: cache {t['num_image_tokens']}, student {n_image}")
     if problems:
-        raise CacheMismatchError(f"cache {cfg.cache} does not match student {cfg.student}: " + "; ".join(problems))
+        raise CacheMismatch(f"cache {cfg.cache} does not match student {cfg.student}: " + "; ".join(problems))
     if "truncate" in st and (cfg.on_too_long != "truncate" or cfg.max_length != st["max_length"]):
         # the dump cut long samples to its max_length: only the same cut gives the cached token ids
-        raise CacheMismatchError(f"cache {cfg.cache} cut samples longer than {st['max_length']} tokens (dumped with "
+        raise CacheMismatch(f"cache {cfg.cache} cut samples longer than {st['max_length']} tokens (dumped with "
                                  f"--on-too-long truncate --max-length {st['max_length']}), this run asks "
                                  f"on_too_long {cfg.on_too_long} with max_length {cfg.max_length}: pass "
                                  f"--on-too-long truncate --max-length {st['max_length']}")
@@ -265,19 +262,19 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
     for kind, key, w in (("visual", "beta_vis", lc.beta_vis), ("response", "alpha_res", lc.alpha_res),
                          ("prompt", "prompt_weight", lc.prompt_weight)):
         if w and kind not in dumped:
-            raise CacheMismatchError(f"loss.{key} = {w} needs {kind} positions, but cache {cfg.cache} was dumped "
+            raise CacheMismatch(f"loss.{key} = {w} needs {kind} positions, but cache {cfg.cache} was dumped "
                                      f"with positions {sorted(dumped)}: set loss.{key}: 0 or dump with "
                                      f"--positions including {kind}")
     problem = parse_targets(st["targets"]).train_problem(cfg, st)
     if problem is not None:
-        raise CacheMismatchError(problem)
+        raise CacheMismatch(problem)
     # caches made before the relation option have relation none exactly when hidden is none
     if lc.gamma_rel and (st["relation"] == "none" or st["hidden"] == "none"):
-        raise CacheMismatchError(f"loss.gamma_rel = {lc.gamma_rel} needs relation targets, but cache "
+        raise CacheMismatch(f"loss.gamma_rel = {lc.gamma_rel} needs relation targets, but cache "
                                  f"{cfg.cache} was dumped with relation none (hidden {st['hidden']}): set "
                                  "loss.gamma_rel: 0 or dump with --hidden bf16 --relation hidden (or lowrank:64)")
     if lc.gamma_rel and st["relation"].startswith("lowrank:") and lc.relation_features != "logits":
-        raise CacheMismatchError(f"loss.relation_features {lc.relation_features!r} needs the teacher's hidden states, "
+        raise CacheMismatch(f"loss.relation_features {lc.relation_features!r} needs the teacher's hidden states, "
                                  f"but cache {cfg.cache} has relation {st['relation']!r}: a factor of the logit Gram "
                                  "only. Set loss.relation_features: logits, or dump with --relation hidden")
 
@@ -346,9 +343,9 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
 
     # Rows of `hidden` that need the LM head: CE targets (t+1 is a response token) and KD positions.
     labels = batch["labels"].to(device, non_blocking=True)
-    next_labels = torch.full_like(labels, -100)
+    next_labels = torch.full_like(labels, IGNORE_INDEX)
     next_labels[:, :-1] = labels[:, 1:]  # the output at t predicts token t+1
-    want = next_labels != -100  # [B, T]
+    want = next_labels != IGNORE_INDEX  # [B, T]
     kd_row = torch.full((B, T), -1, dtype=torch.long, device=device)
     kd_kind = torch.full((B, T), -1, dtype=torch.long, device=device)
     if records is not None:
@@ -364,7 +361,7 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
     ce_labels = next_labels[flat[:, 0], flat[:, 1]]  # [N]
     # Every loss row's weight is known now (1 / count per term, times its alpha / beta), so the
     # fused head forms the gradients in its forward pass: its logits once per chunk.
-    ce_valid = ce_labels != -100  # [N]
+    ce_valid = ce_labels != IGNORE_INDEX  # [N]
     ce_weight = ce_valid / ce_valid.sum().clamp(min=1)  # L_reg = masked mean of CE
     terms = {}
     if records is not None:
@@ -440,14 +437,14 @@ def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
         vis = (roles[b] == 1).nonzero().squeeze(1)
         m = len(vis)
         if m != target(records[b]).shape[0]:
-            raise CacheMismatchError(f"sample {records[b].sample_id!r}: {m} visual tokens, cache has "
+            raise CacheMismatch(f"sample {records[b].sample_id!r}: {m} visual tokens, cache has "
                                      f"{target(records[b]).shape[0]} rows of {field}")
         Hs[j, :m] = hidden[b, vis]
         Ht[j, :m] = target(records[b]).to(device).float()
         mask[j, :m] = True
     if factored:
         if cfg.loss.relation_features != "logits":
-            raise CacheMismatchError(f"loss.relation_features {cfg.loss.relation_features!r}: the cache holds a factor "
+            raise CacheMismatch(f"loss.relation_features {cfg.loss.relation_features!r}: the cache holds a factor "
                                      "of the teacher's logit Gram only; set loss.relation_features: logits")
         Ms = lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
         Rs = L.gram_relation(Hs.float(), Ms, mask=mask, normalize=cfg.loss.relation_normalize)
@@ -547,7 +544,7 @@ def train(cfg: TrainConfig) -> Path:
     from .data.collate import LlavaTorchDataset, all_skipped_error, prepare_samples
     from .data.llava import read_llava_json
     from .dump import file_hash
-    from .models import image_token_id, load_model, num_image_tokens, read_meta
+    from .models import default_dtype, image_token_id, load_model, num_image_tokens, read_meta
     from .teacher import teacher_records
 
     from .cache.store import cache_location
@@ -595,17 +592,17 @@ def train(cfg: TrainConfig) -> Path:
         check_cache_against_student(reader.attrs, student, tokenizer, cfg, n_image)
         dumped = reader.attrs["dataset"]
         if dumped["sha256"] != file_hash(cfg.data):
-            raise CacheMismatchError(f"cache {cfg.cache} was dumped from {dumped['path']} ({dumped['num_rows']} rows, "
+            raise CacheMismatch(f"cache {cfg.cache} was dumped from {dumped['path']} ({dumped['num_rows']} rows, "
                                      f"sha256 {dumped['sha256'][:12]}...), not from this --data {cfg.data} "
                                      f"({len(samples)} rows, sha256 {file_hash(cfg.data)[:12]}...): pass the data "
                                      "file the cache was dumped from, or dump a cache of this one")
         if not reader.rows():
             n_skip = len(reader.skipped())
-            raise CacheMismatchError(f"cache {cfg.cache} holds no sample ({n_skip} rows were skipped by its dump): "
+            raise CacheMismatch(f"cache {cfg.cache} holds no sample ({n_skip} rows were skipped by its dump): "
                                      "nothing to distil from. Dump it again (a new --out) with the right --images")
         missing = set(reader.rows()) - {s.row for s in kept}
         if missing:
-            raise CacheMismatchError(missing_rows_message(missing, skipped, cfg, reader.attrs["settings"]))
+            raise CacheMismatch(missing_rows_message(missing, skipped, cfg, reader.attrs["settings"]))
         st = reader.attrs["settings"]
         kind = parse_targets(st["targets"])
         # on the device once: the exact mode's LM head is [V, D_t] (0.6 GB in bf16 for Qwen2.5-3B)
@@ -618,11 +615,11 @@ def train(cfg: TrainConfig) -> Path:
         source = [s.row for s in kept]
     if cfg.teacher:
         # The dump's dtype: the online records are the reference for the cached ones.
-        t_dtype = torch.bfloat16 if acc.device.type == "cuda" else torch.float32
+        t_dtype = default_dtype(acc.device)
         teacher, _ = load_model(cfg.teacher, dtype=t_dtype, device=acc.device, flag="--teacher")
         teacher.requires_grad_(False).eval()
         if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
-            raise CacheMismatchError(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
+            raise CacheMismatch(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
                                      f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
         side = TeacherSide(gram=lm_gram(teacher.lm_head.weight.detach().float()),  # [D_t, D_t] as dumped
                            lm_head=None, temperature=1.0, targets=Topk())

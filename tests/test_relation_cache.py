@@ -17,12 +17,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from kdcache.cache.format import CacheMismatch
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.verify import verify_cache
 from kdcache.config import ConfigError, DumpConfig, LossConfig
 from kdcache.dump import dump
 from kdcache.inspect_cache import inspect_cache
-from kdcache.train import CacheMismatchError, train
+from kdcache.train import train
 from tests.test_train import make_cfg, read_metrics
 from tests.helpers import dump_small
 
@@ -106,7 +107,7 @@ def test_training_from_the_factor_equals_training_from_hidden_states(tmp_path, s
 def test_trainer_refuses_hidden_relation_features_on_a_lowrank_cache(tmp_path, synth_data, tiny_student, rel_caches):
     cfg = make_cfg(synth_data, tiny_student, tmp_path / "x", cache=str(rel_caches["lr64"]),
                    loss=LossConfig(relation_features="hidden"))
-    with pytest.raises(CacheMismatchError, match=r"relation_features 'hidden'.*'lowrank:64'.*relation_features: logits"):
+    with pytest.raises(CacheMismatch, match=r"relation_features 'hidden'.*'lowrank:64'.*relation_features: logits"):
         train(cfg)
 
 
@@ -117,7 +118,7 @@ def test_trainer_refuses_l_rel_without_relation_targets(tmp_path, synth_data, ti
     r = CacheReader(cache)
     assert r.attrs["settings"]["relation"] == "none" and r.attrs["settings"]["hidden"] == "bf16"
     assert all(rec.visual_hidden is None for rec in r.read_range(0, 0, 3))
-    with pytest.raises(CacheMismatchError, match="relation none.*loss.gamma_rel: 0"):
+    with pytest.raises(CacheMismatch, match="relation none.*loss.gamma_rel: 0"):
         train(make_cfg(synth_data, tiny_student, tmp_path / "x", cache=str(cache)))
 
 

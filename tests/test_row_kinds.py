@@ -195,13 +195,13 @@ def test_long_conversation_is_truncated_to_max_length(world):
 
 
 def test_training_a_truncated_cache_needs_the_same_cut(world, tiny_student, tmp_path):
-    from kdcache.train import CacheMismatchError
+    from kdcache.cache.format import CacheMismatch
 
     base = dict(stage="dft", student=str(tiny_student), data=str(world["data"]), images=str(world["images"]),
                 out=str(tmp_path / "run"), cache=str(world["cache"]), batch_size=2, max_steps=1, num_workers=0)
-    with pytest.raises(CacheMismatchError, match=rf"--on-too-long truncate --max-length {MAX_LENGTH}$"):
+    with pytest.raises(CacheMismatch, match=rf"--on-too-long truncate --max-length {MAX_LENGTH}$"):
         train(TrainConfig(**base, max_length=MAX_LENGTH))  # on_too_long skip
-    with pytest.raises(CacheMismatchError, match=rf"--on-too-long truncate --max-length {MAX_LENGTH}$"):
+    with pytest.raises(CacheMismatch, match=rf"--on-too-long truncate --max-length {MAX_LENGTH}$"):
         train(TrainConfig(**base, max_length=MAX_LENGTH + 1, on_too_long="truncate"))
 
 

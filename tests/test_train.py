@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.cache.format import CacheMismatch
 from kdcache.config import STAGE_LR, DumpConfig, LossConfig, TrainConfig
 from kdcache.dump import dump
-from kdcache.train import CacheMismatchError, train
+from kdcache.train import train
 from tests.helpers import dump_small
 
 FP16_UNIT_ROUNDOFF = 2.0**-11  # float16: 10 stored mantissa bits, round to nearest
@@ -304,7 +305,7 @@ def test_cache_from_another_tokenizer_is_refused(tmp_path, synth_data, tiny_stud
     cache = dump(DumpConfig(teacher=str(teacher), data=str(other["instruct"]), images=str(other["images_root"]),
                             out=str(tmp_path / "other.zarr"), top_k=8, num_workers=0))
     assert vocab_size(teacher) != vocab_size(tiny_student)
-    with pytest.raises(CacheMismatchError) as e:
+    with pytest.raises(CacheMismatch) as e:
         train(make_cfg(synth_data, tiny_student, tmp_path / "run", cache=str(cache)))
     msg = str(e.value)
     assert f"vocabulary: cache {vocab_size(teacher)}, student {vocab_size(tiny_student)}" in msg
@@ -321,7 +322,7 @@ def test_sample_whose_tokens_differ_from_the_cache_is_refused(tmp_path, synth_da
     cfg = make_cfg(synth_data, tiny_student, tmp_path / "run", cache=str(caches["k16"]), data=str(edited),
                    max_steps=5)  # one epoch: every sample is read
     # the cache records its data file's sha256: another file is refused at start, nothing trained
-    with pytest.raises(CacheMismatchError, match=r"was dumped from .*not from this --data .*sha256"):
+    with pytest.raises(CacheMismatch, match=r"was dumped from .*not from this --data .*sha256"):
         train(cfg)
     assert not (tmp_path / "run" / "model.safetensors").exists()
     # a cache whose recorded sha256 was edited to match still meets the per-sample token check
@@ -330,7 +331,7 @@ def test_sample_whose_tokens_differ_from_the_cache_is_refused(tmp_path, synth_da
     meta = json.loads((forged / "zarr.json").read_text())
     meta["attributes"]["dataset"]["sha256"] = hashlib.sha256(edited.read_bytes()).hexdigest()
     (forged / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(CacheMismatchError, match=f"sample '{victim['id']}'.*token ids differ"):
+    with pytest.raises(CacheMismatch, match=f"sample '{victim['id']}'.*token ids differ"):
         train(dataclasses.replace(cfg, cache=str(forged), out=str(tmp_path / "run2")))
 
 
@@ -338,9 +339,9 @@ def test_loss_terms_the_cache_cannot_serve_are_refused(tmp_path, synth_data, tin
     cache = dump(DumpConfig(teacher=str(tiny_teacher), data=str(synth_data["instruct_small"]),
                             images=str(synth_data["images_root"]), out=str(tmp_path / "resp.zarr"), top_k=8,
                             positions=("response",), hidden="none", num_workers=0))
-    with pytest.raises(CacheMismatchError, match="loss.beta_vis"):
+    with pytest.raises(CacheMismatch, match="loss.beta_vis"):
         train(make_cfg(synth_data, tiny_student, tmp_path / "a", cache=str(cache)))
-    with pytest.raises(CacheMismatchError, match="loss.gamma_rel"):
+    with pytest.raises(CacheMismatch, match="loss.gamma_rel"):
         train(make_cfg(synth_data, tiny_student, tmp_path / "b", cache=str(cache),
                        loss=LossConfig(beta_vis=0.0)))
     # with the terms it can serve it trains

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdcache.cache.format import CacheMismatch
 from kdcache.config import LossConfig
-from kdcache.train import CacheMismatchError, train
+from kdcache.train import train
 from tests.test_train import make_cfg, read_metrics, vocab_size, weights
 from tests.helpers import dump_small
 
@@ -91,5 +92,5 @@ def test_sampled_mode_trains_and_its_loss_converges_to_the_exact_one(tmp_path, s
     (LossConfig(kd_temperature=2.0), "cannot be re-tempered"),
 ])
 def test_sampled_cache_refuses_what_it_cannot_estimate(loss, match, tmp_path, synth_data, tiny_student, mode_caches):
-    with pytest.raises(CacheMismatchError, match=match):
+    with pytest.raises(CacheMismatch, match=match):
         _run(synth_data, tiny_student, tmp_path / "x", cache=str(mode_caches["sampled"]), loss=loss)

@@ -118,7 +118,9 @@ OWN_SHARD_ARRAYS = ("visual_hidden", "position_hidden", "visual_factor")
 
 
 class CacheMismatch(ValueError):
-    """An existing cache was made with different settings/fingerprints than this run asks for."""
+    """A cache does not fit what this run asks for: an existing cache made with other settings or
+    fingerprints (dump), or a cache made for another tokenizer, template, vocabulary, data file
+    or loss (train, eval)."""
 
 
 class CacheFormatError(ValueError):

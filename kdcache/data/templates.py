@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kdcache.data.llava import IMAGE_TOKEN, ROLE_ASSISTANT, ROLE_USER, LlavaSample, SampleError
+from kdcache.losses.reference import IGNORE_INDEX  # the label of a position without CE (HF's -100)
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL
 
 TEMPLATES = ("chat", "qwen2_base", "pretrain")
@@ -51,7 +52,6 @@ QWEN2_BASE_SYSTEM = (
 )
 QWEN2_BASE_EOT = "<|endoftext|>"
 PRETRAIN_EOT = "\n"
-IGNORE_INDEX = -100
 
 
 @dataclass
