@@ -63,9 +63,9 @@ from kdcache.config import LossConfig, TrainConfig
 from kdcache.models import QWEN_SHAPES, SIGLIP_SO400M, llava_config
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL
 from kdcache.records import TeacherRecord
+from kdcache.target_kinds import parse_targets
 from kdcache.teacher import teacher_records
-from kdcache.train import TeacherSide, _set_trainable, batch_losses, pack_records, relation_term, to_device, \
-    unpack_records
+from kdcache.train import TeacherSide, _set_trainable, batch_losses, pack_records, relation_term, to_device
 
 def _llm_shape(alias: str) -> dict:
     """The body of a real Qwen2.5 size (kdcache.models.QWEN_SHAPES) without vocab and tying."""
@@ -138,12 +138,12 @@ def as_cached(recs: list[TeacherRecord]) -> list[TeacherRecord]:
 
 def as_delivered(records: list[TeacherRecord], device: torch.device):
     """What the trainer does with a batch's cache records each step: the loader hands them over
-    packed (one tensor per field) in pinned memory; ``to_device`` copies them non-blocking and
-    ``unpack_records`` makes per-sample views. -> a function giving the step's records."""
+    packed (one tensor per field) in pinned memory and ``to_device`` copies them non-blocking; the
+    losses read the packed fields. -> a function giving the step's packed records."""
     packed = pack_records(records)
     if device.type == "cuda":
         packed = {k: (v.pin_memory() if k in packed["fields"] else v) for k, v in packed.items()}
-    return lambda: unpack_records(to_device(packed, device))
+    return lambda: to_device(packed, device)
 
 
 def pinned(batch: dict, device: torch.device) -> dict:
@@ -172,7 +172,7 @@ def naive_losses(student, batch, records, teacher_gram, cfg: TrainConfig) -> dic
                            torch.cat([r.topk_logprobs for r in records]).to(device).float(),
                            torch.cat([r.tail_logmass for r in records]).to(device).float())
     terms = {"reg": ce, "res": L.masked_mean(kd, kinds == 2), "vis": L.masked_mean(kd, kinds == 1),
-             "rel": relation_term(hidden, batch, records, student.lm_head.weight, teacher_gram, cfg)}
+             "rel": relation_term(hidden, batch, pack_records(records), student.lm_head.weight, teacher_gram, cfg)}
     terms["total"] = terms["reg"] + terms["res"] + terms["vis"] + 0.5 * terms["rel"]
     return terms
 
@@ -311,9 +311,9 @@ def main(argv=None):
     W_t = teacher.lm_head.weight.detach().float()
     # targets: hidden -- the teacher's LM head as the cache stores it (bf16), on the device once
     side_exact = TeacherSide(gram=(W_t.T @ W_t).to(device), lm_head=W_t.to(torch.bfloat16).to(device),
-                             temperature=1.0, targets="hidden")
+                             temperature=1.0, targets=parse_targets("hidden"))
     gram = (W_t.T @ W_t).cpu()  # the cache's M_t, on the host like the reader's
-    side = TeacherSide(gram=gram.to(device), lm_head=None, temperature=1.0, targets="topk")
+    side = TeacherSide(gram=gram.to(device), lm_head=None, temperature=1.0, targets=parse_targets("topk"))
     del W_t
     online_k = V if args.online_k == 0 else (args.online_k or args.top_k)
     if args.skip_online:
@@ -349,7 +349,7 @@ def main(argv=None):
 
     def online():
         recs = teacher_records(teacher, batch, kinds=("visual", "response"), top_k=online_k, with_hidden=True)
-        return batch_losses(student, batch, recs, side, dft)
+        return batch_losses(student, batch, pack_records(recs), side, dft)
 
     plan = [(SFT_ROW, "SFT (L_reg, kdcache)", lambda: batch_losses(student, batch, None, None, sft), 1.0),
             (PLAIN_ROW, PLAIN_ROW, lambda: plain_sft_losses(student, batch), 1.2),

@@ -326,9 +326,17 @@ class TeacherSide:
     targets: Topk
 
 
-def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side: TeacherSide | None,
-                 cfg: TrainConfig):
-    """All loss terms of one micro-batch -> dict of scalar tensors (``total`` included)."""
+def packed_field(targets: dict, field: str) -> list[torch.Tensor]:
+    """One field of a packed batch (``pack_records``) split back per sample (views, no copy)."""
+    return list(torch.split(targets[field], targets["lengths"][:, targets["fields"].index(field)].tolist()))
+
+
+def batch_losses(student, batch: dict, targets: dict | None, side: TeacherSide | None, cfg: TrainConfig):
+    """All loss terms of one micro-batch -> dict of scalar tensors (``total`` included).
+
+    ``targets``: the batch's teacher records packed (``pack_records``: one tensor per field, rows of
+    the samples concatenated, ``lengths`` [B, F]) on the student's device, or None (no KD). The
+    losses take the fields straight from it: no per-record views, no second concatenation."""
     lc = cfg.loss
     device = student.device
     ids = batch["input_ids"].to(device, non_blocking=True)  # pinned by the loader on CUDA
@@ -348,13 +356,13 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
     want = next_labels != IGNORE_INDEX  # [B, T]
     kd_row = torch.full((B, T), -1, dtype=torch.long, device=device)
     kd_kind = torch.full((B, T), -1, dtype=torch.long, device=device)
-    if records is not None:
-        off = 0
-        for b, r in enumerate(records):
-            pos = r.positions.to(device).long()
-            kd_row[b, pos] = torch.arange(off, off + len(pos), device=device)
-            kd_kind[b, pos] = r.kinds.to(device).long()
-            off += len(pos)
+    if targets is not None:
+        pos = targets["positions"].to(device).long()  # [P] every sample's distilled positions, in order
+        n_pos = targets["lengths"][:, targets["fields"].index("positions")].to(device)  # [B]
+        owner = torch.repeat_interleave(torch.arange(len(n_pos), device=device), n_pos,
+                                        output_size=len(pos))  # [P] the sample of each row (no host sync)
+        kd_row[owner, pos] = torch.arange(len(pos), device=device)
+        kd_kind[owner, pos] = targets["kinds"].to(device).long()
         want |= kd_row >= 0
     flat = want.nonzero(as_tuple=False)  # [N, 2]
     h = hidden[flat[:, 0], flat[:, 1]]  # [N, D]
@@ -364,7 +372,7 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
     ce_valid = ce_labels != IGNORE_INDEX  # [N]
     ce_weight = ce_valid / ce_valid.sum().clamp(min=1)  # L_reg = masked mean of CE
     terms = {}
-    if records is not None:
+    if targets is not None:
         rows = kd_row[flat[:, 0], flat[:, 1]]  # [N], -1 = no KD target
         kinds = kd_kind[flat[:, 0], flat[:, 1]]
         has = rows >= 0
@@ -379,13 +387,13 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
         loss, ce, kd = L.fused_lm_loss(h, W, ce_weight=ce_weight, kd_weight=kd_weight, labels=ce_labels,
                                        kd_mask=has, divergence=lc.divergence, temperature=lc.kd_temperature,
                                        params=_div_params(cfg), chunk_size=lc.chunk_size,
-                                       **_kd_targets(records, safe, side, cfg))
+                                       **_kd_targets(targets, safe, side, cfg))
         terms["reg"] = L.masked_mean(ce, ce_valid)  # detached values, for the log
         for name, m in masks.items():
             terms[name] = L.masked_mean(kd, m)
         total = loss
         if lc.gamma_rel:
-            terms["rel"] = relation_term(hidden, batch, records, W, side.gram, cfg)
+            terms["rel"] = relation_term(hidden, batch, targets, W, side.gram, cfg)
             total = total + lc.gamma_rel * terms["rel"]
     else:
         total, ce, _ = L.fused_lm_loss(h, W, ce_weight=ce_weight, labels=ce_labels, chunk_size=lc.chunk_size)
@@ -394,14 +402,15 @@ def batch_losses(student, batch: dict, records: list[TeacherRecord] | None, side
     return terms
 
 
-def _kd_targets(records: list[TeacherRecord], safe: torch.Tensor, side: TeacherSide, cfg: TrainConfig) -> dict:
+def _kd_targets(targets: dict, safe: torch.Tensor, side: TeacherSide, cfg: TrainConfig) -> dict:
     """The teacher-target keywords of ``fused_lm_losses`` for the loss rows (``safe`` [N]: the
     row of each loss row among the batch's distilled positions; 0 where it has none), as the
-    cache's target kind builds them (``kdcache.target_kinds``: ``fused_targets``)."""
+    cache's target kind builds them (``kdcache.target_kinds``: ``fused_targets``) from the packed
+    batch's fields."""
     device = safe.device
 
     def cat(field, dtype=None):
-        t = torch.cat([getattr(r, field) for r in records]).to(device)  # [P, ...]
+        t = targets[field].to(device)  # [P, ...] the batch's rows of ``field``
         return (t if dtype is None else t.to(dtype))[safe]
 
     return side.targets.fused_targets(cat, side, cfg, device)
@@ -411,7 +420,7 @@ def _div_params(cfg: TrainConfig) -> dict:
     return L.divergence_params(cfg.loss.divergence, beta=cfg.loss.jsd_beta, alpha=cfg.loss.skl_alpha)
 
 
-def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
+def relation_term(hidden, batch, targets: dict, W_s, teacher_gram, cfg: TrainConfig):
     """L_rel = mean over samples with an image of 1 - cos(vec R_s, vec R_t), R = Y Y^T.
 
     Y = logits (default): R = H (W^T W) H^T on both sides, no N x V matrix; Y = hidden: R = H H^T.
@@ -420,27 +429,26 @@ def relation_term(hidden, batch, records, W_s, teacher_gram, cfg: TrainConfig):
     """
     device = hidden.device
     roles = batch["roles"].to(device, non_blocking=True)
-    factored = any(r.visual_factor is not None for r in records)
+    factored = "visual_factor" in targets["fields"]
     field = "visual_factor" if factored else "visual_hidden"
-
-    def target(r):  # [N_vis, D_t] hidden states or [N_vis, R] factor of one record, or None
-        return getattr(r, field)
-
-    idx = [b for b, r in enumerate(records) if target(r) is not None and target(r).shape[0] > 0]
+    if field not in targets["fields"]:
+        return hidden.sum() * 0.0
+    per_sample = packed_field(targets, field)  # [N_vis, D_t] hidden states or [N_vis, R] factor, per sample
+    idx = [b for b, t in enumerate(per_sample) if t.shape[0] > 0]
     if not idx:
         return hidden.sum() * 0.0
-    n = max(target(records[b]).shape[0] for b in idx)
+    n = max(per_sample[b].shape[0] for b in idx)
     Hs = hidden.new_zeros(len(idx), n, hidden.shape[-1])  # [B', N, D_s]
-    Ht = torch.zeros(len(idx), n, target(records[idx[0]]).shape[-1], device=device)  # [B', N, D_t or R]
+    Ht = torch.zeros(len(idx), n, per_sample[idx[0]].shape[-1], device=device)  # [B', N, D_t or R]
     mask = torch.zeros(len(idx), n, dtype=torch.bool, device=device)
     for j, b in enumerate(idx):
         vis = (roles[b] == 1).nonzero().squeeze(1)
         m = len(vis)
-        if m != target(records[b]).shape[0]:
-            raise CacheMismatch(f"sample {records[b].sample_id!r}: {m} visual tokens, cache has "
-                                     f"{target(records[b]).shape[0]} rows of {field}")
+        if m != per_sample[b].shape[0]:
+            raise CacheMismatch(f"sample {targets['sample_id'][b]!r}: {m} visual tokens, cache has "
+                                f"{per_sample[b].shape[0]} rows of {field}")
         Hs[j, :m] = hidden[b, vis]
-        Ht[j, :m] = target(records[b]).to(device).float()
+        Ht[j, :m] = per_sample[b].to(device).float()
         mask[j, :m] = True
     if factored:
         if cfg.loss.relation_features != "logits":
@@ -528,8 +536,8 @@ class Objective(torch.nn.Module):
         self.student = student
         self.cfg = cfg
 
-    def forward(self, batch: dict, records, side: TeacherSide | None):
-        return batch_losses(self.student, batch, records, side, self.cfg)
+    def forward(self, batch: dict, targets: dict | None, side: TeacherSide | None):
+        return batch_losses(self.student, batch, targets, side, self.cfg)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -697,18 +705,18 @@ def train(cfg: TrainConfig) -> Path:
             consumed += len(batch["sample_ids"])
             step_ids += batch["sample_ids"]
             tokens += int(batch["attention_mask"].sum())
-            records = None
+            targets = None  # the batch's teacher records, packed (pack_records), on the device
             if cfg.cache:
                 # ids outside [0, V) and non-finite values were refused in the loader, on the CPU,
                 # before any gather sees them: a non-finite loss after this point is the student's
                 if batch["records"]["refused"]:
                     raise CacheRecordError(batch["records"]["refused"])
-                records = unpack_records(to_device(batch["records"], acc.device))
+                targets = to_device(batch["records"], acc.device)
             if teacher is not None:
-                records = teacher_records(teacher, batch, kinds=kinds, top_k=_online_k(cfg, teacher),
-                                          with_hidden=cfg.loss.gamma_rel > 0)
+                targets = pack_records(teacher_records(teacher, batch, kinds=kinds, top_k=_online_k(cfg, teacher),
+                                                       with_hidden=cfg.loss.gamma_rel > 0))
             with acc.accumulate(objective), acc.autocast():
-                terms = objective(batch, records, side)
+                terms = objective(batch, targets, side)
                 loss = terms["total"]
                 ok = torch.isfinite(loss)
                 # a non-finite loss still runs backward (as 0): keeps DDP's collectives in step
