@@ -34,7 +34,7 @@ the settings attribute records ``backend`` (who made the log-probs). vLLM gives 
 with ``hidden: none`` the HF model is loaded once, on the CPU in the vLLM dtype, for the
 fingerprints and W^T W, and freed before vLLM starts; otherwise (hybrid) it stays on the GPU and
 computes the visual hidden states on each sample's prefix up to the image's end
-(``kdcache.teacher.visual_hidden_states``), merged into vLLM's records (``vllm_record_factory``).
+(``kdcache.teacher.visual_hidden_states``), merged into vLLM's records (``kdcache.backends.vllm_dump``).
 """
 
 from __future__ import annotations
@@ -398,20 +398,10 @@ def check_backend(cfg: DumpConfig, world: int) -> None:
 
     if cfg.backend not in BACKENDS:
         raise DumpError(f"unknown backend {cfg.backend!r}: choose from {', '.join(BACKENDS)}")
-    if cfg.backend != "vllm":
-        return
-    if cfg.temperature != 1.0:
-        raise DumpError(f"--backend vllm gives raw log-probs at temperature 1, got --temperature {cfg.temperature}: "
-                        "use --temperature 1 or --backend hf")
-    if cfg.targets != "topk":
-        raise DumpError(f"--backend vllm gives top-k log-probs only (targets topk), got --targets {cfg.targets}: "
-                        "use --backend hf for it")
-    if world > 1:
-        raise DumpError(f"--backend vllm runs as one process (got WORLD_SIZE={world}): spread the teacher over GPUs "
-                        "with vLLM's tensor parallelism (--vllm-tensor-parallel-size) instead of torchrun/accelerate")
-    from .backends.vllm import import_vllm
+    if cfg.backend == "vllm":
+        from .backends.vllm_dump import check_vllm_settings
 
-    import_vllm()
+        check_vllm_settings(cfg, world)
 
 
 def dump(cfg: DumpConfig) -> Path:
@@ -438,7 +428,9 @@ def dump(cfg: DumpConfig) -> Path:
     joined = init_distributed(world, device, cfg.dist_timeout_s)
     try:
         if cfg.backend == "vllm":
-            stats = _dump_vllm(cfg, out, samples, interval, device)
+            from .backends.vllm_dump import dump_with_vllm
+
+            stats = dump_with_vllm(cfg, out, samples, interval, device)
         else:
             model, processor = load_teacher(cfg, device)
             if cfg.compile:
@@ -465,96 +457,12 @@ def dump(cfg: DumpConfig) -> Path:
     return out
 
 
-def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
-    """The vLLM backend's records source for ``_dump_part(vllm_records=...)``.
-
-    ``make_engine()`` -> an object with ``prompt_logprobs(items) -> [vLLM prompt_logprobs]`` for
-    items [(Tokenized, PIL image or None)] (``kdcache.backends.vllm.VllmTeacher``; tests pass
-    vLLM-shaped outputs of the HF teacher). It is called once the HF model has served the
-    fingerprints (and was freed, without hidden states). Per chunk of (sample, Tokenized):
-    vLLM's log-probs -> ``records_from_prompt_logprobs``; with ``cfg.hidden != "none"`` plus
-    ``visual_hidden_states(model, batch)`` of the HF teacher on the same ids and pixels, merged
-    per sample (``with_hidden``).
-    """
-    from .backends.vllm import records_from_prompt_logprobs, with_hidden
-    from .data.collate import collate
-    from .data.llava import load_image
-    from .relation import HIDDEN_TORCH_DTYPES, factor_records, parse_relation, stored_relation
-    from .teacher import visual_hidden_states
-
-    vocab = int(model.lm_head.weight.shape[0])  # read now: the model may be freed before the engine starts
-    pad_id = processor.tokenizer.pad_token_id
-    relation = stored_relation(cfg.relation, cfg.hidden)
-    rel_mode, rel_rank = parse_relation(relation)
-    # lowrank: C = sqrt(W^T W) once, now, while the HF weights are there
-    c = relation_sqrt(model) if rel_mode == "lowrank" else None
-
-    def make(kept, toks):
-        engine = make_engine()
-
-        def records(chunk):
-            images = [load_image(Path(cfg.images) / s.image, s) if s.has_image else None for s, _ in chunk]
-            pls = engine.prompt_logprobs([(t, im) for (_, t), im in zip(chunk, images)])
-            recs = [records_from_prompt_logprobs(pl, input_ids=t.input_ids, roles=t.roles, sample_id=t.sample_id,
-                                                 row=t.row, kinds=cfg.positions, top_k=cfg.top_k, vocab_size=vocab)
-                    for (_, t), pl in zip(chunk, pls)]
-            if relation == "none":
-                return recs
-            # The same PIL image vLLM got, through the teacher's image processor as the HF backend does.
-            items = [{"sample_id": t.sample_id, "row": t.row, "input_ids": torch.from_numpy(t.input_ids),
-                      "labels": torch.from_numpy(t.labels), "roles": torch.from_numpy(t.roles),
-                      "pixel_values": None if im is None
-                      else processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]}
-                     for (_, t), im in zip(chunk, images)]
-            step = cfg.vllm.hf_batch_size
-            hidden = [h for i in range(0, len(items), step)
-                      for h in visual_hidden_states(model, collate(items[i:i + step], pad_id))]
-            recs = with_hidden(recs, hidden)
-            return factor_records(recs, c, rel_rank, HIDDEN_TORCH_DTYPES[cfg.hidden]) if c is not None else recs
-        return records
-    return make
-
-
 def relation_sqrt(model) -> torch.Tensor:
     """C [D, D] = ``gram_sqrt(W^T W)`` of the model's LM head (float32, on its device): the factor
     of every sample's logit Gram in ``relation: lowrank:R`` (``kdcache.relation``)."""
     from .relation import gram_sqrt
 
     return gram_sqrt(lm_gram(model.lm_head.weight.detach().float()))
-
-
-def _dump_vllm(cfg: DumpConfig, out: Path, samples, interval: float, device: torch.device,
-               make_engine=None) -> RunStats:
-    """The vLLM backend: fingerprints and W^T W from the HF weights (loaded in vLLM's dtype),
-    log-probs from ``VllmTeacher`` (or ``make_engine()``, see ``vllm_record_factory``: the tests'
-    vLLM-shaped outputs), written exactly as the HF path writes.
-
-    ``--hidden none``: the HF copy sits on the CPU and is freed before vLLM starts. Otherwise
-    (hybrid) it stays, on ``device`` (the GPU when there is one), for the visual hidden states;
-    it is loaded first, so vLLM's ``gpu_memory_utilization`` share must leave room for it
-    (``kdcache.config.vllm_gpu_memory_utilization``: 0.6 by default in this mode)."""
-    from .backends.vllm import VllmTeacher
-    from .config import vllm_gpu_memory_utilization
-
-    from .relation import stored_relation
-
-    hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.vllm.dtype]
-    hybrid = stored_relation(cfg.relation, cfg.hidden) != "none"  # relation targets need HF hidden states
-    if hybrid:
-        print(f"[vllm] log-probs from vLLM, visual hidden states from the HF teacher on {device} (prefix up to "
-              "the image's end)", file=sys.stderr, flush=True)
-    else:
-        print("[vllm] relation none: no hidden states, no L_rel targets in this cache", file=sys.stderr, flush=True)
-    model, processor = load_teacher(cfg, device if hybrid else torch.device("cpu"), dtype=hf_dtype)
-    vocab = int(model.lm_head.weight.shape[0])
-    gpu_share = vllm_gpu_memory_utilization(cfg)
-
-    def engine():
-        return VllmTeacher(str(cfg.teacher), top_k=cfg.top_k, engine=cfg.vllm, gpu_memory_utilization=gpu_share,
-                           vocab_size=vocab)
-
-    return _dump_part(cfg, out, model, processor, samples, 0, 1, interval, free_model=not hybrid,
-                      vllm_records=vllm_record_factory(cfg, model, processor, make_engine or engine))
 
 
 def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int, world: int,

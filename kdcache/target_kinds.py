@@ -434,7 +434,7 @@ class Topp(Topk):
         """The counts match the entries and lie in [1, K]; ids in the vocabulary and distinct per
         position; log-probs finite, <= 0, sorted descending; the kept mass plus the tail is 1; and the
         kept mass reaches P (within the stored dtype's rounding) wherever fewer than K are kept."""
-        from kdcache.cache.verify import check_id_range, check_mass, check_topk_rows
+        from kdcache.cache.verify import check_id_range, check_mass
 
         check_id_range(where, "topp_ids", d["topp_ids"], vocab, rep)
         k = self.k

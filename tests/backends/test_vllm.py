@@ -12,7 +12,7 @@ of log-sum-exp over the tiny teacher's vocabulary). The tail from the head (``ta
 in float64 for the numbers given (1e-9 here), except when the head holds nearly all the mass: the
 caveat, tested separately.
 
-The dump's vLLM path (``kdcache.dump._dump_vllm``) runs here with ``HfShapedEngine`` in place of
+The dump's vLLM path (``kdcache.backends.vllm_dump.dump_with_vllm``) runs here with ``HfShapedEngine`` in place of
 vLLM's engine, with and without the hybrid mode's HF hidden states, against an HF dump.
 """
 
@@ -351,7 +351,7 @@ def test_with_hidden_refuses_a_wrong_row_count(hf_refs):
 
 @pytest.mark.parametrize("hidden", ["none", "bf16"])
 def test_vllm_dump_equals_hf_dump(hidden, tmp_path, synth_data, tiny_teacher):
-    """The dump's vLLM path (``_dump_vllm``: its HF copy for fingerprints, W^T W and, with
+    """The dump's vLLM path (``dump_with_vllm``: its HF copy for fingerprints, W^T W and, with
     ``hidden bf16``, the visual hidden states from the prefix forward; vLLM's log-probs from
     ``HfShapedEngine``) against an HF dump of the same samples: a verified cache with the same
     positions, top-k ids, log-probs and tails (float16 storage), the same hidden states bit for
@@ -361,7 +361,8 @@ def test_vllm_dump_equals_hf_dump(hidden, tmp_path, synth_data, tiny_teacher):
     from kdcache.cache.reader import CacheReader
     from kdcache.cache.verify import verify_cache
     from kdcache.config import DumpConfig, VllmConfig
-    from kdcache.dump import _dump_vllm, dump
+    from kdcache.backends.vllm_dump import dump_with_vllm
+    from kdcache.dump import dump
 
     rows = json.loads(Path(synth_data["instruct"]).read_text())[:4]
     data = tmp_path / "four.json"
@@ -373,7 +374,7 @@ def test_vllm_dump_equals_hf_dump(hidden, tmp_path, synth_data, tiny_teacher):
     vcfg = dataclasses.replace(cfg, out=str(tmp_path / "v.zarr"), backend="vllm", vllm=VllmConfig(dtype="float32", hf_batch_size=1))
     model, processor = load_model(str(tiny_teacher))
     engine = HfShapedEngine(model.eval(), processor)
-    _dump_vllm(vcfg, Path(vcfg.out), read_llava_json(data), 0.0, torch.device("cpu"), make_engine=lambda: engine)
+    dump_with_vllm(vcfg, Path(vcfg.out), read_llava_json(data), 0.0, torch.device("cpu"), make_engine=lambda: engine)
     assert engine.requests == 4
     rep = verify_cache(tmp_path / "v.zarr")
     assert rep.ok, str(rep)
