@@ -80,7 +80,7 @@ class SampleJoin:
         row = rec.row if isinstance(rec, TeacherRecord) else int(rec)
         if row not in self.index:
             raise CacheMismatch(f"row {row} of the cache is not a usable sample of this data file "
-                                     "(missing, or skipped as bad input): pass the data file the cache was dumped from")
+                                "(missing, or skipped as bad input): pass the data file the cache was dumped from")
         item = self.dataset[self.index[row]]
         if isinstance(rec, TeacherRecord):
             if rec.sample_id != item["sample_id"] or not torch.equal(rec.input_ids.long(), item["input_ids"]):
@@ -254,29 +254,29 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
     if "truncate" in st and (cfg.on_too_long != "truncate" or cfg.max_length != st["max_length"]):
         # the dump cut long samples to its max_length: only the same cut gives the cached token ids
         raise CacheMismatch(f"cache {cfg.cache} cut samples longer than {st['max_length']} tokens (dumped with "
-                                 f"--on-too-long truncate --max-length {st['max_length']}), this run asks "
-                                 f"on_too_long {cfg.on_too_long} with max_length {cfg.max_length}: pass "
-                                 f"--on-too-long truncate --max-length {st['max_length']}")
+                            f"--on-too-long truncate --max-length {st['max_length']}), this run asks "
+                            f"on_too_long {cfg.on_too_long} with max_length {cfg.max_length}: pass "
+                            f"--on-too-long truncate --max-length {st['max_length']}")
     lc = cfg.loss
     dumped = set(st["positions"])
     for kind, key, w in (("visual", "beta_vis", lc.beta_vis), ("response", "alpha_res", lc.alpha_res),
                          ("prompt", "prompt_weight", lc.prompt_weight)):
         if w and kind not in dumped:
             raise CacheMismatch(f"loss.{key} = {w} needs {kind} positions, but cache {cfg.cache} was dumped "
-                                     f"with positions {sorted(dumped)}: set loss.{key}: 0 or dump with "
-                                     f"--positions including {kind}")
+                                f"with positions {sorted(dumped)}: set loss.{key}: 0 or dump with "
+                                f"--positions including {kind}")
     problem = parse_targets(st["targets"]).train_problem(cfg, st)
     if problem is not None:
         raise CacheMismatch(problem)
     # caches made before the relation option have relation none exactly when hidden is none
     if lc.gamma_rel and (st["relation"] == "none" or st["hidden"] == "none"):
         raise CacheMismatch(f"loss.gamma_rel = {lc.gamma_rel} needs relation targets, but cache "
-                                 f"{cfg.cache} was dumped with relation none (hidden {st['hidden']}): set "
-                                 "loss.gamma_rel: 0 or dump with --hidden bf16 --relation hidden (or lowrank:64)")
+                            f"{cfg.cache} was dumped with relation none (hidden {st['hidden']}): set "
+                            "loss.gamma_rel: 0 or dump with --hidden bf16 --relation hidden (or lowrank:64)")
     if lc.gamma_rel and st["relation"].startswith("lowrank:") and lc.relation_features != "logits":
         raise CacheMismatch(f"loss.relation_features {lc.relation_features!r} needs the teacher's hidden states, "
-                                 f"but cache {cfg.cache} has relation {st['relation']!r}: a factor of the logit Gram "
-                                 "only. Set loss.relation_features: logits, or dump with --relation hidden")
+                            f"but cache {cfg.cache} has relation {st['relation']!r}: a factor of the logit Gram "
+                            "only. Set loss.relation_features: logits, or dump with --relation hidden")
 
 
 def missing_rows_message(missing: set[int], skipped, cfg: TrainConfig, settings: dict) -> str:
@@ -453,7 +453,7 @@ def relation_term(hidden, batch, targets: dict, W_s, teacher_gram, cfg: TrainCon
     if factored:
         if cfg.loss.relation_features != "logits":
             raise CacheMismatch(f"loss.relation_features {cfg.loss.relation_features!r}: the cache holds a factor "
-                                     "of the teacher's logit Gram only; set loss.relation_features: logits")
+                                "of the teacher's logit Gram only; set loss.relation_features: logits")
         Ms = lm_gram(W_s.float())  # [D_s, D_s] once per step, differentiable in W_s
         Rs = L.gram_relation(Hs.float(), Ms, mask=mask, normalize=cfg.loss.relation_normalize)
         Rt = L.gram_relation(Ht, None, mask=mask, normalize=cfg.loss.relation_normalize)  # F F^T ~ H M_t H^T
@@ -601,13 +601,13 @@ def train(cfg: TrainConfig) -> Path:
         dumped = reader.attrs["dataset"]
         if dumped["sha256"] != file_hash(cfg.data):
             raise CacheMismatch(f"cache {cfg.cache} was dumped from {dumped['path']} ({dumped['num_rows']} rows, "
-                                     f"sha256 {dumped['sha256'][:12]}...), not from this --data {cfg.data} "
-                                     f"({len(samples)} rows, sha256 {file_hash(cfg.data)[:12]}...): pass the data "
-                                     "file the cache was dumped from, or dump a cache of this one")
+                                f"sha256 {dumped['sha256'][:12]}...), not from this --data {cfg.data} "
+                                f"({len(samples)} rows, sha256 {file_hash(cfg.data)[:12]}...): pass the data "
+                                "file the cache was dumped from, or dump a cache of this one")
         if not reader.rows():
             n_skip = len(reader.skipped())
             raise CacheMismatch(f"cache {cfg.cache} holds no sample ({n_skip} rows were skipped by its dump): "
-                                     "nothing to distil from. Dump it again (a new --out) with the right --images")
+                                "nothing to distil from. Dump it again (a new --out) with the right --images")
         missing = set(reader.rows()) - {s.row for s in kept}
         if missing:
             raise CacheMismatch(missing_rows_message(missing, skipped, cfg, reader.attrs["settings"]))
@@ -628,7 +628,7 @@ def train(cfg: TrainConfig) -> Path:
         teacher.requires_grad_(False).eval()
         if teacher.lm_head.weight.shape[0] != student.lm_head.weight.shape[0]:
             raise CacheMismatch(f"teacher {cfg.teacher} and student {cfg.student} vocabularies differ "
-                                     f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
+                                f"({teacher.lm_head.weight.shape[0]} vs {student.lm_head.weight.shape[0]})")
         side = TeacherSide(gram=lm_gram(teacher.lm_head.weight.detach().float()),  # [D_t, D_t] as dumped
                            lm_head=None, temperature=1.0, targets=Topk())
 
