@@ -9,7 +9,8 @@ pretrained ``--llm``) must fail with one clean error
 line (there is no network here), as must ``--backend vllm`` examples (vLLM is not installed), with
 the install hint. Every other command must exit 0, print no traceback, and leave the result it
 implies (a model directory, a cache holding samples, a Parquet file with rows, a report that
-scored samples). ``kdcache demo --quick`` is run by tests/test_demo.py, so it is not repeated here.
+scored samples). Then the README's Python snippets run as shown on what the commands made.
+``kdcache demo --quick`` is run by tests/test_demo.py, so it is not repeated here.
 A help example identical to a README line already run is not run twice.
 
 Commands run in this process through the real typer app (``CliRunner``): one import of torch and
@@ -126,6 +127,14 @@ def test_readme_and_help_examples_run_verbatim(tmp_path, monkeypatch, capsys):
         _expect_result(argv, out)
     assert {c.split()[1] for c in done} >= {"make-data", "init-model", "train", "dump", "verify", "inspect",
                                             "export", "eval", "run", "generate", "forward"}
+    # the README's Python snippets (loading a checkpoint with plain transformers, the pyarrow and
+    # DuckDB queries) run as shown, on what the commands made
+    snippets = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(snippets) >= 2
+    for code in snippets:
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    assert scope["t32"].num_rows == scope["t"].num_rows > 0
     report = json.loads((tmp_path / "eval.json").read_text())
     with capsys.disabled():
         print(f"\n[readme] the README's command path (small sizes) reached {100 * report['accuracy_micro']:.1f}% "
