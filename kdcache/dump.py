@@ -512,6 +512,17 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
     done = set(writer.committed_rows())
     stats = RunStats(already_done=len(done))
     if writer.is_finished():
+        from .cache.format import STATUS_OK
+
+        n = writer.num_committed
+        status = writer.index["status"][:n] if n else []
+        skipped_rows = {r for r, st in zip(writer.committed_rows(), status) if int(st) != STATUS_OK}
+        kept_now = {s.row for s in prepared[0]}
+        if kept_now and len(skipped_rows) == n and kept_now <= skipped_rows:
+            # an older kdcache finished parts whose every row was skipped (a wrong --images, say);
+            # those rows are usable now, but a finished part is never rewritten
+            raise DumpError(f"part {rank} of {out} is finished but every row of it was skipped by the run that "
+                            f"made it, and {len(kept_now)} of them are usable now: remove {out} and dump again")
         print(f"[rank {rank}] part {rank} of {out} is already complete ({len(done)} samples committed); "
               "nothing to do", flush=True)
         return stats

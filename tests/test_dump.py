@@ -369,3 +369,21 @@ def test_top_k_above_the_vocabulary_is_refused_before_the_cache_exists(tiny_teac
     assert not out.exists()  # the refused setting is recorded nowhere
     dump(_cfg(tiny_teacher, data, synth_data["images_root"], out))  # a valid dump to the same --out
     assert CacheReader(out).attrs["settings"]["top_k"] == TOP_K
+
+
+def test_finished_all_skipped_part_of_an_older_kdcache_is_refused_with_the_fix(tiny_teacher, synth_data, tmp_path,
+                                                                              monkeypatch):
+    """Before the refusal above, such a dump left a finished part of skipped rows; a corrected
+    rerun then said "nothing to do". Now it says to remove the cache."""
+    import kdcache.dump as D
+
+    rows = json.loads(Path(synth_data["instruct_small"]).read_text())[:4]
+    data = tmp_path / "four.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "c.zarr"
+    with monkeypatch.context() as m:
+        m.setattr(D, "refuse_all_skipped", lambda *a, **k: None)  # what older versions did
+        dump(_cfg(tiny_teacher, data, Path(synth_data["images_root"]).parent, out))
+    assert CacheReader(out).num_samples == 0 and len(CacheReader(out).skipped()) == 4
+    with pytest.raises(DumpError, match=r"every row of it was skipped .* 4 of them are usable now: remove .*c\.zarr"):
+        dump(_cfg(tiny_teacher, data, synth_data["images_root"], out))
