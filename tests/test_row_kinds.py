@@ -226,3 +226,45 @@ def test_rerun_of_a_finished_run_compares_paths_by_what_they_name(world, tiny_st
     moved.write_text(moved.read_text().replace('"5"', '"6"'))  # other content under the moved name
     with pytest.raises(RunMismatchError, match=r"data: '.*rows\.json' then, '.*elsewhere/rows\.json' now"):
         train(from_dict(TrainConfig, {**saved, "data": str(moved)}))
+
+
+def test_mixed_batch_averages_visual_terms_over_the_samples_with_an_image(world, tiny_student):
+    """``batch_losses`` on real cache records: [image, text-only] gives the image sample's own L_vis
+    and L_rel (both are means over visual positions / samples with an image, the text-only row
+    adds nothing to them); [text-only, text-only] gives L_vis = L_rel = 0 exactly, a finite total
+    and finite, non-zero gradients (L_reg and L_res still train)."""
+    import torch
+
+    from kdcache.data.collate import LlavaTorchDataset, collate, prepare_samples
+    from kdcache.data.llava import read_llava_json
+    from kdcache.train import TeacherSide, batch_losses
+
+    student, processor = load_model(tiny_student)
+    kept, toks, skipped = prepare_samples(
+        read_llava_json(world["data"]), processor.tokenizer, images_root=world["images"], template="chat",
+        image_token_id=image_token_id(student.config), num_image_tokens=num_image_tokens(student.config, processor),
+        max_length=MAX_LENGTH, on_too_long="truncate")
+    assert skipped.total == 0
+    ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, world["images"])
+    by_id = {s.id: i for i, s in enumerate(kept)}
+    side = TeacherSide(gram=torch.as_tensor(world["reader"].gram()), lm_head=None, temperature=1.0, targets="topk")
+    cfg = TrainConfig(stage="dft", student=str(tiny_student), data=str(world["data"]), images=str(world["images"]),
+                      out="unused", cache=str(world["cache"]))
+
+    def terms(ids, grad=False):
+        student.zero_grad(set_to_none=True)
+        batch = collate([ds[by_id[i]] for i in ids], processor.tokenizer.pad_token_id)
+        t = batch_losses(student, batch, [world["records"][i] for i in ids], side, cfg)
+        if grad:
+            t["total"].backward()
+        return {k: v.detach() for k, v in t.items()}
+
+    alone, mixed = terms(["plain-1"]), terms(["plain-1", "sharegpt-7"])
+    assert alone["vis"] > 0 and alone["rel"] > 0
+    torch.testing.assert_close(mixed["vis"], alone["vis"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed["rel"], alone["rel"], rtol=1e-4, atol=1e-6)
+    none = terms(["sharegpt-7", "sharegpt-8"], grad=True)
+    assert none["vis"].item() == 0.0 and none["rel"].item() == 0.0
+    assert torch.isfinite(none["total"]) and none["reg"] > 0 and none["res"] > 0
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

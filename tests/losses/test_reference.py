@@ -338,6 +338,21 @@ def test_relation_loss_mask_excludes_padded_rows(normalize):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
+def test_relation_over_no_visual_rows_is_exactly_zero_with_finite_gradients(normalize):
+    """Issue 15: a text-only sample's relation in logit space: H [1, 0, D] -> R [1, 0, 0] -> loss 0,
+    and the gradient to H and to the student's LM head (through M = W^T W) is finite (zero)."""
+    h = torch.zeros(1, 0, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    r_s = L.gram_relation(h, lm_gram(w), normalize=normalize)
+    r_t = L.gram_relation(torch.zeros(1, 0, 6), lm_gram(torch.randn(9, 6)), normalize=normalize)
+    assert r_s.shape == r_t.shape == (1, 0, 0)
+    loss = L.relation_loss_from_grams(r_s, r_t)
+    assert loss.tolist() == [0.0]
+    loss.sum().backward()
+    assert h.grad.shape == (1, 0, 4) and w.grad is not None and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
 def test_relation_from_grams_equals_materialised_logits(normalize):
     torch.manual_seed(6)
     B, N, Ds, Dt, V = 2, 5, 4, 6, 30
