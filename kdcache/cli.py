@@ -101,14 +101,34 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _worker_user_error(e: Exception) -> str | None:
+    """The message of a user error raised in a DataLoader worker, else None. torch re-raises a
+    worker's exception as ``RuntimeError("Caught SampleError in DataLoader worker process 0.\n
+    Original Traceback ...\nkdcache.data.llava.SampleError: <message>")`` when it cannot rebuild
+    it from one string (SampleError takes four arguments)."""
+    text = str(e)
+    names = {cls.__name__: f"{cls.__module__}.{cls.__qualname__}: " for cls in _user_errors()}
+    first = text.split(" ", 2)
+    if len(first) < 3 or first[0] != "Caught" or first[1] not in names or "DataLoader worker" not in first[2]:
+        return None
+    prefix = names[first[1]]
+    last = next((ln for ln in reversed(text.splitlines()) if ln.startswith(prefix)), None)
+    return last[len(prefix):] if last else None
+
+
 def _crash(e: Exception) -> None:
-    """An error that is not the user's: the traceback (for a bug report), then one line."""
+    """An error that is not the user's: the traceback (for a bug report), then one line. A user
+    error raised in a DataLoader worker is printed as one line, as ``_fail`` does."""
     import traceback
 
     _close_bars()
+    msg = _worker_user_error(e)
+    if msg is not None:
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     traceback.print_exception(e)
-    # the last line of the message: a DataLoader worker's error arrives as a RuntimeError whose
-    # message ends with the original exception's line (e.g. a SampleError naming the sample)
+    # the last line of the message: a DataLoader worker's other errors arrive as a RuntimeError
+    # whose message ends with the original exception's line
     last = next((ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), "")
     notes = "".join(f" ({n})" for n in getattr(e, "__notes__", []))
     typer.secho(f"error: {type(e).__name__}: {last}{notes}. Unexpected: the traceback above shows where (report it "

@@ -142,3 +142,43 @@ def test_unexpected_error_ends_with_one_line_naming_the_sample(tmp_path, synth_d
     last = _last_line(r.stderr)
     assert last.startswith("error: TypeError: memoryview: cannot cast view with zeros"), last
     assert "(while writing sample 'text-1', row 2)" in last and last.endswith("rerun the same command to resume"), last
+
+
+class _TruncatedImages:
+    """A map-style dataset whose item decodes a truncated JPEG (its header parses)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from kdcache.data.llava import LlavaSample, load_image
+
+        sample = LlavaSample(id="s-9", row=9, image="t.jpg", turns=[], source="rows.json")
+        return load_image(self.path, sample)
+
+
+def test_a_user_error_from_a_loader_worker_is_one_line(tmp_path):
+    """torch re-raises a worker's SampleError as a RuntimeError holding the worker's traceback;
+    the CLI prints the SampleError's own message (sample, fix) as the error line."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from kdcache.cli import _worker_user_error
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="JPEG")
+    (tmp_path / "t.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    loader = torch.utils.data.DataLoader(_TruncatedImages(tmp_path / "t.jpg"), batch_size=None, num_workers=1)
+    with pytest.raises(RuntimeError) as e:
+        next(iter(loader))
+    assert str(e.value).startswith("Caught SampleError in DataLoader worker")
+    msg = _worker_user_error(e.value)
+    assert msg.startswith("sample 's-9' (row 9 of rows.json): corrupt_image: cannot decode image file"), msg
+    assert msg.endswith("Fix: re-download or re-encode the image file (keep the JSON as it is to resume a dump or "
+                        "a training run), or drop the sample"), msg
+    assert _worker_user_error(RuntimeError("Caught ZeroDivisionError in DataLoader worker process 0.")) is None

@@ -50,7 +50,8 @@ SKIP_REASONS = (
 
 _FIXES = {
     "missing_image": "check --images (the directory image paths are relative to) and the sample's 'image' path, or drop the sample",
-    "corrupt_image": "re-download or re-encode the image file, or drop the sample",
+    "corrupt_image": "re-download or re-encode the image file (keep the JSON as it is to resume a dump or a "
+                     "training run), or drop the sample",
     "no_image_token": "put exactly one '<image>' in the first human turn (e.g. '<image>\\n' + question)",
     "repeated_image_token": "keep a single '<image>' in the first human turn; multi-image samples are not supported",
     "no_response": "add a 'gpt' turn answering the last 'human' turn, or drop the sample",
