@@ -95,9 +95,18 @@ def _close_bars() -> None:
         bar.close()
 
 
+def _message(e: Exception) -> str:
+    """The error line's text: ours say what and how to fix; the OS's file errors get the fix."""
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError)) and e.filename:
+        what = {FileNotFoundError: "does not exist", NotADirectoryError: "is not a directory",
+                PermissionError: "cannot be accessed (permission denied)"}[type(e)]
+        return f"{e.filename} {what}: check the path (relative paths start at {os.getcwd()})"
+    return str(e)
+
+
 def _fail(e: Exception) -> None:
     _close_bars()
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_message(e)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 

@@ -368,6 +368,26 @@ class BackgroundWriter:
             raise self.error
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A sample the loader could not use (its image failed to decode), committed as a skip in its row's turn."""
+
+    row: int
+    sample_id: str
+    reason: str
+    error: str
+
+
+def collate_or_skip(items, pad_token_id: int):
+    """The dump's collate: (``collate`` of the items whose image decoded or None, [Skipped] for the
+    others: ``LlavaTorchDataset(image_errors="skip")`` items)."""
+    from .data.collate import collate
+
+    bad = [Skipped(it["row"], it["sample_id"], it["skipped"], it["error"]) for it in items if "skipped" in it]
+    good = [it for it in items if "skipped" not in it]
+    return (collate(good, pad_token_id) if good else None), bad
+
+
 def in_row_order(record_batches, rows: list[int], drop=frozenset()):
     """Re-emit records in ``rows`` order: each output batch is the longest run of rows, from the
     next one due, that has arrived; records of rows in ``drop`` (already committed) are dropped.
@@ -505,7 +525,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
     from tqdm.auto import tqdm
 
     from .cache.format import GRAM_ARRAY, LM_HEAD_ARRAY
-    from .data.collate import LlavaTorchDataset, collate, length_batches, padding_fraction
+    from .data.collate import LlavaTorchDataset, length_batches, padding_fraction
     from .relation import HIDDEN_TORCH_DTYPES, parse_relation, stored_relation
     from .teacher import teacher_records
 
@@ -562,23 +582,28 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
     todo = [j for j, s in enumerate(kept_all) if s.row not in done]
     kept, toks = [kept_all[j] for j in todo], [toks_all[j] for j in todo]
     if vllm_records is None:
-        ds = LlavaTorchDataset.from_prepared(kept_all, toks_all, processor.image_processor, cfg.images)
+        # an image that fails to decode only in the loader is committed as a skip, not a crash: a
+        # rerun would stop at it again, and dropping it from the JSON would change the dataset's sha256
+        ds = LlavaTorchDataset.from_prepared(kept_all, toks_all, processor.image_processor, cfg.images,
+                                             image_errors="skip")
         lengths = [len(t.input_ids) for t in toks_all]
         batches = length_batches(lengths, cfg.batch_size, [window_of[s.row] for s in kept_all])
         stats.padding = padding_fraction(lengths, batches)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             collate_fn=functools.partial(collate, pad_token_id=tok.pad_token_id),
+                                             collate_fn=functools.partial(collate_or_skip,
+                                                                          pad_token_id=tok.pad_token_id),
                                              prefetch_factor=4 if cfg.num_workers else None)
         relation = stored_relation(cfg.relation, cfg.hidden)
         # lowrank: C = sqrt(W^T W) [D, D] once per dump (an eigh), each sample's factor per batch
         c = relation_sqrt(model) if parse_relation(relation)[0] == "lowrank" else None
-        record_batches = (teacher_records(model, batch, kinds=cfg.positions, top_k=kind.top_k(cfg.top_k),
-                                          temperature=cfg.temperature, with_hidden=relation != "none",
-                                          chunk_size=cfg.chunk_size, targets=cfg.targets,
-                                          draw_seed=cfg.draw_seed, relation=relation, relation_sqrt=c,
-                                          relation_dtype=HIDDEN_TORCH_DTYPES[cfg.hidden] if c is not None
-                                          else torch.bfloat16)  # not used without a factor
-                          for batch in loader)
+        record_batches = ((teacher_records(model, batch, kinds=cfg.positions, top_k=kind.top_k(cfg.top_k),
+                                           temperature=cfg.temperature, with_hidden=relation != "none",
+                                           chunk_size=cfg.chunk_size, targets=cfg.targets,
+                                           draw_seed=cfg.draw_seed, relation=relation, relation_sqrt=c,
+                                           relation_dtype=HIDDEN_TORCH_DTYPES[cfg.hidden] if c is not None
+                                           else torch.bfloat16)  # not used without a factor
+                           if batch is not None else []) + bad
+                          for batch, bad in loader)
         record_batches = in_row_order(record_batches, [s.row for s in kept], drop=done)
     else:
         if free_model:
@@ -607,8 +632,13 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
                 while order[cursor] != r.row:  # skipped rows that come before this one
                     ops.append(skip_at[order[cursor]])
                     cursor += 1
-                ops.append(r)
                 cursor += 1
+                if isinstance(r, Skipped):  # its image failed to decode in the loader
+                    ops.append((r.row, r.sample_id, r.reason))
+                    stats.skipped[r.reason] = stats.skipped.get(r.reason, 0) + 1
+                    bar.write(f"skipped: {r.error}", file=sys.stderr)
+                    continue
+                ops.append(r)
                 stats.samples += 1
                 stats.tokens += r.num_tokens
                 stats.positions += len(r.positions)

@@ -182,3 +182,12 @@ def test_a_user_error_from_a_loader_worker_is_one_line(tmp_path):
     assert msg.endswith("Fix: re-download or re-encode the image file (keep the JSON as it is to resume a dump or "
                         "a training run), or drop the sample"), msg
     assert _worker_user_error(RuntimeError("Caught ZeroDivisionError in DataLoader worker process 0.")) is None
+
+
+def test_a_missing_file_is_one_line_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train", "--stage", "sft", "--student", ".", "--data", "data/x.json", "--images", ".",
+                                 "--out", "run", "--config", "nope.yaml"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == (f"error: nope.yaml does not exist: check the path (relative paths "
+                                                 f"start at {tmp_path})")

@@ -341,6 +341,35 @@ def test_bad_samples_are_skipped_counted_and_recorded(tiny_teacher, synth_data, 
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", bar), bar
 
 
+def test_image_that_fails_to_decode_in_the_loader_is_a_recorded_skip(tiny_teacher, synth_data, tmp_path, capsys):
+    """Issue 15: a truncated JPEG passes the header check and fails only when a loader worker
+    decodes it. The dump commits it as a corrupt_image skip in its row's turn (it used to stop
+    the dump, and a rerun stopped at it again) and says so; the other samples are dumped."""
+    import io
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    shutil.copytree(synth_data["images_root"], images)
+    buf = io.BytesIO()
+    Image.open(images / "train_000003.png").convert("RGB").resize((128, 128)).save(buf, format="JPEG")
+    (images / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    rows = json.loads(Path(synth_data["instruct_small"]).read_text())[:6]
+    rows[3]["image"] = "cut.jpg"
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "c.zarr"
+    dump(_cfg(tiny_teacher, data, images, out, num_workers=1))  # batches of 2: rows 2 and 3 share one
+    captured = capsys.readouterr()
+    assert f"skipped: sample '{rows[3]['id']}' (row 3 of {data}): corrupt_image: cannot decode" in captured.err
+    assert captured.out.strip().splitlines()[-1].endswith("skipped 1 sample: 1 corrupt_image")
+    reader = CacheReader(out)
+    assert reader.skipped() == [(3, rows[3]["id"], "corrupt_image")]
+    assert sorted(reader.rows()) == [0, 1, 2, 4, 5] and verify_cache(out).ok
+    dump(_cfg(tiny_teacher, data, images, out, num_workers=1))  # a rerun has nothing left to do
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("nothing to do: all 6 rows")
+
+
 def test_all_skipped_dump_is_refused_and_leaves_nothing(tiny_teacher, synth_data, tmp_path):
     """The --help examples once said --images data (one level above the images): every sample
     missing. That dump must fail naming the reasons and the fix, and leave no cache that a

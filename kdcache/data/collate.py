@@ -122,7 +122,12 @@ class LlavaTorchDataset(torch.utils.data.Dataset):
     Item: dict(sample_id str, row int, input_ids int64 [T], labels int64 [T], roles uint8 [T],
     pixel_values float [3, H, W] or None). Bad samples are dropped at construction (``skipped``
     counts them, and the summary is printed to stderr) unless ``on_error="raise"``.
+    An image that passed the header check but fails to decode (a truncated JPEG) raises its
+    SampleError in ``__getitem__``; with ``image_errors="skip"`` (``from_prepared``) the item is
+    dict(sample_id, row, skipped=reason, error=message) instead, for the caller to record.
     """
+
+    image_errors = "raise"
 
     def __init__(
         self,
@@ -158,9 +163,14 @@ class LlavaTorchDataset(torch.utils.data.Dataset):
             self.skipped.report()
 
     @classmethod
-    def from_prepared(cls, samples, tokenized, image_processor, images_root) -> "LlavaTorchDataset":
-        """A dataset over samples ``prepare`` already tokenised and checked (no second pass)."""
+    def from_prepared(cls, samples, tokenized, image_processor, images_root,
+                      image_errors: Literal["raise", "skip"] = "raise") -> "LlavaTorchDataset":
+        """A dataset over samples ``prepare`` already tokenised and checked (no second pass);
+        ``image_errors``: see the class docstring."""
+        if image_errors not in ("raise", "skip"):
+            raise ValueError(f"image_errors must be 'raise' or 'skip', got {image_errors!r}")
         self = cls.__new__(cls)
+        self.image_errors = image_errors
         self.image_processor = image_processor
         self.images_root = Path(images_root) if images_root is not None else None
         self.samples, self.tokenized, self.skipped = list(samples), list(tokenized), SkipCounter()
@@ -178,13 +188,19 @@ class LlavaTorchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s, t = self.samples[i], self.tokenized[i]
+        try:
+            pixels = self.pixel_values(s) if s.has_image else None
+        except SampleError as e:
+            if self.image_errors == "raise":
+                raise
+            return {"sample_id": t.sample_id, "row": t.row, "skipped": e.reason, "error": str(e)}
         return {
             "sample_id": t.sample_id,
             "row": t.row,
             "input_ids": torch.from_numpy(t.input_ids),
             "labels": torch.from_numpy(t.labels),
             "roles": torch.from_numpy(t.roles),
-            "pixel_values": self.pixel_values(s) if s.has_image else None,
+            "pixel_values": pixels,
         }
 
 
