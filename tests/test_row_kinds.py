@@ -237,7 +237,8 @@ def test_mixed_batch_averages_visual_terms_over_the_samples_with_an_image(world,
 
     from kdcache.data.collate import LlavaTorchDataset, collate, prepare_samples
     from kdcache.data.llava import read_llava_json
-    from kdcache.train import TeacherSide, batch_losses
+    from kdcache.target_kinds import parse_targets
+    from kdcache.train import TeacherSide, batch_losses, pack_records
 
     student, processor = load_model(tiny_student)
     kept, toks, skipped = prepare_samples(
@@ -247,14 +248,15 @@ def test_mixed_batch_averages_visual_terms_over_the_samples_with_an_image(world,
     assert skipped.total == 0
     ds = LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, world["images"])
     by_id = {s.id: i for i, s in enumerate(kept)}
-    side = TeacherSide(gram=torch.as_tensor(world["reader"].gram()), lm_head=None, temperature=1.0, targets="topk")
+    side = TeacherSide(gram=torch.as_tensor(world["reader"].gram()), lm_head=None, temperature=1.0,
+                       targets=parse_targets(world["reader"].attrs["settings"]["targets"]))
     cfg = TrainConfig(stage="dft", student=str(tiny_student), data=str(world["data"]), images=str(world["images"]),
                       out="unused", cache=str(world["cache"]))
 
     def terms(ids, grad=False):
         student.zero_grad(set_to_none=True)
         batch = collate([ds[by_id[i]] for i in ids], processor.tokenizer.pad_token_id)
-        t = batch_losses(student, batch, [world["records"][i] for i in ids], side, cfg)
+        t = batch_losses(student, batch, pack_records([world["records"][i] for i in ids]), side, cfg)
         if grad:
             t["total"].backward()
         return {k: v.detach() for k, v in t.items()}
