@@ -543,6 +543,10 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
             # those rows are usable now, but a finished part is never rewritten
             raise DumpError(f"part {rank} of {out} is finished but every row of it was skipped by the run that "
                             f"made it, and {len(kept_now)} of them are usable now: remove {out} and dump again")
+        if kept_now & skipped_rows:  # a finished part is valid as it is: say what it lacks, and how to get it
+            print(f"[rank {rank}] note: {len(kept_now & skipped_rows)} rows the run that made {out} skipped are "
+                  f"usable now (e.g. row {min(kept_now & skipped_rows)}); the cache is kept as it is: remove it and "
+                  "dump again to include them", file=sys.stderr, flush=True)
         print(f"[rank {rank}] part {rank} of {out} is already complete ({len(done)} samples committed); "
               "nothing to do", flush=True)
         return stats

@@ -416,3 +416,22 @@ def test_finished_all_skipped_part_of_an_older_kdcache_is_refused_with_the_fix(t
     assert CacheReader(out).num_samples == 0 and len(CacheReader(out).skipped()) == 4
     with pytest.raises(DumpError, match=r"every row of it was skipped .* 4 of them are usable now: remove .*c\.zarr"):
         dump(_cfg(tiny_teacher, data, synth_data["images_root"], out))
+
+
+def test_rows_skipped_by_the_run_that_made_a_finished_cache_but_usable_now_are_noted(tiny_teacher, synth_data,
+                                                                                     tmp_path, capsys):
+    rows = json.loads(Path(synth_data["instruct_small"]).read_text())[:4]
+    data = tmp_path / "four.json"
+    data.write_text(json.dumps(rows))
+    some = tmp_path / "some_images"  # an image folder holding only the first two rows' images
+    some.mkdir()
+    for r in rows[:2]:
+        shutil.copy(Path(synth_data["images_root"]) / r["image"], some / r["image"])
+    out = tmp_path / "c.zarr"
+    dump(_cfg(tiny_teacher, data, some, out))
+    assert sorted(CacheReader(out).rows()) == [0, 1]
+    capsys.readouterr()
+    dump(_cfg(tiny_teacher, data, synth_data["images_root"], out))  # all four usable now
+    err = capsys.readouterr().err
+    assert "note: 2 rows the run that made" in err and "remove it and dump again" in err, err
+    assert sorted(CacheReader(out).rows()) == [0, 1]  # the finished cache is kept as it is
