@@ -398,6 +398,8 @@ def verify(
     except _user_errors() as e:
         _fail(e)
     typer.echo(str(rep))
+    if not rep.ok:
+        typer.secho(f"error: {rep.verdict()}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=0 if rep.ok else 1)
 
 

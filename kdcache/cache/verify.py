@@ -83,6 +83,13 @@ class VerifyReport:
         else:
             self.dropped += 1
 
+    def verdict(self) -> str:
+        """One line for a failed check (the CLI's last line): how many problems, the first, the fix."""
+        n = len(self.problems) + self.dropped
+        return (f"cache {self.path} failed verification: {n} problem{'s' if n != 1 else ''} listed above, the first: "
+                f"{self.problems[0]}. Fix: dump it again into a new --out (an unfinished dump: rerun its command "
+                "to finish it, then verify again)")
+
     def __str__(self) -> str:
         head = (f"{self.path}: {'OK' if self.ok else 'FAILED'} - {self.parts} part(s), "
                 f"{self.samples_checked} samples checked, "

@@ -142,3 +142,21 @@ def test_missing_cache_and_bad_attributes(tmp_path, good):
     g.attrs.put(attrs)
     rep = verify_cache(dst)
     assert len(rep.problems) == 1 and "settings.top_k" in rep.problems[0]
+
+
+def test_cli_ends_a_failed_verify_with_one_error_line(copy):
+    """Issue 15: the report lists every problem; the last line says how many, the first, and the fix."""
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    f = chunk_files(copy, "topk_ids")[0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    r = CliRunner().invoke(app, ["verify", str(copy)])
+    assert r.exit_code == 1
+    first = verify_cache(copy).problems[0]
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: cache {copy} failed verification: ") and f"the first: {first}. Fix: " in last, last
+    assert "part 0 sample 's000" in last
