@@ -57,12 +57,12 @@ class VllmConfig:
 
 def vllm_gpu_memory_utilization(cfg: "DumpConfig") -> float:
     """vLLM's GPU memory share for this dump (``VllmConfig.gpu_memory_utilization`` resolved)."""
-    from .relation import stored_relation
+    from .relation import parse_relation
 
     if cfg.vllm.gpu_memory_utilization is not None:
         return cfg.vllm.gpu_memory_utilization
     # the HF teacher shares the GPU exactly when relation targets are dumped (hybrid mode)
-    alone = stored_relation(cfg.relation, cfg.hidden) == "none"
+    alone = not parse_relation(cfg.relation).stored(cfg.hidden).has_targets
     return VLLM_GPU_MEMORY_ALONE if alone else VLLM_GPU_MEMORY_WITH_HF
 
 
@@ -256,13 +256,13 @@ def validate(cfg) -> None:
         from .relation import parse_relation
 
         try:
-            rel_mode, _r = parse_relation(cfg.relation)
+            rel = parse_relation(cfg.relation)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
-        if rel_mode == "lowrank" and cfg.hidden == "none":
+        if rel.factored and cfg.hidden == "none":
             raise ConfigError(f"relation: {cfg.relation!r} factors the visual hidden states and stores the factor in "
                               "the hidden dtype, but hidden is 'none': choose hidden bf16 (or fp16, float32)")
-        if rel_mode == "lowrank" and kind.exact:
+        if rel.factored and kind.exact:
             raise ConfigError(f"relation: {cfg.relation!r} with targets 'hidden': that mode stores every hidden state "
                               "of the image span already, so the factor would save nothing; use relation hidden, "
                               "or targets topk with the factor")

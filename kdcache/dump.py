@@ -147,17 +147,18 @@ def dump_settings(cfg: DumpConfig, world_size: int) -> dict:
 
     ``targets: sampled:N`` stores N columns, so ``top_k`` is N (``cfg.top_k`` is not used) and
     ``draw_seed`` is recorded; the other modes have no ``draw_seed``. ``relation`` is
-    ``kdcache.relation.stored_relation`` (``none`` for the default ``hidden`` with hidden none).
+    the relation mode as stored (``RelationHidden.stored``: ``none`` for the default ``hidden`` with
+    hidden none; ``lowrank`` with its rank).
     ``truncate: true`` only with ``on_too_long: truncate`` (samples longer than ``max_length`` were
     cut to it; skip and error store the same samples, so they are not recorded)."""
-    from .relation import stored_relation
+    from .relation import parse_relation
     from .target_kinds import parse_targets
 
     kind = parse_targets(cfg.targets)
     settings = {"top_k": kind.top_k(cfg.top_k), "positions": list(cfg.positions),
                 "logprob_dtype": cfg.logprob_dtype,
                 "hidden": cfg.hidden, "temperature": float(cfg.temperature), "backend": cfg.backend,
-                "relation": stored_relation(cfg.relation, cfg.hidden), "max_length": int(cfg.max_length),
+                "relation": parse_relation(cfg.relation).stored(cfg.hidden).spec, "max_length": int(cfg.max_length),
                 "world_size": int(world_size), "targets": cfg.targets}
     settings.update(kind.settings_extra(cfg))
     if cfg.on_too_long == "truncate":  # samples cut to max_length: the trainer must cut them alike
@@ -526,7 +527,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
 
     from .cache.format import GRAM_ARRAY, LM_HEAD_ARRAY
     from .data.collate import LlavaTorchDataset, length_batches, padding_fraction
-    from .relation import HIDDEN_TORCH_DTYPES, parse_relation, stored_relation
+    from .relation import HIDDEN_TORCH_DTYPES, parse_relation
     from .teacher import teacher_records
 
     done = set(writer.committed_rows())
@@ -597,13 +598,13 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
                                              collate_fn=functools.partial(collate_or_skip,
                                                                           pad_token_id=tok.pad_token_id),
                                              prefetch_factor=4 if cfg.num_workers else None)
-        relation = stored_relation(cfg.relation, cfg.hidden)
+        relation = parse_relation(cfg.relation).stored(cfg.hidden)
         # lowrank: C = sqrt(W^T W) [D, D] once per dump (an eigh), each sample's factor per batch
-        c = relation_sqrt(model) if parse_relation(relation)[0] == "lowrank" else None
+        c = relation_sqrt(model) if relation.factored else None
         record_batches = ((teacher_records(model, batch, kinds=cfg.positions, top_k=kind.top_k(cfg.top_k),
-                                           temperature=cfg.temperature, with_hidden=relation != "none",
+                                           temperature=cfg.temperature, with_hidden=relation.has_targets,
                                            chunk_size=cfg.chunk_size, targets=cfg.targets,
-                                           draw_seed=cfg.draw_seed, relation=relation, relation_sqrt=c,
+                                           draw_seed=cfg.draw_seed, relation=relation.spec, relation_sqrt=c,
                                            relation_dtype=HIDDEN_TORCH_DTYPES[cfg.hidden] if c is not None
                                            else torch.bfloat16)  # not used without a factor
                            if batch is not None else []) + bad

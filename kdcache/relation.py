@@ -17,6 +17,9 @@ When N < r the factor is exact up to rounding and its extra columns are zero.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 
@@ -37,12 +40,125 @@ def gram_sqrt(gram: torch.Tensor) -> torch.Tensor:
     return (q * lam.clamp_min(0).sqrt()).to(torch.float32)
 
 
-RELATION_MODES = ("hidden", "none", "lowrank")
 DEFAULT_RANK = 64  # ~93 KB per sample in bf16 at N = 729 (vs ~2.9 MB for the hidden states at D = 2048)
+HIDDEN_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
 
 
-def parse_relation(relation: str) -> tuple[str, int | None]:
-    """``"hidden"`` -> ("hidden", None), ``"none"`` -> ("none", None), ``"lowrank:R"`` -> ("lowrank", R).
+@dataclass(frozen=True)
+class RelationHidden:
+    """``hidden``: the visual hidden states H [N, D] in the hidden dtype (+ the teacher's M = W^T W
+    once): R_t = H M H^T, exact, for logit or hidden-state relations."""
+
+    name: ClassVar[str] = "hidden"
+    form: ClassVar[str] = "hidden"
+    has_targets: ClassVar[bool] = True  # the cache holds L_rel targets
+    factored: ClassVar[bool] = False  # a factor F (visual_factor) instead of H
+
+    @property
+    def spec(self) -> str:
+        return self.name
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+    @classmethod
+    def parse(cls, text: str):
+        return cls() if text == cls.name else None
+
+    def stored(self, hidden: str):
+        """The mode the cache records for the dump's ``hidden`` dtype: ``hidden`` with hidden
+        ``none`` is ``none`` (the default keeps the caches it always made)."""
+        return RelationNone() if hidden == "none" else self
+
+    def check_settings(self, settings: dict, where: str, error: type[Exception], exact_targets: bool) -> None:
+        """What the schema cannot say about ``settings.relation`` (``error`` names the caller's)."""
+
+    def index_arrays(self) -> dict[str, tuple[str, int | None]]:
+        return {}
+
+    def train_problem(self, cfg, settings: dict) -> str | None:
+        """Why this cache's relation targets cannot serve ``cfg``'s L_rel, or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class RelationNone(RelationHidden):
+    """``none``: no relation targets (L_rel cannot be trained from the cache)."""
+
+    name: ClassVar[str] = "none"
+    form: ClassVar[str] = "none"
+    has_targets: ClassVar[bool] = False
+
+    def stored(self, hidden: str):
+        return self
+
+    def train_problem(self, cfg, settings: dict) -> str | None:
+        if not cfg.loss.gamma_rel:
+            return None
+        return (f"loss.gamma_rel = {cfg.loss.gamma_rel} needs relation targets, but cache "
+                f"{cfg.cache} was dumped with relation none (hidden {settings['hidden']}): set "
+                "loss.gamma_rel: 0 or dump with --hidden bf16 --relation hidden (or lowrank:64)")
+
+
+@dataclass(frozen=True)
+class RelationLowrank(RelationHidden):
+    """``lowrank:R``: a rank-R factor F [N, R] (hidden dtype) with F F^T ~ H M H^T, and its
+    relative error per sample (``index/relation_error``); logit relations only."""
+
+    r: int = DEFAULT_RANK
+    name: ClassVar[str] = "lowrank"
+    form: ClassVar[str] = f"lowrank:R with R >= 1 (lowrank alone: R = {DEFAULT_RANK})"
+    factored: ClassVar[bool] = True
+
+    @property
+    def spec(self) -> str:
+        return f"lowrank:{self.r}"
+
+    @property
+    def rank(self) -> int | None:
+        return self.r
+
+    @classmethod
+    def parse(cls, text: str):
+        if text == cls.name:
+            return cls(DEFAULT_RANK)
+        head, sep, tail = text.partition(":")
+        if head == cls.name and sep and tail.isdigit() and tail == str(int(tail)) and int(tail) >= 1:
+            return cls(int(tail))
+        return None
+
+    def stored(self, hidden: str):
+        return self
+
+    def check_settings(self, settings: dict, where: str, error: type[Exception], exact_targets: bool) -> None:
+        rel = settings["relation"]
+        if settings["hidden"] == "none":
+            raise error(f"{where}: settings.relation {rel!r} stores its rows in the hidden dtype, but "
+                        "settings.hidden is 'none': choose bf16, fp16 or float32, or relation none")
+        if exact_targets:
+            raise error(f"{where}: settings.relation {rel!r} with targets 'hidden': that mode stores "
+                        "every hidden state already; use relation hidden")
+
+    def index_arrays(self) -> dict[str, tuple[str, int | None]]:
+        from kdcache.cache.format import RELATION_INDEX_ARRAYS  # index/relation_error, float32
+
+        return RELATION_INDEX_ARRAYS
+
+    def train_problem(self, cfg, settings: dict) -> str | None:
+        lc = cfg.loss
+        if lc.gamma_rel and lc.relation_features != "logits":
+            return (f"loss.relation_features {lc.relation_features!r} needs the teacher's hidden states, "
+                    f"but cache {cfg.cache} has relation {settings['relation']!r}: a factor of the logit Gram "
+                    "only. Set loss.relation_features: logits, or dump with --relation hidden")
+        return None
+
+
+RELATION_MODES: dict[str, type[RelationHidden]] = {m.name: m for m in (RelationHidden, RelationNone, RelationLowrank)}
+
+
+def parse_relation(relation: str) -> RelationHidden:
+    """``"hidden"`` -> RelationHidden(), ``"none"`` -> RelationNone(), ``"lowrank:R"`` -> RelationLowrank(R).
 
     hidden     the visual hidden states H [N, D] (+ the teacher's M = W^T W once): R = H M H^T exact
     none       no relation targets (L_rel cannot be trained from the cache)
@@ -50,40 +166,19 @@ def parse_relation(relation: str) -> tuple[str, int | None]:
     ``"lowrank"`` alone means ``lowrank:64`` (``DEFAULT_RANK``). Raises ValueError naming the
     accepted forms (TypeError for a non-string).
     """
-    forms = "accepted: hidden, none, lowrank:R with R >= 1 (lowrank alone: R = 64)"
+    forms = "accepted: " + ", ".join(m.form for m in RELATION_MODES.values())
     if not isinstance(relation, str):
         raise TypeError(f"relation: {relation!r} is not a string ({forms})")
-    if relation in ("hidden", "none"):
-        return relation, None
-    if relation == "lowrank":
-        return "lowrank", DEFAULT_RANK
-    head, sep, tail = relation.partition(":")
-    if head == "lowrank" and sep and tail.isdigit() and tail == str(int(tail)) and int(tail) >= 1:
-        return "lowrank", int(tail)
+    for mode in RELATION_MODES.values():
+        parsed = mode.parse(relation)
+        if parsed is not None:
+            return parsed
     raise ValueError(f"relation: {relation!r} is not a relation mode ({forms})")
-
-
-HIDDEN_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
-
-
-def stored_relation(relation: str, hidden: str) -> str:
-    """The cache's ``settings.relation`` for a dump's ``relation`` and ``hidden``: ``hidden`` with
-    hidden ``none`` is ``none`` (the default keeps the caches it always made), ``lowrank`` is
-    written with its rank (``lowrank:64``), the rest as given."""
-    mode, rank = parse_relation(relation)
-    if mode == "lowrank":
-        return f"lowrank:{rank}"
-    return "none" if hidden == "none" else mode
 
 
 def parse_lowrank(relation: str) -> int | None:
     """``"lowrank:64"`` -> 64; any other relation mode -> None."""
-    if not relation.startswith("lowrank:"):
-        return None
-    r = int(relation.split(":", 1)[1])
-    if r < 1:
-        raise ValueError(f"relation {relation!r}: the rank must be >= 1")
-    return r
+    return parse_relation(relation).rank
 
 
 @torch.no_grad()

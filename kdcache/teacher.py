@@ -193,8 +193,8 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
     from .relation import factor_records, gram_sqrt, lm_gram, parse_relation
 
     kind = parse_targets(targets)
-    rel_mode, rel_rank = parse_relation(relation)
-    if rel_mode == "lowrank" and not with_hidden:
+    rel = parse_relation(relation)
+    if rel.factored and not with_hidden:
         raise ValueError(f"relation {relation!r} factors the visual hidden states: it needs with_hidden=True")
     lm = model.lm_head
     if kind.exact and lm.bias is not None:
@@ -247,10 +247,10 @@ def teacher_records(model, batch: dict, *, kinds: tuple[str, ...], top_k: int, t
         off += P
     if was_training:
         model.train()
-    if rel_mode == "lowrank":
+    if rel.factored:
         if relation_sqrt is None:
             relation_sqrt = gram_sqrt(lm_gram(lm.weight.detach().float()))  # [D, D]
-        records = factor_records(records, relation_sqrt, rel_rank, relation_dtype)
+        records = factor_records(records, relation_sqrt, rel.rank, relation_dtype)
     return records
 
 

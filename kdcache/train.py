@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from . import losses as L
-from .cache.format import CacheCorrupt, CacheMismatch
+from .cache.format import CacheCorrupt, CacheMismatch, relation_of
 from .config import STAGE_LR, TrainConfig, to_dict, validate
 from .losses import IGNORE_INDEX
 from .positions import KIND_PROMPT, KIND_RESPONSE, KIND_VISUAL
@@ -265,18 +265,10 @@ def check_cache_against_student(attrs: dict, model, tokenizer, cfg: TrainConfig,
             raise CacheMismatch(f"loss.{key} = {w} needs {kind} positions, but cache {cfg.cache} was dumped "
                                 f"with positions {sorted(dumped)}: set loss.{key}: 0 or dump with "
                                 f"--positions including {kind}")
-    problem = parse_targets(st["targets"]).train_problem(cfg, st)
-    if problem is not None:
-        raise CacheMismatch(problem)
-    # caches made before the relation option have relation none exactly when hidden is none
-    if lc.gamma_rel and (st["relation"] == "none" or st["hidden"] == "none"):
-        raise CacheMismatch(f"loss.gamma_rel = {lc.gamma_rel} needs relation targets, but cache "
-                            f"{cfg.cache} was dumped with relation none (hidden {st['hidden']}): set "
-                            "loss.gamma_rel: 0 or dump with --hidden bf16 --relation hidden (or lowrank:64)")
-    if lc.gamma_rel and st["relation"].startswith("lowrank:") and lc.relation_features != "logits":
-        raise CacheMismatch(f"loss.relation_features {lc.relation_features!r} needs the teacher's hidden states, "
-                            f"but cache {cfg.cache} has relation {st['relation']!r}: a factor of the logit Gram "
-                            "only. Set loss.relation_features: logits, or dump with --relation hidden")
+    # the cache's target kind and relation mode say what of this config they cannot serve
+    for problem in (parse_targets(st["targets"]).train_problem(cfg, st), relation_of(st).train_problem(cfg, st)):
+        if problem is not None:
+            raise CacheMismatch(problem)
 
 
 def missing_rows_message(missing: set[int], skipped, cfg: TrainConfig, settings: dict) -> str:

@@ -49,17 +49,16 @@ def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
     from kdcache.data.collate import collate
     from kdcache.data.llava import load_image
     from kdcache.dump import relation_sqrt
-    from kdcache.relation import HIDDEN_TORCH_DTYPES, factor_records, parse_relation, stored_relation
+    from kdcache.relation import HIDDEN_TORCH_DTYPES, factor_records, parse_relation
     from kdcache.teacher import visual_hidden_states
 
     from .vllm import records_from_prompt_logprobs, with_hidden
 
     vocab = int(model.lm_head.weight.shape[0])  # read now: the model may be freed before the engine starts
     pad_id = processor.tokenizer.pad_token_id
-    relation = stored_relation(cfg.relation, cfg.hidden)
-    rel_mode, rel_rank = parse_relation(relation)
+    relation = parse_relation(cfg.relation).stored(cfg.hidden)
     # lowrank: C = sqrt(W^T W) once, now, while the HF weights are there
-    c = relation_sqrt(model) if rel_mode == "lowrank" else None
+    c = relation_sqrt(model) if relation.factored else None
 
     def make(kept, toks):
         engine = make_engine()
@@ -70,7 +69,7 @@ def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
             recs = [records_from_prompt_logprobs(pl, input_ids=t.input_ids, roles=t.roles, sample_id=t.sample_id,
                                                  row=t.row, kinds=cfg.positions, top_k=cfg.top_k, vocab_size=vocab)
                     for (_, t), pl in zip(chunk, pls)]
-            if relation == "none":
+            if not relation.has_targets:
                 return recs
             # The same PIL image vLLM got, through the teacher's image processor as the HF backend does.
             items = [{"sample_id": t.sample_id, "row": t.row, "input_ids": torch.from_numpy(t.input_ids),
@@ -82,7 +81,7 @@ def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
             hidden = [h for i in range(0, len(items), step)
                       for h in visual_hidden_states(model, collate(items[i:i + step], pad_id))]
             recs = with_hidden(recs, hidden)
-            return factor_records(recs, c, rel_rank, HIDDEN_TORCH_DTYPES[cfg.hidden]) if c is not None else recs
+            return factor_records(recs, c, relation.rank, HIDDEN_TORCH_DTYPES[cfg.hidden]) if c is not None else recs
         return records
     return make
 
@@ -99,12 +98,12 @@ def dump_with_vllm(cfg: DumpConfig, out: Path, samples, interval: float, device:
     (``kdcache.config.vllm_gpu_memory_utilization``: 0.6 by default in this mode)."""
     from kdcache.config import vllm_gpu_memory_utilization
     from kdcache.dump import _dump_part, load_teacher
-    from kdcache.relation import stored_relation
+    from kdcache.relation import parse_relation
 
     from .vllm import VllmTeacher
 
     hf_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.vllm.dtype]
-    hybrid = stored_relation(cfg.relation, cfg.hidden) != "none"  # relation targets need HF hidden states
+    hybrid = parse_relation(cfg.relation).stored(cfg.hidden).has_targets  # relation targets need HF hidden states
     if hybrid:
         print(f"[vllm] log-probs from vLLM, visual hidden states from the HF teacher on {device} (prefix up to "
               "the image's end)", file=sys.stderr, flush=True)

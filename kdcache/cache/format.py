@@ -188,10 +188,12 @@ def targets_of(settings: dict) -> Topk:
     return parse_targets(settings["targets"]).bound(settings)
 
 
-def relation_rank(settings: dict) -> int | None:
-    """R of ``settings.relation == "lowrank:R"``, else None (relation ``hidden`` or ``none``)."""
-    rel = settings["relation"]
-    return int(rel.split(":", 1)[1]) if rel.startswith("lowrank:") else None
+def relation_of(settings: dict):
+    """``settings['relation']`` parsed: its relation mode (``kdcache.relation``), as stored
+    (``hidden`` with hidden ``none``, written by caches made before the option, is ``none``)."""
+    from kdcache.relation import parse_relation
+
+    return parse_relation(settings["relation"]).stored(settings["hidden"])
 
 
 def rebuilds_visual_hidden(settings: dict) -> bool:
@@ -201,7 +203,7 @@ def rebuilds_visual_hidden(settings: dict) -> bool:
     response for the last one when a caption follows the image at once), so storing the rows twice
     is waste. With ``visual`` but not ``response`` that last output would be missing."""
     kinds = set(settings["positions"])
-    return (settings["relation"] == "hidden" and targets_of(settings).exact
+    return (relation_of(settings).name == "hidden" and targets_of(settings).exact
             and {"visual", "response"} <= kinds)
 
 
@@ -211,8 +213,7 @@ def stores_visual_hidden(settings: dict) -> bool:
     reader rebuilds the rows (``rebuilds_visual_hidden``). Caches made before ``relation`` was a
     dump option have relation ``none`` exactly when ``hidden`` is ``none``, so this is unchanged
     for them."""
-    return (settings["relation"] == "hidden" and settings["hidden"] != "none"
-            and not rebuilds_visual_hidden(settings))
+    return relation_of(settings).name == "hidden" and not rebuilds_visual_hidden(settings)
 
 
 def axes(settings: dict) -> tuple[str, ...]:
@@ -224,7 +225,7 @@ def axes(settings: dict) -> tuple[str, ...]:
 def index_arrays(settings: dict) -> dict[str, tuple[str, int | None]]:
     """Index arrays of a part under ``settings``: ``INDEX_ARRAYS``, the offset and length columns
     of the target kind's own axes (``AXIS_INDEX``), and ``relation_error`` with relation lowrank:R."""
-    extra = RELATION_INDEX_ARRAYS if relation_rank(settings) is not None else {}
+    extra = relation_of(settings).index_arrays()
     own = {}
     for axis in targets_of(settings).extra_axes:
         off, ln = AXIS_INDEX[axis]
@@ -241,7 +242,7 @@ def data_array_names(settings: dict) -> list[str]:
     names.update(row[0] for row in targets_of(settings).arrays(settings, 0))
     if stores_visual_hidden(settings):
         names.add("visual_hidden")
-    if relation_rank(settings) is not None:
+    if relation_of(settings).factored:
         names.add("visual_factor")
     return [n for n in CHECKSUM_ORDER if n in names]
 
@@ -277,7 +278,7 @@ def data_specs(settings: dict, hidden_size: int, layout: Layout) -> dict[str, Ar
     # hidden states barely compress (~1.3x); zstd level 1 encodes ~2.4x faster than level 3
     if stores_visual_hidden(settings):
         table.append(("visual_hidden", HIDDEN_STORAGE[h], hidden_size, "byteshuffle-fast", logical))
-    rank = relation_rank(settings)
+    rank = relation_of(settings).rank
     if rank is not None:  # the factor's columns are as noisy as hidden states: the fast level too
         table.append(("visual_factor", HIDDEN_STORAGE[h], rank, "byteshuffle-fast", logical))
     _, shared_shard = layout.rows(4 * k)  # rows of a topk_ids shard
@@ -417,17 +418,9 @@ def _check_targets(settings: dict, where: str) -> None:
 
 
 def _check_relation(settings: dict, where: str) -> None:
-    """What the schema cannot say about settings.relation: ``lowrank:R`` stores its factor in the
-    ``hidden`` dtype, so that must not be none (``hidden`` with hidden none stores nothing, like
-    ``none``: writers before the relation option made such attributes); ``lowrank:R`` with
-    ``targets: hidden`` would store a factor beside every hidden state of the image span."""
-    rel = settings["relation"]
-    if rel.startswith("lowrank:") and settings["hidden"] == "none":
-        raise CacheFormatError(f"{where}: settings.relation {rel!r} stores its rows in the hidden dtype, but "
-                               "settings.hidden is 'none': choose bf16, fp16 or float32, or relation none")
-    if rel.startswith("lowrank:") and targets_of(settings).exact:
-        raise CacheFormatError(f"{where}: settings.relation {rel!r} with targets 'hidden': that mode stores "
-                               "every hidden state already; use relation hidden")
+    """What the schema cannot say about settings.relation: its mode's ``check_settings``
+    (``lowrank:R`` needs a hidden dtype and refuses ``targets: hidden``)."""
+    relation_of(settings).check_settings(settings, where, CacheFormatError, targets_of(settings).exact)
 
 
 def make_attrs(

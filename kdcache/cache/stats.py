@@ -18,7 +18,7 @@ from kdcache.cache.format import (
     STATUS_OK,
     Layout,
     data_specs,
-    relation_rank,
+    relation_of,
 )
 from kdcache.cache.reader import CacheReader
 from kdcache.cache.store import cache_location
@@ -77,7 +77,7 @@ def relation_stats(reader: CacheReader, sizes: dict[str, int]) -> dict:
         # row bytes as stored; the layout only sets chunking
         spec = data_specs(settings, int(reader.attrs["teacher"]["hidden_size"]), Layout())[names[0]]
         out["raw_bytes_per_sample"] = n_vis * spec.row_bytes / S
-    if relation_rank(settings) is not None:
+    if relation_of(settings).factored:
         err = np.concatenate([p.cols["relation_error"][p.ok].astype(np.float64) for p in reader.parts.values()]
                              or [np.zeros(0)])
         out["relation_error"] = ({"n": int(err.size), "mean": float(err.mean()), "p50": float(np.percentile(err, 50)),

@@ -25,7 +25,7 @@ from kdcache.cache.format import (
     data_array_names,
     logprob_tolerance,
     read_json_attrs,
-    relation_rank,
+    relation_of,
     sample_checksum,
     storage_view,
     targets_of,
@@ -276,7 +276,7 @@ def _check_index(p: PartIndex, arrays: dict, attrs: dict, rep: VerifyReport) -> 
             rep.add(f"{where}: {name} rows are {arrays[name].shape[1:]}, "
                     f"expected hidden_size = {D}")
             good = False
-    R = relation_rank(attrs["settings"])
+    R = relation_of(attrs["settings"]).rank
     if "visual_factor" in arrays and arrays["visual_factor"].shape[1:] != (R,):
         rep.add(f"{where}: visual_factor rows are {arrays['visual_factor'].shape[1:]}, expected the rank "
                 f"{R} of settings.relation {attrs['settings']['relation']!r}")
@@ -418,10 +418,10 @@ def _check_sample(where, d, p: PartIndex, i, kinds_wanted, hidden_mode, lp_dtype
     if hidden is not None:
         _check_visual_rows(where, "visual_hidden", hidden, int(p.cols["num_visual"][i]), n_vis, D, str(D), rep)
     elif factor is not None:
-        R = relation_rank(attrs["settings"])
+        R = relation_of(attrs["settings"]).rank
         _check_visual_rows(where, "visual_factor", factor, int(p.cols["num_visual"][i]), n_vis, R, f"rank {R}", rep)
     elif int(p.cols["num_visual"][i]) != 0:
-        why = ("'none'" if hidden_mode == "none" or attrs["settings"]["relation"] == "none"
+        why = ("'none'" if not relation_of(attrs["settings"]).has_targets
                else "rebuilt from position_hidden (targets hidden)")
         rep.add(f"{where}: index num_visual {int(p.cols['num_visual'][i])} but the visual hidden states are {why}")
     if "position_hidden" in d:

@@ -56,7 +56,7 @@ from kdcache.cache.format import (
     index_specs,
     read_json_attrs,
     rebuilds_visual_hidden,
-    relation_rank,
+    relation_of,
     sample_checksum,
     targets_of,
     validate_attrs,
@@ -214,7 +214,7 @@ class CacheWriter:
         self.lp_dtype = np.dtype(self.settings["logprob_dtype"])
         self.hidden_mode = self.settings["hidden"]
         self.target_kind = targets_of(self.settings)  # kdcache.target_kinds: encodes the per-position targets
-        self.relation_rank = relation_rank(self.settings)  # R of relation lowrank:R, else None
+        self.relation_rank = relation_of(self.settings).rank  # R of relation lowrank:R, else None
         self.axes = axes(self.settings)  # ragged axes: TOTAL_KEYS and the target kind's own
         self.store = LocalStore(self.path)
         self.part_dir = self.path / "parts" / str(rank)
