@@ -70,3 +70,25 @@ def test_parse_lowrank():
 def test_empty_sample():
     f, err = relation_factor(torch.zeros(0, 8), torch.eye(8), rank=4)
     assert f.shape == (0, 4) and err == 0.0
+
+
+def test_relation_modes_parse_store_and_refuse():
+    """The registry's spellings; what each mode records for a hidden dtype; what it refuses."""
+    import types
+
+    from kdcache.relation import RELATION_MODES, RelationHidden, RelationLowrank, RelationNone, parse_relation
+
+    assert set(RELATION_MODES) == {"hidden", "none", "lowrank"}
+    assert parse_relation("lowrank") == RelationLowrank(64) and parse_relation("lowrank:8").spec == "lowrank:8"
+    assert parse_relation("hidden").stored("none") == RelationNone() and parse_relation("hidden").stored("bf16") == RelationHidden()
+    assert parse_relation("lowrank:8").stored("bf16").factored and not RelationNone().has_targets
+    for bad in ("lowrank:0", "lowrank:08", "factor"):
+        with pytest.raises(ValueError, match="accepted: hidden, none, lowrank:R"):
+            parse_relation(bad)
+    cfg = types.SimpleNamespace(cache="c.zarr", loss=types.SimpleNamespace(gamma_rel=0.5, relation_features="hidden"))
+    st = {"relation": "lowrank:8", "hidden": "bf16"}
+    assert "relation_features 'hidden'" in RelationLowrank(8).train_problem(cfg, st)
+    assert "needs relation targets" in RelationNone().train_problem(cfg, st)
+    assert RelationHidden().train_problem(cfg, st) is None
+    with pytest.raises(ValueError, match="targets 'hidden'"):
+        RelationLowrank(8).check_settings(st, "here", ValueError, exact_targets=True)
