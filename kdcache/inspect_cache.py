@@ -88,8 +88,8 @@ def sample_lines(path, sample: str, tokenizer, top: int) -> list[str]:
     for j, t in enumerate(rec.positions.tolist()):
         nxt = dec(rec.input_ids[t + 1]) if t + 1 < rec.num_tokens else "-"
         if rec.sample_counts is None:
-            tops = "  ".join(f"{dec(i)} {math.exp(float(lp)):.3f}"
-                             for i, lp in zip(rec.topk_ids[j, :top], rec.topk_logprobs[j, :top]))
+            tops = "  ".join(f"{dec(i)} {math.exp(float(lp)):.3f}"  # topp: padding (-inf) after the kept ids
+                             for i, lp in zip(rec.topk_ids[j, :top], rec.topk_logprobs[j, :top]) if lp > -math.inf)
         else:  # sampled: the drawn ids (count > 0) with their draw counts
             tops = "  ".join(f"{dec(i)} {math.exp(float(lp)):.3f} x{int(c)}" for i, lp, c in
                              zip(rec.topk_ids[j, :top], rec.topk_logprobs[j, :top], rec.sample_counts[j, :top]) if c > 0)

@@ -135,3 +135,16 @@ def test_topp_trains_with_any_divergence(tmp_path, synth_data, tiny_student, cac
                          lr=1e-3, loss=LossConfig(divergence=divergence)))
     m = read_metrics(out)
     assert len(m) == 3 and all(np.isfinite(x["loss/total"]) and x["loss/res"] > 0 and x["loss/vis"] > 0 for x in m)
+
+
+def test_inspect_lists_the_kept_ids_only(caches):
+    from kdcache.inspect_cache import inspect_cache
+
+    path = caches["topp"]
+    rec = CacheReader(path).read_range(0, 0, 1)[0]
+    lines = inspect_cache(path, sample=rec.sample_id, top=K)
+    rows = [ln for ln in lines if "| rest" in ln]
+    kept = torch.isfinite(rec.topk_logprobs).sum(1).tolist()
+    assert len(rows) == len(kept)
+    for ln, c in zip(rows, kept):  # each listed id shows its probability: 'tok p', two spaces apart
+        assert ln.split("| rest")[0].count("  ") >= c - 1 and " 0.000" not in ln.split("| rest")[0]
