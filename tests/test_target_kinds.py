@@ -148,3 +148,25 @@ def test_inspect_lists_the_kept_ids_only(caches):
     assert len(rows) == len(kept)
     for ln, c in zip(rows, kept):  # each listed id shows its probability: 'tok p', two spaces apart
         assert ln.split("| rest")[0].count("  ") >= c - 1 and " 0.000" not in ln.split("| rest")[0]
+
+
+def test_arrow_gives_each_position_its_kept_ids(caches, tmp_path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from kdcache.cache.arrow import export_parquet, to_arrow
+
+    t = to_arrow(caches["topp"])
+    assert t.schema.field("topk_ids").type == pa.list_(pa.int32())  # variable length, not fixed K
+    recs = CacheReader(caches["topp"]).read_range(0, 0, 20)
+    kept = torch.cat([torch.isfinite(r.topk_logprobs).sum(1) for r in recs])
+    lens = pc.list_value_length(t.column("topk_ids")).to_numpy()
+    assert t.num_rows == len(kept) and (lens == kept.numpy()).all()
+    first = recs[0]
+    c0 = int(kept[0])
+    assert t.column("topk_ids")[0].as_py() == first.topk_ids[0, :c0].tolist()
+    assert np.isfinite(pc.list_flatten(t.column("topk_logprobs")).to_numpy().astype(np.float32)).all()  # no padding
+    n = export_parquet(caches["topp"], tmp_path / "t.parquet")
+    assert n == t.num_rows and pq.read_table(tmp_path / "t.parquet").column("topk_ids").to_pylist() == \
+        t.column("topk_ids").to_pylist()

@@ -4,7 +4,8 @@ Columns: sample_id string, row int64, position int32, kind dictionary<int8, stri
 target_token int32 (= input_ids[position + 1], the token the output at ``position`` predicts),
 topk_ids fixed_size_list<int32>[k], topk_logprobs fixed_size_list<float16|float32>[k],
 tail_logmass float32, and for ``targets: sampled:N`` sample_counts fixed_size_list<uint16>[N]
-(draws per id; padding columns have id 0, log-prob -inf, count 0). The cache's root attributes
+(draws per id; padding columns have id 0, log-prob -inf, count 0). ``targets: topp:P[,K]`` gives
+topk_ids / topk_logprobs as variable-length lists: each position's kept ids only. The cache's root attributes
 travel as schema metadata ``kdcache_attrs``. SQL engines without a float16 type (DuckDB's Arrow
 scan) take ``to_arrow(path, float16=False)``: the same values widened to float32, exactly; DuckDB
 reads the Parquet export's Float16 column as is. Hidden states (visual_hidden, and position_hidden of
@@ -28,9 +29,11 @@ from kdcache.positions import KIND_NAMES
 KIND_DICTIONARY = pa.array([KIND_NAMES[i] for i in range(len(KIND_NAMES))], type=pa.string())
 
 
-def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None, *, sample_counts: bool = False
-                 ) -> pa.Schema:
-    """The table's schema; ``sample_counts`` adds that column (targets sampled:N, k = N)."""
+def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None, *, sample_counts: bool = False,
+                 ragged: bool = False) -> pa.Schema:
+    """The table's schema; ``sample_counts`` adds that column (targets sampled:N, k = N); ``ragged``:
+    the ids and log-probs as variable-length lists (targets topp: the kept ids, at most k)."""
+    width = -1 if ragged else k  # pyarrow: list_size -1 is a variable-length list
     lp_type = pa.float16() if logprob_dtype == "float16" else pa.float32()
     fields = [
         pa.field("sample_id", pa.string()),
@@ -38,8 +41,8 @@ def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None, *, sampl
         pa.field("position", pa.int32()),
         pa.field("kind", pa.dictionary(pa.int8(), pa.string())),
         pa.field("target_token", pa.int32()),
-        pa.field("topk_ids", pa.list_(pa.int32(), k)),
-        pa.field("topk_logprobs", pa.list_(lp_type, k)),
+        pa.field("topk_ids", pa.list_(pa.int32(), width)),
+        pa.field("topk_logprobs", pa.list_(lp_type, width)),
         pa.field("tail_logmass", pa.float32()),
     ]
     if sample_counts:
@@ -60,14 +63,22 @@ def _batch(records, schema: pa.Schema, k: int) -> pa.RecordBatch:
     rows = np.repeat(np.array([r.row for r in records], dtype=np.int64), n)
     lp_type = schema.field("topk_logprobs").type.value_type
     tlp = tlp.astype(lp_type.to_pandas_dtype(), copy=False)  # float16 -> float32 is exact
+    if isinstance(schema.field("topk_ids").type, pa.FixedSizeListType):
+        ids_col = pa.FixedSizeListArray.from_arrays(pa.array(tid.astype(np.int32), type=pa.int32()), k)
+        lps_col = pa.FixedSizeListArray.from_arrays(pa.array(tlp, type=lp_type), k)
+    else:  # a nucleus: the kept (finite) columns of each position, padding dropped
+        kept = np.isfinite(tlp)  # [P * k]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(kept.reshape(-1, k).sum(1))]).astype(np.int32))
+        ids_col = pa.ListArray.from_arrays(offsets, pa.array(tid[kept].astype(np.int32), type=pa.int32()))
+        lps_col = pa.ListArray.from_arrays(offsets, pa.array(tlp[kept], type=lp_type))
     cols = [
         pa.array(sids, type=pa.string()),
         pa.array(rows, type=pa.int64()),
         pa.array(pos, type=pa.int32()),
         pa.DictionaryArray.from_arrays(pa.array(kinds, type=pa.int8()), KIND_DICTIONARY),
         pa.array(target.astype(np.int32), type=pa.int32()),
-        pa.FixedSizeListArray.from_arrays(pa.array(tid.astype(np.int32), type=pa.int32()), k),
-        pa.FixedSizeListArray.from_arrays(pa.array(tlp, type=lp_type), k),
+        ids_col,
+        lps_col,
         pa.array(tail, type=pa.float32()),
     ]
     if schema.get_field_index("sample_counts") >= 0:
@@ -82,9 +93,10 @@ def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = Non
     widens float16 log-probs to float32 (for engines without float16)."""
     reader = CacheReader(path)
     k = reader.k
-    sampled = "sample_counts" in data_array_names(reader.attrs["settings"])
+    names = data_array_names(reader.attrs["settings"])
     lp_dtype = reader.attrs["settings"]["logprob_dtype"] if float16 else "float32"
-    schema = arrow_schema(k, lp_dtype, reader.attrs, sample_counts=sampled)
+    schema = arrow_schema(k, lp_dtype, reader.attrs, sample_counts="sample_counts" in names,
+                          ragged="topp_counts" in names)
     wanted = set(sample_ids) if sample_ids is not None else None
 
     def gen():
