@@ -30,6 +30,8 @@ from typing import Any, TextIO
 
 from PIL import Image, UnidentifiedImageError
 
+from kdcache.cache.format import REASON_CODES  # reason -> the uint8 code index/status stores
+
 IMAGE_TOKEN = "<image>"
 
 ROLE_USER = "user"
@@ -37,16 +39,7 @@ ROLE_ASSISTANT = "assistant"
 # LLaVA writes human/gpt; some converted sets write user/assistant. Both mean the same.
 _ROLE_ALIASES = {"human": ROLE_USER, "user": ROLE_USER, "gpt": ROLE_ASSISTANT, "assistant": ROLE_ASSISTANT}
 
-SKIP_REASONS = (
-    "missing_image",
-    "corrupt_image",
-    "no_image_token",
-    "repeated_image_token",
-    "no_response",
-    "empty_response",
-    "too_long",
-    "other",
-)
+SKIP_REASONS = tuple(REASON_CODES)  # missing_image, corrupt_image, ..., too_long, other: the cache's codes are their home
 
 _FIXES = {
     "missing_image": "check --images (the directory image paths are relative to) and the sample's 'image' path, or drop the sample",

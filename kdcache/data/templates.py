@@ -41,11 +41,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from kdcache.config import TEMPLATES  # the one list of template names (config: stdlib only)
 from kdcache.data.llava import IMAGE_TOKEN, ROLE_ASSISTANT, ROLE_USER, LlavaSample, SampleError
 from kdcache.losses.reference import IGNORE_INDEX  # the label of a position without CE (HF's -100)
 from kdcache.positions import ROLE_PROMPT, ROLE_RESPONSE, ROLE_VISUAL
 
-TEMPLATES = ("chat", "qwen2_base", "pretrain")
 QWEN2_BASE_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
