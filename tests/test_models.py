@@ -77,6 +77,16 @@ def test_tiny_preset_round_trip(tok_dir, tmp_path):
     assert m2.config.text_config.hidden_size == 192
 
 
+def test_tiny_presets_start_at_their_width_scale(tok_dir, tmp_path):
+    # std 1/sqrt(hidden), not Qwen2's 0.02: at 0.02 a tiny LLM never learns to read colour (issue 20)
+    for preset, width in (("tiny-student", 64), ("tiny-teacher", 192)):
+        model, _ = models.load_model(str(models.init_model(tmp_path / preset, preset=preset, tokenizer=tok_dir)))
+        assert model.config.text_config.initializer_range == pytest.approx(width ** -0.5)
+        for w in (model.model.language_model.layers[0].mlp.up_proj.weight, model.lm_head.weight,
+                  model.model.multi_modal_projector.linear_1.weight):
+            assert w.std().item() == pytest.approx(width ** -0.5, rel=0.1)
+
+
 def test_forward_on_a_batch(tok_dir, tmp_path):
     out = models.init_model(tmp_path / "t", preset="tiny-student", tokenizer=tok_dir)
     model, proc = models.load_model(str(out))
