@@ -91,7 +91,7 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds: int | 
     from .dump import dump
     from .evaluate import evaluate
     from .models import init_model
-    from .plots import plot_accuracy, plot_losses
+    from .plots import plot_accuracy, plot_agreement, plot_losses, plot_training_curves
 
     cfg = cfg or (QUICK if quick else DemoConfig())
     if seeds is not None:
@@ -174,6 +174,8 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds: int | 
             plot_losses({"teacher pt": t_pt, "teacher sft": teacher, "student pt": pt, "student sft": sft,
                          "student +sft": more, "student dpt": dpt, "student dpt-sft": dsft, "student dft": dft},
                         out / "losses.png")
+            plot_training_curves({"PT-SFT, +SFT same steps": [pt, sft, more], "PT-SFT, +SFT same time": [pt, sft, same],
+                                  "LLaVA-KD DPT-SFT-DFT": [dpt, dsft, dft]}, out / "training_curves.png")
 
     # ---- evaluate ---------------------------------------------------------------------------
     _banner("evaluating on the held-out split")
@@ -194,22 +196,32 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds: int | 
                            "students": {k: {s: str(p) for s, p in v.items()} for k, v in runs.items()}}
     report["steps"] = {k: [_steps(p) for p in v.values()] for k, v in runs.items()}
     report["wall_total_s"] = time.perf_counter() - t_start
-    acc_plot = {m: {t: (statistics.mean(r["per_type"][t]["accuracy"] for r in rs),
-                        statistics.pstdev(r["per_type"][t]["accuracy"] for r in rs))
-                    for t in rs[0]["per_type"]} for m, rs in results.items()}
-    plot_accuracy(acc_plot, out / "accuracy.png")
+    plot_accuracy({m: {t: [r["per_type"][t]["accuracy"] for r in rs] for t in rs[0]["per_type"]}
+                   for m, rs in results.items()}, out / "accuracy.png")
+    plot_agreement({m: [r["agreement"]["top1_agreement"] for r in rs] for m, rs in results.items()
+                    if all(r.get("agreement") for r in rs)}, out / "agreement.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    print("\n" + report["table"])
-    print(f"\nartefacts: {out}/report.json, {out}/accuracy.png, {out}/losses.png; teacher {teacher}; "
-          f"caches under {tdir / 'caches'}; total {report['wall_total_s'] / 60:.1f} min")
+    if quick:
+        # The quick sizes train every stage for a few dozen steps: their accuracies are noise, not a result.
+        print("\nquick demo = SMOKE TEST: every stage ran end to end at toy sizes; its accuracies are not "
+              "meaningful and no accuracy table is printed. Run `kdcache demo` (no --quick) for the result.")
+        print(report["smoke"])
+    else:
+        print("\n" + report["table"])
+    print(f"\nartefacts: {out}/report.json, {out}/accuracy.png, {out}/training_curves.png, {out}/agreement.png, "
+          f"{out}/losses.png; teacher {teacher}; caches under {tdir / 'caches'}; "
+          f"total {report['wall_total_s'] / 60:.1f} min")
     return report
 
 
 def _table(results: dict[str, list[dict]], walls: dict[str, list[float]], val: dict[str, float]) -> dict:
     types = list(results["teacher"][0]["per_type"])
-    head = f"{'model':<18}" + "".join(f"{t:>10}" for t in types) + f"{'avg':>14}{'val':>7}{'top1 agr':>10}{'KL':>8}{'train s':>9}"
+    head = (f"{'model':<18}" + "".join(f"{t:>10}" for t in types)
+            + f"{'avg':>14}{'val':>7}{'gap closed':>12}{'top1 agr':>10}{'KL':>8}{'train s':>9}")
     lines = [head, "-" * len(head)]
     summary = {}
+    teacher = results["teacher"][0]["accuracy_micro"]
+    base = [r["accuracy_micro"] for r in results.get("baseline PT-SFT", [])]
     for name, rs in results.items():
         accs = [r["accuracy_micro"] for r in rs]
         mean = statistics.mean(accs)
@@ -219,9 +231,11 @@ def _table(results: dict[str, list[dict]], walls: dict[str, list[float]], val: d
         top1 = f"{100 * statistics.mean(a['top1_agreement'] for a in agr):>10.1f}" if agr else f"{'-':>10}"
         kl = f"{statistics.mean(a['kl'] for a in agr):>8.3f}" if agr else f"{'-':>8}"
         wall = f"{statistics.mean(walls[name]):>9.0f}" if name in walls else f"{'-':>9}"
+        closed = gap_closed(teacher, base, accs) if name not in ("teacher", "baseline PT-SFT") and base else None
+        gap = f"{100 * statistics.mean(closed):>11.0f}%" if closed else f"{'-':>12}"
         lines.append(f"{name:<18}{per_t}{100 * mean:>8.1f} ±{100 * sd:>4.1f}{100 * val.get(name, 0):>7.1f}"
-                     f"{top1}{kl}{wall}")
-        summary[name] = {"accuracy": accs, "mean": mean, "std": sd}
+                     f"{gap}{top1}{kl}{wall}")
+        summary[name] = {"accuracy": accs, "mean": mean, "std": sd, "gap_closed": closed}
     kd = [r["accuracy_micro"] for r in results.get("LLaVA-KD", [])]
     for other, key in (("baseline +SFT", "paired_diff_vs_matched_steps"),
                        ("+SFT same time", "paired_diff_vs_matched_time")):
@@ -231,4 +245,16 @@ def _table(results: dict[str, list[dict]], walls: dict[str, list[float]], val: d
             lines.append(f"paired LLaVA-KD - {other} (same seeds): " + ", ".join(f"{d:+.1f}" for d in diffs)
                          + f"  (mean {statistics.mean(diffs):+.1f} points)")
             summary[key] = diffs
-    return {"table": "\n".join(lines), "summary": summary, "results": results}
+    lines.append("gap closed = (student - baseline PT-SFT) / (teacher - baseline PT-SFT), per seed, then averaged: "
+                 "the share of the teacher's lead over the plain student that the extra training recovers")
+    smoke = "training wall time per student (s): " + ", ".join(f"{n} {statistics.mean(w):.0f}" for n, w in walls.items())
+    return {"table": "\n".join(lines), "summary": summary, "results": results, "smoke": smoke}
+
+
+def gap_closed(teacher: float, baseline: list[float], student: list[float]) -> list[float] | None:
+    """Per seed, the fraction of the teacher-baseline gap the student closes:
+    (student_s - baseline_s) / (teacher - baseline_s). 1 = as good as the teacher, 0 = no better than
+    the baseline, negative = worse. None when the teacher is not above every seed's baseline (no gap)."""
+    if not baseline or any(teacher <= b for b in baseline):
+        return None
+    return [(s - b) / (teacher - b) for s, b in zip(student, baseline)]

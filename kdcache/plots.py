@@ -80,23 +80,81 @@ def plot_losses(runs: dict[str, str | Path], out: str | Path, title: str = "loss
     return _save(plt, fig, out)
 
 
-def plot_accuracy(table: dict[str, dict[str, tuple[float, float]]], out: str | Path,
-                  title: str = "held-out accuracy (mean ± std over seeds)") -> Path:
-    """table: model -> question type -> (mean, std). Grouped bars, one group per type."""
+def plot_accuracy(table: dict[str, dict[str, list[float]]], out: str | Path,
+                  title: str = "held-out accuracy per question type (bars: mean over seeds, dots: each seed)") -> Path:
+    """table: model -> question type -> one accuracy (0..1) per seed. Grouped bars (mean), one
+    group per type, with every seed's value as a dot on its bar and the seed spread as an error bar."""
+    import statistics
+
     plt = _plt()
     models = list(table)
     types = list(next(iter(table.values())).keys()) if table else []
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(1.3 * len(types) + 3, 3.6))
+    fig, ax = plt.subplots(figsize=(1.5 * len(types) + 3, 3.8))
     for i, m in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(types))]
-        means = [100 * table[m][t][0] for t in types]
-        stds = [100 * table[m][t][1] for t in types]
+        vals = [[100 * v for v in table[m][t]] for t in types]
+        means = [statistics.mean(v) for v in vals]
+        stds = [statistics.pstdev(v) if len(v) > 1 else 0.0 for v in vals]
         ax.bar(xs, means, width, yerr=stds, label=m, capsize=2)
+        for x, v in zip(xs, vals):
+            if len(v) > 1:
+                ax.plot([x] * len(v), v, "o", ms=2.5, color="black", alpha=0.6, zorder=3)
     ax.set_xticks(range(len(types)), types)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=min(3, len(models)))
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
+    return _save(plt, fig, out)
+
+
+def plot_training_curves(runs: dict[str, list[str | Path]], out: str | Path, term: str = "loss/reg",
+                         title: str = "student training loss (response cross-entropy), seed 0") -> Path:
+    """runs: label -> the run directories of one student in order (its stages, e.g. PT, SFT, DFT).
+    Two panels: ``term`` against optimizer steps and against training wall time, each stage
+    continuing where the previous one ended, so equal-steps and equal-time comparisons read off
+    the x axis. Runs need ``step`` and ``wall_s`` in their metrics.jsonl."""
+    plt = _plt()
+    fig, (a_step, a_time) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, dirs in runs.items():
+        xs, ts, ys = [], [], []
+        s0 = t0 = 0.0
+        for d in dirs:
+            m = [r for r in read_metrics(d) if term in r]
+            xs += [s0 + r["step"] for r in m]
+            ts += [t0 + r.get("wall_s", float("nan")) for r in m]
+            ys += [r[term] for r in m]
+            if m:
+                s0, t0 = xs[-1], ts[-1]
+        a_step.plot(xs, ys, lw=1.2, label=label)
+        a_time.plot(ts, ys, lw=1.2, label=label)
+    for ax, xl in ((a_step, "optimizer steps (all stages)"), (a_time, "training wall time (s)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(term.split("/")[-1])
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, out)
+
+
+def plot_agreement(table: dict[str, list[float]], out: str | Path,
+                   title: str = "teacher-student top-1 agreement on held-out answers") -> Path:
+    """table: model -> top-1 agreement (0..1) per seed. One bar per model (mean), seeds as dots."""
+    import statistics
+
+    plt = _plt()
+    models = list(table)
+    fig, ax = plt.subplots(figsize=(1.4 * len(models) + 2, 3.4))
+    means = [100 * statistics.mean(table[m]) for m in models]
+    ax.bar(range(len(models)), means, 0.6, color="tab:purple", alpha=0.8)
+    for i, m in enumerate(models):
+        ax.plot([i] * len(table[m]), [100 * v for v in table[m]], "o", ms=3, color="black")
+        ax.text(i, means[i] + 1, f"{means[i]:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(models)), models, fontsize=8)
+    ax.set_ylabel("top-1 agreement (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=10)
     return _save(plt, fig, out)

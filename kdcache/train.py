@@ -678,6 +678,8 @@ def train(cfg: TrainConfig) -> Path:
     objective.train()
     tokens, grad_norm, tok_rate = 0, None, 0.0
     t_last, wait = time.perf_counter(), 0.0
+    # Training wall time so far (loop only, a resumed run continues its clock): loss-vs-time plots.
+    wall0, t_loop = (history[-1].get("wall_s", 0.0) if history else 0.0), time.perf_counter()
     while step < total_steps:
         # Loss terms and finiteness stay on the device until the step's end: one host sync per
         # step instead of one per term and micro-batch, so the host runs ahead of the GPU.
@@ -755,7 +757,7 @@ def train(cfg: TrainConfig) -> Path:
             rec = {"step": step, "epoch": epoch, "lr": lr_now,
                    **{f"loss/{k_}": v for k_, v in sums.items()}, "grad_norm": grad_norm,
                    "skipped": skipped_step, "tokens_per_s": tokens / max(dt, 1e-9),
-                   "data_wait": wait / max(dt, 1e-9)}
+                   "data_wait": wait / max(dt, 1e-9), "wall_s": wall0 + time.perf_counter() - t_loop}
             history.append(rec)
             if metrics_f:
                 metrics_f.write(json.dumps(rec) + "\n")
