@@ -16,16 +16,57 @@ and reused from the demo's directory layout):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdcache.config import DumpConfig, EvalConfig, LossConfig  # noqa: E402
-from kdcache.demo import QUICK, DemoConfig, _key, _train  # noqa: E402
+from kdcache.config import DumpConfig, EvalConfig, LossConfig, TrainConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The demo's sizes (pipelines/demo_teacher.yaml, demo_student.yaml) as this bench uses them."""
+
+    teacher_images: int = 6000
+    qa_per_image: int = 5
+    student_images: int = 1000
+    num_val: int = 500
+    num_eval: int = 1000
+    data_seed: int = 0
+    teacher_pt_epochs: float = 0.5
+    teacher_sft_epochs: float = 4.0
+    teacher_lr: float = 1e-3
+    student_pt_epochs: float = 1.0
+    student_sft_epochs: float = 3.0
+    student_dft_epochs: float = 4.0
+    student_lr: float = 2e-3
+    pt_lr: float = 1e-3
+    batch_size: int = 32
+
+
+QUICK = Sizes(teacher_images=400, qa_per_image=3, student_images=100, num_val=50, num_eval=100,
+              teacher_sft_epochs=2.0, student_sft_epochs=2.0, student_dft_epochs=2.0, batch_size=16)
+
+
+def _key(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _train(stage, student, data, images, out, *, epochs, lr, seed, cfg: Sizes, cache=None, loss=None):
+    """One stage, skipped when its DONE marker exists (each row's runs are keyed by their settings)."""
+    from kdcache.train import train
+
+    if not (Path(out) / "DONE").is_file():
+        train(TrainConfig(stage=stage, student=str(student), data=str(data), images=str(images), out=str(out),
+                          cache=str(cache) if cache else None, epochs=epochs, lr=lr, seed=seed,
+                          batch_size=cfg.batch_size, num_workers=1, log_every=5, warmup_ratio=0.03,
+                          loss=loss or LossConfig()))
+    return Path(out), None
 
 # (row, stages, loss, cache key, paper's direction)
 BASE = LossConfig(alpha_res=1.0, beta_vis=1.0, gamma_rel=0.5)
@@ -63,7 +104,7 @@ def main(argv=None) -> None:
     from kdcache.evaluate import evaluate
     from kdcache.models import init_model
 
-    cfg: DemoConfig = QUICK if args.quick else DemoConfig()
+    cfg: Sizes = QUICK if args.quick else Sizes()
     out = Path(args.out)
     dkey = _key({k: getattr(cfg, k) for k in ("teacher_images", "qa_per_image", "student_images",
                                                "num_val", "num_eval", "data_seed")})

@@ -59,16 +59,17 @@ def _dump_kwargs(mode: str) -> dict:
 
 
 def find_demo(demo_dir: Path) -> dict:
-    """The demo's teacher, students (per seed), data and images from its report.json."""
+    """The demo's teacher, students (per seed), data and images from its report.json; ``config`` is
+    the settings its LLaVA-KD DFT step ran with (that run's train_config.json)."""
     report = json.loads((demo_dir / "report.json").read_text())
     art = report["artefacts"]
     teacher = Path(art["teacher"])
     seeds = art["students"]["LLaVA-KD"]
-    data = teacher.parents[2] / "data"
-    data = next(p for p in data.iterdir() if (p / "tokenizer").is_dir())
+    data = Path(art["out"]) / "data"
+    dft = json.loads((Path(next(iter(seeds.values()))) / "train_config.json").read_text())
     return {"teacher": teacher, "baseline": {int(s): Path(p) for s, p in art["students"]["baseline PT-SFT"].items()},
             "dpt_sft": {int(s): Path(p).parent / "dpt_sft" for s, p in seeds.items()}, "data": data,
-            "images": data / "images", "config": report["config"]}
+            "images": data / "images", "config": dft}
 
 
 def dump_mode(mode: str, teacher: Path, data: Path, images: Path, out: Path, positions=("visual", "response")) -> Path:
@@ -233,8 +234,8 @@ def part2(args, pieces: dict, work: Path) -> dict:
             t0 = time.perf_counter()
             if not (out / "DONE").is_file():
                 train(TrainConfig(stage="dft", student=str(pieces["dpt_sft"][seed]), data=str(data / "instruct_small.json"),
-                                  images=str(images), out=str(out), cache=str(cache), epochs=cfg["student_dft_epochs"],
-                                  lr=cfg["student_lr"], seed=seed + 100, batch_size=cfg["batch_size"], num_workers=1,
+                                  images=str(images), out=str(out), cache=str(cache), epochs=cfg["epochs"],
+                                  lr=cfg["lr"], seed=seed + 100, batch_size=cfg["batch_size"], num_workers=1,
                                   log_every=5, warmup_ratio=0.03, loss=loss))
             walls.setdefault(m, []).append(time.perf_counter() - t0)
             r = evaluate(EvalConfig(model=str(out), data=str(data / "eval.json"), images=str(images), batch_size=256))

@@ -3,198 +3,139 @@
     kdcache demo                # the default (make demo): target <= 12 min on a 2-core CPU, teacher included
     kdcache demo --quick        # a smoke test of every stage at toy sizes (~2-3 min); no accuracy table
 
-Steps: make the synthetic data and tokenizer -> train the teacher PT-SFT on many images (reused
-between runs, keyed by its settings) -> dump its caches on the student's data -> for each seed
-train the student three ways on a fifth of the images:
+Everything runs through the recipe runner (``kdcache run``), inside the output directory:
+``pipelines/demo_teacher.yaml`` makes the synthetic data and tokenizer, trains the teacher PT-SFT on
+6,000 images and dumps its caches (once; its stamps make a rerun skip it); per seed,
+``pipelines/demo_student.yaml`` trains the student on a sixth of the images:
   baseline   PT-SFT
   +SFT       the baseline given as many extra plain SFT steps as DFT adds (so extra training
              is not mistaken for distillation)
   LLaVA-KD   DPT-SFT-DFT from the caches (the teacher is never loaded while training)
   same time  the baseline given plain SFT for as long (wall time) as DFT took: the comparison
              the cached step's cost decides
+             (``pipelines/demo_same_time.yaml``, epochs from the finished runs' loop times)
 -> evaluate everything on the held-out split -> one table, a JSON report and PNG plots.
-Sizes and budgets below were chosen on the validation split, never on the held-out one.
+The recipes hold every size; ``--quick`` shrinks them through overrides (QUICK).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
 from pathlib import Path
 
-from .config import DumpConfig, EvalConfig, LossConfig, TrainConfig
+from .config import EvalConfig
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    # data
-    teacher_images: int = 6000
-    qa_per_image: int = 5
-    student_images: int = 1000
-    num_val: int = 500
-    num_eval: int = 1000
-    data_seed: int = 0
-    # teacher (tiny-teacher preset: hidden 192 x 4 layers). PT trains only the projector in front
-    # of a random LLM, so most of its budget goes to SFT; lr 1e-3 (2e-3 at the width-scaled init
-    # was unstable in a constant-rate check: count fell to 30% at 300 steps).
-    teacher_pt_epochs: float = 0.5
-    teacher_sft_epochs: float = 4.0
-    teacher_lr: float = 1e-3
-    # student (tiny-student preset: hidden 64 x 2 layers)
-    student_pt_epochs: float = 1.0
-    student_sft_epochs: float = 3.0
-    student_dft_epochs: float = 4.0
-    student_lr: float = 2e-3
-    pt_lr: float = 1e-3
-    batch_size: int = 32
-    top_k: int = 64
-    seeds: int = 3
-    loss: LossConfig = LossConfig(alpha_res=1.0, beta_vis=1.0, gamma_rel=0.5)
-
-
-QUICK = DemoConfig(teacher_images=400, qa_per_image=3, student_images=100, num_val=50, num_eval=100,
-                   teacher_sft_epochs=2.0, student_sft_epochs=2.0, student_dft_epochs=2.0, top_k=32, seeds=1,
-                   batch_size=16)
-
-
-def _key(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+TEACHER_RECIPE, STUDENT_RECIPE, SAME_TIME_RECIPE = "demo_teacher.yaml", "demo_student.yaml", "demo_same_time.yaml"
+# The sizes live in the recipes; --quick shrinks them (a smoke test: every stage runs, nothing is learnt).
+QUICK = {"steps.data.num_images": 400, "steps.data.qa_per_image": 3, "steps.data.student_images": 100,
+         "steps.data.num_val": 50, "steps.data.num_eval": 100, "steps.teacher.epochs": 2.0,
+         "steps.sft.epochs": 2.0, "steps.sft_more.epochs": 2.0, "steps.dpt_sft.epochs": 2.0,
+         "steps.dft.epochs": 2.0, "defaults.batch_size": 16, "dump_defaults.top_k": 32}
+ROWS = {"baseline PT-SFT": "sft", "baseline +SFT": "sft_more", "+SFT same time": "sft_same_time", "LLaVA-KD": "dft"}
+# Seed offsets per student step: the extra stages draw a different data order than the ones before.
+SEED_OFFSET = {"init": 0, "pt": 0, "sft": 0, "sft_more": 100, "dpt": 0, "dpt_sft": 0, "dft": 100}
 
 
 def _banner(msg: str) -> None:
     print(f"\n=== {msg} ===", flush=True)
 
 
-def _train(stage, student, data, images, out, *, epochs, lr, seed, cfg: DemoConfig, cache=None, loss=None):
-    tc = TrainConfig(stage=stage, student=str(student), data=str(data), images=str(images), out=str(out),
-                     cache=str(cache) if cache else None, epochs=epochs, lr=lr, seed=seed,
-                     batch_size=cfg.batch_size, num_workers=1, log_every=5, warmup_ratio=0.03,
-                     loss=loss or LossConfig())
-    t0 = time.perf_counter()
-    if not (Path(out) / "DONE").is_file():
-        from .train import train
+@contextmanager
+def _inside(d: Path):
+    """The demo's recipes name their paths relative to the output directory: run them there."""
+    old = Path.cwd()
+    os.chdir(d)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
-        train(tc)
-        (Path(out) / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.2f}")
-    return Path(out), float((Path(out) / "wall_s.txt").read_text())
+
+def _loop_wall(run: Path) -> float:
+    """A finished run's training-loop wall time (seconds), from its metrics.jsonl."""
+    from .plots import read_metrics
+
+    return float(read_metrics(run)[-1]["wall_s"])
 
 
 def _steps(run: Path) -> int:
     return json.loads((run / "DONE").read_text())["steps"]
 
 
-def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds: int | None = None,
-             cfg: DemoConfig | None = None) -> dict:
-    """Run the demo end to end; returns the report (also written to out/report.json)."""
-    from .data.synthetic import make_synthetic
-    from .dump import dump
-    from .evaluate import evaluate
-    from .models import init_model
-    from .plots import plot_accuracy, plot_agreement, plot_losses, plot_training_curves
+def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds: int | None = None) -> dict:
+    """Run the demo end to end through the recipe runner; returns the report (also out/report.json).
 
-    cfg = cfg or (QUICK if quick else DemoConfig())
-    if seeds is not None:
-        cfg = replace(cfg, seeds=seeds)
-    out = Path(out)
+    Per seed S: ``pipelines/demo_student.yaml`` (which requires ``demo_teacher.yaml``: data, teacher,
+    caches, run once) in ``students/seedS``, then ``demo_same_time.yaml`` with the epochs that give
+    plain SFT DFT's wall time. The runner's stamps make a rerun skip what is done with the same settings.
+    """
+    from .evaluate import evaluate
+    from .plots import plot_accuracy, plot_agreement, plot_losses, plot_training_curves
+    from .recipes import load_recipe, run_recipe
+
+    seeds = seeds if seeds is not None else (1 if quick else 3)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-
-    # ---- data -----------------------------------------------------------------------------
-    dkey = _key({k: getattr(cfg, k) for k in ("teacher_images", "qa_per_image", "student_images",
-                                               "num_val", "num_eval", "data_seed")})
-    data = out / "data" / dkey
-    if not (data / "tokenizer").is_dir():
-        _banner(f"making synthetic data -> {data}")
-        make_synthetic(data, num_images=cfg.teacher_images, qa_per_image=cfg.qa_per_image, num_val=cfg.num_val,
-                       num_eval=cfg.num_eval, student_images=cfg.student_images, seed=cfg.data_seed)
-    images = data / "images"
-
-    # ---- teacher (reused between runs, keyed by its settings) ------------------------------
-    tkey = _key({"data": dkey, "pt": cfg.teacher_pt_epochs, "sft": cfg.teacher_sft_epochs, "lr": cfg.teacher_lr,
-                 "bs": cfg.batch_size})
-    tdir = out / "teacher" / tkey
-    if not (tdir / "init" / "config.json").is_file():
-        init_model(tdir / "init", preset="tiny-teacher", tokenizer=data / "tokenizer", seed=0)
-    _banner("teacher PT-SFT (reused when already trained)")
-    t_pt, w1 = _train("pt", tdir / "init", data / "captions.json", images, tdir / "pt",
-                      epochs=cfg.teacher_pt_epochs, lr=cfg.pt_lr, seed=0, cfg=cfg)
-    teacher, w2 = _train("sft", t_pt, data / "instruct.json", images, tdir / "sft",
-                         epochs=cfg.teacher_sft_epochs, lr=cfg.teacher_lr, seed=0, cfg=cfg)
-
-    # ---- caches ---------------------------------------------------------------------------
-    _banner("dumping the teacher's caches")
-    caches = {}
-    for name, js in (("captions", "captions_small.json"), ("instruct", "instruct_small.json"),
-                     ("eval", "eval.json")):
-        caches[name] = tdir / "caches" / f"{name}-k{cfg.top_k}.zarr"
-        dump(DumpConfig(teacher=str(teacher), data=str(data / js), images=str(images), out=str(caches[name]),
-                        top_k=cfg.top_k, batch_size=32, num_workers=1,
-                        positions=("response",) if name == "eval" else ("visual", "response")))
-
-    # ---- students ---------------------------------------------------------------------------
-    runs: dict[str, dict[int, Path]] = {"baseline PT-SFT": {}, "baseline +SFT": {}, "+SFT same time": {},
-                                        "LLaVA-KD": {}}
-    walls: dict[str, list[float]] = {k: [] for k in runs}
-    cap, ins = data / "captions_small.json", data / "instruct_small.json"
-    for seed in range(cfg.seeds):
-        sdir = out / "students" / _key({"data": dkey, "teacher": tkey, "cfg": asdict(cfg), "v": 1}) / f"seed{seed}"
-        init = sdir / "init"
-        if not (init / "config.json").is_file():
-            init_model(init, preset="tiny-student", tokenizer=data / "tokenizer", seed=seed)
-        _banner(f"seed {seed}: baseline PT-SFT")
-        pt, a = _train("pt", init, cap, images, sdir / "pt", epochs=cfg.student_pt_epochs, lr=cfg.pt_lr,
-                       seed=seed, cfg=cfg)
-        sft, b = _train("sft", pt, ins, images, sdir / "sft", epochs=cfg.student_sft_epochs,
-                        lr=cfg.student_lr, seed=seed, cfg=cfg)
-        runs["baseline PT-SFT"][seed] = sft
-        walls["baseline PT-SFT"].append(a + b)
-        _banner(f"seed {seed}: baseline + as many plain SFT steps as DFT adds")
-        more, c = _train("sft", sft, ins, images, sdir / "sft_more", epochs=cfg.student_dft_epochs,
-                         lr=cfg.student_lr, seed=seed + 100, cfg=cfg)
-        runs["baseline +SFT"][seed] = more
-        walls["baseline +SFT"].append(a + b + c)
-        _banner(f"seed {seed}: LLaVA-KD DPT-SFT-DFT from the caches")
-        dpt, d = _train("dpt", init, cap, images, sdir / "dpt", epochs=cfg.student_pt_epochs, lr=cfg.pt_lr,
-                        seed=seed, cfg=cfg, cache=caches["captions"], loss=cfg.loss)
-        dsft, e = _train("sft", dpt, ins, images, sdir / "dpt_sft", epochs=cfg.student_sft_epochs,
-                         lr=cfg.student_lr, seed=seed, cfg=cfg)
-        dft, f = _train("dft", dsft, ins, images, sdir / "dft", epochs=cfg.student_dft_epochs,
-                        lr=cfg.student_lr, seed=seed + 100, cfg=cfg, cache=caches["instruct"], loss=cfg.loss)
-        runs["LLaVA-KD"][seed] = dft
-        walls["LLaVA-KD"].append(d + e + f)
-        # The same wall time as DFT spent, in plain SFT steps: what the cached step's cost decides.
-        ratio = f / c
-        _banner(f"seed {seed}: baseline + plain SFT for DFT's wall time ({ratio:.2f}x the steps)")
-        same, g = _train("sft", sft, ins, images, sdir / "sft_same_time", epochs=cfg.student_dft_epochs * ratio,
-                         lr=cfg.student_lr, seed=seed + 100, cfg=cfg)
-        runs["+SFT same time"][seed] = same
-        walls["+SFT same time"].append(a + b + g)
-        if seed == 0:
-            plot_losses({"teacher pt": t_pt, "teacher sft": teacher, "student pt": pt, "student sft": sft,
-                         "student +sft": more, "student dpt": dpt, "student dpt-sft": dsft, "student dft": dft},
-                        out / "losses.png")
-            plot_training_curves({"PT-SFT, +SFT same steps": [pt, sft, more], "PT-SFT, +SFT same time": [pt, sft, same],
-                                  "LLaVA-KD DPT-SFT-DFT": [dpt, dsft, dft]}, out / "training_curves.png")
+    sizes = dict(QUICK) if quick else {}
+    runs: dict[str, dict[int, Path]] = {k: {} for k in ROWS}
+    walls: dict[str, list[float]] = {k: [] for k in ROWS}
+    more_epochs = load_recipe(PIPELINES / STUDENT_RECIPE, sizes)["steps"][3]["train"]["epochs"]
+    with _inside(out):
+        for seed in range(seeds):
+            wd = Path("students") / f"seed{seed}"
+            _banner(f"seed {seed}: the teacher and its caches (once), then the students (recipe {STUDENT_RECIPE})")
+            run_recipe(PIPELINES / STUDENT_RECIPE, workdir=wd, overrides={
+                **sizes, **{f"steps.{n}.seed": seed + off for n, off in SEED_OFFSET.items()}})
+            sd = out / wd
+            # Plain SFT for as long as DFT took (loop wall times of the finished runs, so a rerun asks
+            # for the same epochs and is skipped): the comparison the cached step's cost decides.
+            ratio = _loop_wall(sd / "dft") / _loop_wall(sd / "sft_more")
+            _banner(f"seed {seed}: baseline + plain SFT for DFT's wall time ({ratio:.2f}x the steps)")
+            run_recipe(PIPELINES / SAME_TIME_RECIPE, workdir=wd, overrides={
+                "models.baseline": str(wd / "sft"), "steps.sft_same_time.epochs": round(more_epochs * ratio, 3),
+                "steps.sft_same_time.seed": seed + 100, **sizes})  # its requires: (seed 0's chain) are done
+            for row, step in ROWS.items():
+                runs[row][seed] = sd / step
+            base = _loop_wall(sd / "pt") + _loop_wall(sd / "sft")
+            walls["baseline PT-SFT"].append(base)
+            walls["baseline +SFT"].append(base + _loop_wall(sd / "sft_more"))
+            walls["+SFT same time"].append(base + _loop_wall(sd / "sft_same_time"))
+            walls["LLaVA-KD"].append(sum(_loop_wall(sd / n) for n in ("dpt", "dpt_sft", "dft")))
+            if seed == 0:
+                t = out / "teacher"
+                plot_losses({"teacher pt": t / "teacher_pt", "teacher sft": t / "teacher", "student pt": sd / "pt",
+                             "student sft": sd / "sft", "student +sft": sd / "sft_more", "student dpt": sd / "dpt",
+                             "student dpt-sft": sd / "dpt_sft", "student dft": sd / "dft"}, out / "losses.png")
+                plot_training_curves({"PT-SFT, +SFT same steps": [sd / "pt", sd / "sft", sd / "sft_more"],
+                                      "PT-SFT, +SFT same time": [sd / "pt", sd / "sft", sd / "sft_same_time"],
+                                      "LLaVA-KD DPT-SFT-DFT": [sd / "dpt", sd / "dpt_sft", sd / "dft"]},
+                                     out / "training_curves.png")
 
     # ---- evaluate ---------------------------------------------------------------------------
     _banner("evaluating on the held-out split")
+    data, teacher, caches = out / "data", out / "teacher" / "teacher", out / "teacher" / "caches"
     results: dict[str, list[dict]] = {}
 
     def ev(model, split="eval.json", cache=None):
-        return evaluate(EvalConfig(model=str(model), data=str(data / split), images=str(images),
+        return evaluate(EvalConfig(model=str(model), data=str(data / split), images=str(data / "images"),
                                    teacher_cache=str(cache) if cache else None, batch_size=256))
 
     results["teacher"] = [ev(teacher)]
     val = {"teacher": ev(teacher, "val.json")["accuracy_micro"]}
     for name, per_seed in runs.items():
-        results[name] = [ev(m, cache=caches["eval"]) for m in per_seed.values()]
+        results[name] = [ev(m, cache=caches / "eval.zarr") for m in per_seed.values()]
         val[name] = statistics.mean(ev(m, "val.json")["accuracy_micro"] for m in per_seed.values())
     report = _table(results, walls, val)
-    report["config"] = asdict(cfg)
-    report["artefacts"] = {"out": str(out), "teacher": str(teacher), "caches": {k: str(v) for k, v in caches.items()},
+    report["recipes"] = [str(PIPELINES / r) for r in (TEACHER_RECIPE, STUDENT_RECIPE, SAME_TIME_RECIPE)]
+    report["overrides"] = sizes
+    report["artefacts"] = {"out": str(out), "teacher": str(teacher), "caches": str(caches),
                            "students": {k: {s: str(p) for s, p in v.items()} for k, v in runs.items()}}
     report["steps"] = {k: [_steps(p) for p in v.values()] for k, v in runs.items()}
     report["wall_total_s"] = time.perf_counter() - t_start
@@ -211,7 +152,7 @@ def run_demo(out: str | Path = "demo_out", *, quick: bool = False, seeds: int | 
     else:
         print("\n" + report["table"])
     print(f"\nartefacts: {out}/report.json, {out}/accuracy.png, {out}/training_curves.png, {out}/agreement.png, "
-          f"{out}/losses.png; teacher {teacher}; caches under {tdir / 'caches'}; "
+          f"{out}/losses.png; teacher {teacher}; caches under {caches}; "
           f"total {report['wall_total_s'] / 60:.1f} min")
     return report
 

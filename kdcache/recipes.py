@@ -182,9 +182,12 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
             kw.update(student=model_ref(args.pop("student"), where), data=d["json"], images=d["images"],
                       out=str(workdir / name))
             if cache is not None:
-                if cache not in caches:
-                    raise ConfigError(f"{where}: cache {cache!r} is not an earlier dump step")
-                kw["cache"] = str(caches[cache])
+                if cache in caches:
+                    kw["cache"] = str(caches[cache])
+                elif "/" in cache or Path(cache).exists():  # a cache path (another recipe's dump, say)
+                    kw["cache"] = cache
+                else:
+                    raise ConfigError(f"{where}: cache {cache!r} is neither an earlier dump step nor a path")
             if teacher is not None:
                 kw["teacher"] = model_ref(teacher, where)
             if "loss" in defaults and "loss" in args:

@@ -141,7 +141,7 @@ def test_wrong_steps_are_errors_naming_the_step(tmp_path):
         plan(load_recipe(_write(tmp_path, r)), tmp_path)
     r = _base()
     r["steps"][5]["train"]["cache"] = "teacher_nope"
-    with pytest.raises(ConfigError, match="cache 'teacher_nope' is not an earlier dump"):
+    with pytest.raises(ConfigError, match="cache 'teacher_nope' is neither an earlier dump step nor a path"):
         plan(load_recipe(_write(tmp_path, r)), tmp_path)
     r = _base()
     r["steps"][4]["train"]["data"] = "instructions"
