@@ -24,6 +24,7 @@ from .config import DumpConfig as _DUMP, TrainConfig as _TRAIN  # defaults of fl
 # 10-20x slower; passive waiting costs nothing measurable. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
 class _App(typer.Typer):
     """``typer.Typer`` whose unexpected errors still end with one ``error:`` line (``_crash``)."""
 
