@@ -96,7 +96,8 @@ class SampleJoin:
 
 class RowDataset(torch.utils.data.IterableDataset):
     """Samples without a cache (pt/sft, online KD) in the same order a one-part cache would
-    give: ``kdcache.cache.reader.rank_order`` over one part of the kept rows."""
+    give: ``kdcache.cache.reader.EpochOrder`` over one part of the kept rows, served lazily
+    (``rank_worker_blocks``: a mid-epoch resume costs the same at any position)."""
 
     def __init__(self, rows, *, seed, epoch, block_size, rank, world_size, start_sample, transform, batch_size):
         super().__init__()
@@ -105,14 +106,15 @@ class RowDataset(torch.utils.data.IterableDataset):
         self.start_sample = start_sample
 
     def __iter__(self):
-        from .cache.reader import rank_order, worker_slice
+        from .cache.reader import EpochOrder, rank_worker_blocks
 
         info = torch.utils.data.get_worker_info()
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         seed, epoch, block, rank, world = self.args
-        seq = rank_order([len(self.rows)], seed, epoch, block, rank, world)[self.start_sample:]
-        for j in worker_slice(len(seq), worker, nw, self.batch_size):
-            yield self.transform(self.rows[seq[j][1]])
+        order = EpochOrder([len(self.rows)], seed, epoch, block)
+        for _part, idx in rank_worker_blocks(order, rank, world, self.start_sample, worker, nw, self.batch_size):
+            for i in idx.tolist():
+                yield self.transform(self.rows[i])
 
 
 RECORD_FIELDS = ("input_ids", "roles", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass",

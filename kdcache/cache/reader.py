@@ -396,30 +396,90 @@ class CacheReader:
 
 
 # ---- order -----------------------------------------------------------------------------------
-def global_order(part_sizes: list[int], seed: int, epoch: int, block_size: int
-                 ) -> list[tuple[int, int]]:
-    """The epoch's sample order: a pure function of (part sizes, seed, epoch, block_size).
+class EpochOrder:
+    """The epoch's sample order as block arithmetic: a pure function of (part sizes, seed, epoch,
+    block_size), never materialised.
 
     Blocks are contiguous ranges of ``block_size`` samples within a part (so a block is one slab
-    read); blocks are permuted with a generator seeded by (seed, epoch), then the samples inside
-    each block, in the permuted block order. Returns (part position in ``part_sizes``, sample
-    index within the part) pairs, a permutation of all samples.
+    read); the blocks are permuted with a generator seeded by (seed, epoch), and the samples inside
+    block b with one seeded by (seed, epoch, b). Position g of the epoch lies in the permuted block
+    found by one binary search over the blocks' ends, and that block's own permutation is drawn
+    alone, so any position (a mid-epoch resume) is reached in O(blocks) numpy work and O(block)
+    Python work, whatever the dataset size. Memory: three int64 arrays of the block count.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    blocks = [(p, s, min(s + block_size, n)) for p, n in enumerate(part_sizes)
-              for s in range(0, n, block_size)]
-    rng = np.random.default_rng([int(seed), int(epoch)])
+
+    def __init__(self, part_sizes: list[int], seed: int, epoch: int, block_size: int):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.seed, self.epoch, self.block_size = int(seed), int(epoch), int(block_size)
+        sizes = np.asarray(part_sizes, dtype=np.int64)
+        per_part = -(-sizes // block_size)  # [parts] blocks per part
+        part = np.repeat(np.arange(len(sizes)), per_part)  # [B] part position of each block
+        first = np.cumsum(per_part) - per_part  # [parts] first block of each part
+        start = (np.arange(len(part)) - first[part]) * block_size  # [B] first sample of each block
+        length = np.minimum(block_size, sizes[part] - start)  # [B]
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(part))
+        self.block_part, self.block_start, self.block_len = part[perm], start[perm], length[perm]
+        self.block_id = perm  # the block's number before permuting: its inner permutation's seed
+        self.ends = np.cumsum(self.block_len)  # [B] epoch position after each permuted block
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def block_of(self, g: int) -> int:
+        """Index (in epoch order) of the block holding epoch position ``g``."""
+        return int(np.searchsorted(self.ends, g, side="right"))
+
+    def block(self, j: int) -> tuple[int, int, np.ndarray]:
+        """(first epoch position, part position, sample indices in epoch order) of block ``j``."""
+        n = int(self.block_len[j])
+        inner = np.random.default_rng([self.seed, self.epoch, int(self.block_id[j])]).permutation(n)
+        return int(self.ends[j]) - n, int(self.block_part[j]), int(self.block_start[j]) + inner
+
+
+def rank_worker_blocks(order: EpochOrder, rank: int, world_size: int, start_sample: int = 0,
+                       worker: int = 0, num_workers: int = 1, group: int = 1):
+    """Lazily, block by block: (part position, sample indices) that DataLoader worker ``worker``
+    of rank ``rank`` yields, in order, from sample ``start_sample`` of the rank's sequence on.
+
+    The rank's sequence is every ``world_size``-th epoch position from ``rank``; from
+    ``start_sample`` on its items go to workers in groups of ``group`` dealt round-robin
+    (``worker_slice``). Equal to materialising ``rank_order(...)[start_sample:]`` and taking the
+    worker's slice, without touching the blocks before ``start_sample``."""
+    n = len(order)
+    g0 = rank + start_sample * world_size  # first epoch position to serve
+    if g0 >= n:
+        return
+    for j in range(order.block_of(g0), len(order.ends)):
+        lo, part, idx = order.block(j)
+        g = np.arange(max(lo, g0), lo + len(idx))  # [<= block] epoch positions of this block
+        g = g[(g - rank) % world_size == 0]
+        q = (g - rank) // world_size - start_sample  # position in the rank's sequence after the start
+        g = g[(q // group) % num_workers == worker]
+        if len(g):
+            yield part, idx[g - lo]
+
+
+def global_order(part_sizes: list[int], seed: int, epoch: int, block_size: int
+                 ) -> list[tuple[int, int]]:
+    """``EpochOrder`` materialised: (part position in ``part_sizes``, sample index within the
+    part) pairs, a permutation of all samples (O(samples): for tests and small caches)."""
+    order = EpochOrder(part_sizes, seed, epoch, block_size)
     out: list[tuple[int, int]] = []
-    for b in rng.permutation(len(blocks)):
-        p, s, e = blocks[b]
-        out += [(p, s + int(j)) for j in rng.permutation(e - s)]
+    for j in range(len(order.ends)):
+        _lo, p, idx = order.block(j)
+        out += [(p, int(i)) for i in idx]
     return out
 
 
 def rank_order(part_sizes, seed, epoch, block_size, rank, world_size) -> list[tuple[int, int]]:
     """This rank's sequence: every ``world_size``-th sample of ``global_order`` from ``rank``."""
     return global_order(part_sizes, seed, epoch, block_size)[rank::world_size]
+
+
+def rank_count(n: int, rank: int, world_size: int, start_sample: int = 0) -> int:
+    """Items of rank ``rank``'s sequence over ``n`` epoch positions, after ``start_sample``."""
+    return max(0, len(range(rank, n, world_size)) - start_sample)
 
 
 def worker_slice(n: int, worker: int, num_workers: int, group: int) -> list[int]:
@@ -465,33 +525,29 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.epoch, self.start_sample = epoch, start_sample
 
     def order(self) -> list[tuple[int, int]]:
-        """(part rank, sample index) pairs this rank yields from ``start_sample`` on."""
+        """(part rank, sample index) pairs this rank yields from ``start_sample`` on
+        (materialised: O(samples); iteration never builds it)."""
         ranks = self.reader.part_ranks
-        seq = rank_order(self.reader.part_sizes, self.seed, self.epoch, self.block_size,
-                         self.rank, self.world_size)[self.start_sample:]
-        return [(ranks[p], i) for p, i in seq]
+        return [(ranks[p], int(i)) for p, idx in rank_worker_blocks(self._epoch_order(), self.rank,
+                                                                    self.world_size, self.start_sample)
+                for i in idx]
+
+    def _epoch_order(self) -> EpochOrder:
+        return EpochOrder(self.reader.part_sizes, self.seed, self.epoch, self.block_size)
 
     def __len__(self) -> int:
-        return len(self.order())
+        return rank_count(self.reader.num_samples, self.rank, self.world_size, self.start_sample)
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        seq = self.order()
-        mine = worker_slice(len(seq), worker, nw, self.batch_size)
-        # this worker's samples of each block, read together when the worker enters the block
-        wanted: dict[tuple[int, int], list[int]] = {}
-        for j in mine:
-            part, i = seq[j]
-            wanted.setdefault((part, (i // self.block_size) * self.block_size), []).append(i)
-        cache_key, cache = None, {}
-        for j in mine:
-            part, i = seq[j]
-            key = (part, (i // self.block_size) * self.block_size)
-            if cache_key != key:
-                cache_key = key
-                rows = sorted(set(wanted[key]))
-                p = self.reader.parts[part]
-                cache = dict(zip(rows, self.reader.read_rows(p, p.ok[np.asarray(rows)])))
-            rec = cache[i]
-            yield self.transform(rec) if self.transform is not None else rec
+        ranks = self.reader.part_ranks
+        # block by block: this worker's samples of a block are read together when it enters it
+        for part, idx in rank_worker_blocks(self._epoch_order(), self.rank, self.world_size, self.start_sample,
+                                            worker, nw, self.batch_size):
+            p = self.reader.parts[ranks[part]]
+            rows = np.unique(idx)
+            recs = dict(zip(rows.tolist(), self.reader.read_rows(p, p.ok[rows])))
+            for i in idx.tolist():
+                rec = recs[i]
+                yield self.transform(rec) if self.transform is not None else rec

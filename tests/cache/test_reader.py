@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdcache.cache import CacheDataset, CacheReader, CacheWriter, global_order
-from kdcache.cache.reader import rank_order, worker_slice
+from kdcache.cache.reader import EpochOrder, rank_count, rank_order, rank_worker_blocks, worker_slice
 
 from .helpers import SMALL, make_attrs_for, make_record, records_equal, write_cache
 
@@ -140,6 +140,33 @@ def test_rank_and_worker_splits_are_disjoint_and_covering():
             assert sorted(slices[0] + slices[1]) == list(range(len(seq)))
         seen += seq
     assert sorted(seen) == sorted(full)
+
+
+@pytest.mark.parametrize("world,nw,group", [(1, 1, 1), (3, 2, 4), (2, 3, 1), (4, 1, 5)])
+def test_lazy_blocks_equal_the_materialised_slices_from_any_start(world, nw, group):
+    """Resuming at sample N serves exactly what skipping the first N of the materialised rank
+    sequence serves, for every worker (the lazy path never builds the sequence)."""
+    for rank in range(world):
+        seq = rank_order(SIZES, 7, 2, 8, rank, world)
+        for start in (0, 1, 5, len(seq) - 1, len(seq), len(seq) + 3):
+            assert rank_count(sum(SIZES), rank, world, start) == max(0, len(seq) - start)
+            tail = seq[start:]
+            for w in range(nw):
+                want = [tail[j] for j in worker_slice(len(tail), w, nw, group)]
+                got = [(p, int(i)) for p, idx in rank_worker_blocks(EpochOrder(SIZES, 7, 2, 8), rank, world,
+                                                                    start, w, nw, group) for i in idx]
+                assert got == want, (rank, start, w)
+
+
+def test_epoch_order_reaches_a_late_position_without_the_earlier_blocks():
+    order = EpochOrder([1_000_000, 3], seed=0, epoch=0, block_size=64)
+    assert len(order) == 1_000_003 and len(order.ends) == 15_626
+    g = 987_654
+    j = order.block_of(g)
+    lo, part, idx = order.block(j)
+    assert lo <= g < lo + len(idx) and ((part == 0 and len(idx) == 64) or (part == 1 and len(idx) == 3))
+    first = next(rank_worker_blocks(order, rank=0, world_size=1, start_sample=g))
+    assert first[0] == part and list(first[1]) == list(idx[g - lo:])
 
 
 def test_dataset_start_sample_gives_the_tail(cache):
