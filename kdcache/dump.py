@@ -506,7 +506,8 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
     check_model_settings(cfg, model)
     prepared = prepare_samples(mine, tok, images_root=cfg.images, template=cfg.template,
                                image_token_id=image_token_id(model.config), num_image_tokens=n_image,
-                               max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+                               max_length=cfg.max_length, on_too_long=cfg.on_too_long,
+                               num_proc=max(1, cfg.num_workers))  # the loader's workers: idle until the loop
     refuse_all_skipped(cfg, prepared[0], prepared[2], world)
     teacher_fp, tok_fp, data_fp, settings = fingerprints(cfg, model, processor, n_image, len(samples), world)
     attrs = make_attrs(teacher_fp, tok_fp, data_fp, settings)

@@ -33,17 +33,25 @@ def prepare(
     on_error: Literal["skip", "raise"] = "skip",
     on_too_long: Literal["error", "truncate"] = "error",
     check_images: Literal["none", "header", "decode"] = "header",
+    num_proc: int = 1,
 ) -> tuple[list[LlavaSample], list[Tokenized], SkipCounter]:
     """Tokenise all samples and pre-check their images -> (kept samples, their Tokenized, skips).
 
     ``on_error="skip"`` counts each SampleError in the SkipCounter and drops the sample;
     ``"raise"`` re-raises the first. ``check_images``: "header" opens each image's header (cheap),
     "decode" decodes it fully (catches truncated files, reads every pixel once), "none" skips it.
+    ``num_proc`` > 1 spreads the samples over that many processes (forked, in chunks, results in
+    sample order: the same output as one process; a first error is the first in sample order).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if check_images not in ("none", "header", "decode"):
         raise ValueError(f"check_images must be 'none', 'header' or 'decode', got {check_images!r}")
+    kw = dict(template=template, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+              max_length=max_length, images_root=images_root, on_error=on_error, on_too_long=on_too_long,
+              check_images=check_images)
+    if num_proc > 1 and len(samples) > PARALLEL_MIN_SAMPLES:
+        return _prepare_parallel(samples, tokenizer, kw, num_proc)
     kept: list[LlavaSample] = []
     toks: list[Tokenized] = []
     skipped = SkipCounter()
@@ -72,6 +80,38 @@ def prepare(
     return kept, toks, skipped
 
 
+# Below this many samples one process is faster than starting a pool.
+PARALLEL_MIN_SAMPLES = 512
+_POOL_CHUNK = 256  # samples per task: large enough to amortise the pickling, small enough to balance
+_pool_state: dict[str, Any] = {}
+
+
+def _pool_init(tokenizer, kw: dict) -> None:
+    _pool_state.update(tokenizer=tokenizer, kw=kw)
+
+
+def _pool_task(chunk):
+    return prepare(chunk, _pool_state["tokenizer"], **_pool_state["kw"])
+
+
+def _prepare_parallel(samples, tokenizer, kw: dict, num_proc: int):
+    """``prepare`` over ``num_proc`` forked processes, chunk by chunk, merged in sample order."""
+    import multiprocessing as mp
+
+    chunks = [samples[i:i + _POOL_CHUNK] for i in range(0, len(samples), _POOL_CHUNK)]
+    kept: list[LlavaSample] = []
+    toks: list[Tokenized] = []
+    skipped = SkipCounter()
+    # fork: the workers share the parent's samples and tokenizer instead of unpickling them
+    with mp.get_context("fork").Pool(min(num_proc, len(chunks)), initializer=_pool_init,
+                                     initargs=(tokenizer, kw)) as pool:
+        for k, t, sk in pool.imap(_pool_task, chunks):  # in chunk order; a worker's SampleError re-raises here
+            kept += k
+            toks += t
+            skipped.update(sk)
+    return kept, toks, skipped
+
+
 def prepare_samples(
     samples: Sequence[LlavaSample],
     tokenizer,
@@ -82,11 +122,13 @@ def prepare_samples(
     num_image_tokens: int,
     max_length: int | None,
     on_too_long: Literal["skip", "error", "truncate"],
+    num_proc: int = 1,
 ) -> tuple[list[LlavaSample], list[Tokenized], SkipCounter]:
     """``prepare`` with the run policy of dump and train (``kdcache.config.ON_TOO_LONG``): every
     bad sample is skipped and counted, except that ``on_too_long="error"`` makes an over-long
     sample stop the run, and ``"truncate"`` cuts it to ``max_length`` tokens (skipped as
-    too_long only if the cut would split its image span or leave no response token)."""
+    too_long only if the cut would split its image span or leave no response token).
+    ``num_proc``: processes (``prepare``)."""
     from kdcache.config import ON_TOO_LONG
 
     if on_too_long not in ON_TOO_LONG:
@@ -94,7 +136,8 @@ def prepare_samples(
     kept, toks, skipped = prepare(samples, tokenizer, template=template, image_token_id=image_token_id,
                                   num_image_tokens=num_image_tokens, max_length=max_length,
                                   images_root=images_root, on_error="skip",
-                                  on_too_long="truncate" if on_too_long == "truncate" else "error")
+                                  on_too_long="truncate" if on_too_long == "truncate" else "error",
+                                  num_proc=num_proc)
     if on_too_long == "error" and skipped.counts.get("too_long"):
         raise ValueError(f"{skipped.counts['too_long']} sample(s) exceed max_length {max_length}, e.g. "
                          f"{skipped.examples['too_long'][0]} (or pass --on-too-long skip to count and skip them, "
@@ -269,3 +312,49 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
     """Share of the batches' [B, T_max] token slots that are padding."""
     slots = sum(len(b) * max(int(lengths[i]) for i in b) for b in batches if b)
     return 1.0 - sum(int(n) for n in lengths) / slots if slots else 0.0
+
+
+class WindowDataset(torch.utils.data.IterableDataset):
+    """The dump's input, streamed: windows of consecutive samples, each tokenised, checked, sorted
+    by length and cut into collated batches by the DataLoader worker that owns it.
+
+    ``windows``: lists of LlavaSample (consecutive rows); window ``w`` goes to worker
+    ``w % num_workers``, so a ``DataLoader(batch_size=None)`` yields the windows in order (it takes
+    the workers' items round-robin). Nothing is tokenised up front: the first batch is ready after
+    one window, whatever the dataset's size, and no process holds more than its windows in flight
+    (memory flat in the sample count). Batches are ``length_batches`` of the window's kept samples,
+    hence the same as tokenising everything first and bucketing by window.
+
+    Item (one per window): rows (every row of the window, in order), skipped (a SkipCounter of its
+    bad samples), batches (``collate`` of each batch, longest first), tokens and
+    slots (its real and padded token counts). ``on_too_long="error"`` raises ValueError on the
+    window holding an over-long sample (``prepare_samples``).
+    """
+
+    def __init__(self, windows, tokenizer, image_processor, images_root, *, batch_size: int, template: str,
+                 image_token_id: int, num_image_tokens: int, max_length: int | None,
+                 on_too_long: Literal["skip", "error", "truncate"]):
+        super().__init__()
+        self.windows = list(windows)
+        self.tokenizer, self.image_processor, self.images_root = tokenizer, image_processor, images_root
+        self.batch_size = batch_size
+        self.kw = dict(template=template, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                       max_length=max_length, on_too_long=on_too_long)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def window(self, samples) -> dict[str, Any]:
+        kept, toks, skipped = prepare_samples(samples, self.tokenizer, images_root=self.images_root, **self.kw)
+        ds = LlavaTorchDataset.from_prepared(kept, toks, self.image_processor, self.images_root)
+        lengths = [t.num_tokens for t in toks]
+        batches = length_batches(lengths, self.batch_size, [0] * len(lengths))
+        return {"rows": [s.row for s in samples], "skipped": skipped,
+                "batches": [collate([ds[i] for i in b], self.tokenizer.pad_token_id) for b in batches],
+                "tokens": sum(lengths), "slots": sum(len(b) * max(lengths[i] for i in b) for b in batches)}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for w in range(worker, len(self.windows), nw):
+            yield self.window(self.windows[w])

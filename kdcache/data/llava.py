@@ -77,6 +77,9 @@ class SampleError(Exception):
         where = f"row {row} of {source}" if source else f"row {row}"
         super().__init__(f"sample {sample_id!r} ({where}): {reason}: {detail}. Fix: {_FIXES[reason]}")
 
+    def __reduce__(self):  # picklable with its fields (it crosses from prepare's worker processes)
+        return (type(self), (self.sample_id, self.row, self.reason, self.detail, self.source))
+
     @classmethod
     def of(cls, sample: "LlavaSample", reason: str, detail: str) -> "SampleError":
         return cls(sample.id, sample.row, reason, detail, sample.source)
