@@ -192,3 +192,69 @@ def test_length_batches_cover_each_index_once_and_cut_padding():
     assert length_batches(lengths, 8, windows) == bucketed  # a pure function of lengths and windows
     with pytest.raises(ValueError, match="non-decreasing"):
         length_batches(lengths, 8, windows[::-1])
+
+
+def _mixed(syn, tmp_path, copies=4):
+    """Good and bad samples, interleaved, with distinct rows."""
+    base = _bad_samples(syn, tmp_path) + [s for s in read_llava_json(syn["instruct"])]
+    out = []
+    for c in range(copies):
+        for j, s in enumerate(base):
+            out.append(LlavaSample(f"{s.id}-{c}", len(out), s.image, s.turns, s.extra, s.source))
+    return out
+
+
+def test_parallel_prepare_equals_serial(syn, tok, monkeypatch, tmp_path):
+    import sys
+
+    C = sys.modules["kdcache.data.collate"]  # the module (kdcache.data.collate is also the function's name)
+    monkeypatch.setattr(C, "PARALLEL_MIN_SAMPLES", 0)
+    monkeypatch.setattr(C, "_POOL_CHUNK", 5)  # several chunks per worker, cut across good and bad rows
+    samples = _mixed(syn, tmp_path)
+    kw = dict(template="chat", image_token_id=image_placeholder_id(tok), num_image_tokens=N_IMG, max_length=256,
+              images_root=syn["images_root"])
+    kept1, toks1, sk1 = prepare(samples, tok, **kw)
+    kept2, toks2, sk2 = prepare(samples, tok, **kw, num_proc=3)
+    assert [s.id for s in kept2] == [s.id for s in kept1] and len(kept1) == 4 * 10
+    for a, b in zip(toks1, toks2):
+        assert a.sample_id == b.sample_id and a.row == b.row
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.roles, b.roles)
+        assert np.array_equal(a.labels, b.labels)
+    assert sk2.items == sk1.items and sk2.counts == sk1.counts and sk1.total == 4 * 8
+    assert sk2.summary() == sk1.summary()
+    # on_error="raise": the first bad sample in sample order, the same error as one process gives
+    with pytest.raises(SampleError) as e1:
+        prepare(samples, tok, **kw, on_error="raise")
+    with pytest.raises(SampleError) as e2:
+        prepare(samples, tok, **kw, on_error="raise", num_proc=3)
+    assert (e2.value.sample_id, e2.value.reason, str(e2.value)) == (e1.value.sample_id, e1.value.reason, str(e1.value))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_window_dataset_equals_tokenising_first_then_bucketing(syn, tok, proc, tmp_path, num_workers):
+    from kdcache.data.collate import WindowDataset, length_batches, prepare_samples
+
+    samples = _mixed(syn, tmp_path, copies=3)
+    kw = dict(template="chat", image_token_id=image_placeholder_id(tok), num_image_tokens=N_IMG, max_length=256)
+    W = 12
+    windows = [samples[a:a + W] for a in range(0, len(samples), W)]
+    ds = WindowDataset(windows, tok, proc, syn["images_root"], batch_size=4, on_too_long="skip", **kw)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    got = list(dl)
+    # the reference: everything tokenised first, batches bucketed by window (the dump's old path)
+    kept, toks, skipped = prepare_samples(samples, tok, images_root=syn["images_root"], on_too_long="skip", **kw)
+    ref_ds = LlavaTorchDataset.from_prepared(kept, toks, proc, syn["images_root"])
+    lengths = [t.num_tokens for t in toks]
+    ref = length_batches(lengths, 4, [s.row // W for s in kept])
+    batches = [b for win in got for b in win["batches"]]
+    assert len(got) == len(windows) and len(batches) == len(ref)
+    for b, idx in zip(batches, ref):
+        want = collate([ref_ds[i] for i in idx], tok.pad_token_id)
+        assert b["rows"] == want["rows"] and torch.equal(b["input_ids"], want["input_ids"])
+        assert torch.equal(b["roles"], want["roles"]) and torch.equal(b["has_image"], want["has_image"])
+        pv, wpv = b["pixel_values"], want["pixel_values"]
+        assert (pv is None and wpv is None) or torch.equal(pv, wpv)  # None: a batch of text-only samples
+    assert [r for win in got for r in win["rows"]] == [s.row for s in samples]
+    assert [tuple(it) for win in got for it in win["skipped"]] == skipped.items  # the loader lists tuples
+    slots = sum(len(i) * max(lengths[j] for j in i) for i in ref)
+    assert sum(w["tokens"] for w in got) == sum(lengths) and sum(w["slots"] for w in got) == slots
