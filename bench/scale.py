@@ -21,7 +21,7 @@ Rows, per size:
                          what dump and train did before the GPU started
     prepare parallel     the same over ``--workers`` processes (``kdcache.data.collate.prepare``)
     dump first batch     from reading the JSON to the first collated batch the teacher would get, the
-                         dump's own data path (``kdcache.dump.dump_batches``)
+                         dump's own data path (``kdcache.dump.window_loader``, ``--workers`` workers)
     cache open + order   open the cache (index of every part) and build the epoch order
     first batch          ... and draw the first batch through a DataLoader (0 workers)
     resume at N-1        the same from sample N-1 of the epoch (mid-epoch resume)
@@ -233,14 +233,20 @@ def row_dump_first_batch(paths, data, cache, n, workers):
     model, processor = _student(paths)
     cfg = DumpConfig(teacher=str(paths["student"]), data=str(data), images=str(paths["images"]),
                      out=str(cache.parent / "unused.zarr"), top_k=K, num_workers=workers, batch_size=8)
+    from kdcache.data.llava import read_llava_json
+    from kdcache.models import num_image_tokens
+
     base = rss_mb()
     t0 = time.perf_counter()
-    if not hasattr(D, "dump_batches"):
-        return {"s": None, "base": base, "note": "no kdcache.dump.dump_batches in this checkout"}
-    batches = D.dump_batches(cfg, processor, model.config, rank=0, world=1, done=set())
-    first = next(iter(batches))
+    samples = read_llava_json(data)
+    W = cfg.batch_size * cfg.bucket_batches
+    windows = [samples[a:a + W] for a in range(0, len(samples), W)]
+    if not hasattr(D, "window_loader"):
+        return {"s": None, "base": base, "note": "no kdcache.dump.window_loader in this checkout"}
+    loader = D.window_loader(cfg, processor, model.config, windows, num_image_tokens(model.config, processor))
+    first = next(iter(loader))["batches"][0]
     dt = time.perf_counter() - t0
-    assert first["input_ids"].shape[0] > 0
+    assert first["input_ids"].shape[0] == cfg.batch_size
     return {"s": dt, "base": base, "per_sample": False}
 
 

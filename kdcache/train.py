@@ -584,7 +584,8 @@ def train(cfg: TrainConfig) -> Path:
     samples = read_llava_json(cfg.data)
     kept, toks, skipped = prepare_samples(samples, tokenizer, images_root=cfg.images, template=cfg.template,
                                           image_token_id=image_token_id(student.config), num_image_tokens=n_image,
-                                          max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+                                          max_length=cfg.max_length, on_too_long=cfg.on_too_long,
+                                          num_proc=max(1, cfg.num_workers))  # the loader's worker count: idle until now
     if not kept:
         raise all_skipped_error(skipped, cfg.data, cfg.images, f"train {cfg.stage}", "nothing was trained")
     join = SampleJoin(LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images))
