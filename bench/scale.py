@@ -27,9 +27,11 @@ Rows, per size:
     resume at N-1        the same from sample N-1 of the epoch (mid-epoch resume)
     verify               ``kdcache verify`` over every sample
     export               ``kdcache export`` to Parquet (one row per distilled position)
-    train data setup     the trainer's data path up to its first batch: JSON, the student's
-                         tokenisation and the per-sample check against the cache
-    train check / sample the per-sample check in the loop (cache record vs the student's tokenisation)
+    train data setup     the trainer's data path with a cache until it can serve samples (DFT)
+    train setup, no cache the same without a cache (SFT: every sample tokenised up front, over
+                         ``--workers`` processes, to know the usable rows)
+    train check / sample the per-sample path in a loader worker: tokenise, compare with the cached
+                         ids, load and preprocess the (64 px) image
 
 ``per sample`` is the row's time over the size's sample count (for resume and first batch, the time
 itself: it must not grow). Machine notes go in bench/README.md.
@@ -38,6 +40,7 @@ itself: it must not grow). Machine notes go in bench/README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -50,7 +53,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("prepare serial", "prepare parallel", "dump first batch", "cache open + order", "first batch",
-        "resume at N-1", "verify", "export", "train data setup", "train check / sample")
+        "resume at N-1", "verify", "export", "train data setup", "train setup, no cache", "train check / sample")
 K = 4  # top-k of the synthetic caches
 IMAGES = ("coco/train2017/000000000001.png", "coco/train2017/000000000002.png", "gqa/images/3.png",
           "ocr_vqa/images/4.png")
@@ -300,9 +303,11 @@ def row_export(paths, data, cache, n, workers):
     return {"s": dt, "base": base, "rows": rows, "parquet_mb": size / 2**20}
 
 
-def row_train_setup(paths, data, cache, n, workers, check_only=False):
-    """The trainer's data path (``kdcache.train.training_data`` when this checkout has it) up to
-    the first batch; ``check_only``: the per-sample check over 512 records, timed alone."""
+def row_train_setup(paths, data, cache, n, workers, check_only=False, no_cache=False):
+    """The trainer's data path (``kdcache.train.training_data`` when this checkout has it) until
+    it can serve samples; ``check_only``: the per-sample path (tokenise, compare with the record,
+    load the image) over 512 records, timed alone; ``no_cache``: an SFT run's setup (every sample
+    tokenised up front to know the usable rows)."""
     import numpy as np
     import torch
 
@@ -316,8 +321,11 @@ def row_train_setup(paths, data, cache, n, workers, check_only=False):
     base = rss_mb()
     t0 = time.perf_counter()
     if hasattr(T, "training_data"):
-        data_ = T.training_data(cfg, processor, model.config)
-        join = data_.join
+        if no_cache:
+            cfg = dataclasses.replace(cfg, stage="sft", cache=None)
+            T.training_data(cfg, processor, model.config)
+            return {"s": time.perf_counter() - t0, "base": base}
+        join = T.training_data(cfg, processor, model.config).join
     else:  # this checkout's train(): prepare_samples up front, then a SampleJoin
         from kdcache.data.collate import LlavaTorchDataset, prepare_samples
         from kdcache.data.llava import read_llava_json
@@ -352,6 +360,7 @@ ROW_FUNCS = {
     "verify": row_verify,
     "export": row_export,
     "train data setup": row_train_setup,
+    "train setup, no cache": lambda *a: row_train_setup(*a, no_cache=True),
     "train check / sample": lambda *a: row_train_setup(*a, check_only=True),
 }
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import losses as L
@@ -67,21 +68,36 @@ class RunMismatchError(RuntimeError):
 class SampleJoin:
     """Worker-side transform: a cache record (or a bare row) -> a training item.
 
-    The item comes from the student's own tokenisation (done once, up front); against a cache
-    its token ids must equal the cached ones, so a cache from another tokenizer, template or
-    data file never trains.
+    The sample is tokenised here (again: ``training_data`` kept no tokens), in the DataLoader
+    worker that serves it, off the training process; memory does not grow with the dataset. Against a
+    cache its token ids must equal the cached ones, so a cache from another tokenizer, template or
+    data file never trains; the error names the sample.
     """
 
-    def __init__(self, dataset):
-        self.dataset = dataset  # kdcache.data.collate.LlavaTorchDataset over the kept samples
-        self.index = {s.row: i for i, s in enumerate(dataset.samples)}
+    def __init__(self, samples, tokenizer, image_processor, images_root, *, template: str, image_token_id: int,
+                 num_image_tokens: int, max_length: int | None, truncate: bool):
+        self.samples = {s.row: s for s in samples}  # the usable samples (``training_data``'s kept ones)
+        self.tokenizer, self.image_processor, self.images_root = tokenizer, image_processor, images_root
+        self.kw = dict(template=template, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                       max_length=max_length, on_too_long="truncate" if truncate else "error")
 
     def __call__(self, rec):
+        from .data.collate import make_item
+        from .data.llava import SampleError
+        from .data.templates import tokenize_sample
+
         row = rec.row if isinstance(rec, TeacherRecord) else int(rec)
-        if row not in self.index:
+        if row not in self.samples:
             raise CacheMismatch(f"row {row} of the cache is not a usable sample of this data file "
-                                "(missing, or skipped as bad input): pass the data file the cache was dumped from")
-        item = self.dataset[self.index[row]]
+                                     "(missing, or skipped as bad input): pass the data file the cache was dumped from")
+        s = self.samples[row]
+        try:
+            item = make_item(s, tokenize_sample(s, self.tokenizer, **self.kw), self.image_processor, self.images_root)
+        except SampleError as e:
+            if not isinstance(rec, TeacherRecord):
+                raise
+            raise CacheMismatch(f"sample {s.id!r} (row {row}) is in the cache but cannot be used for this "
+                                     f"student: {e}") from e
         if isinstance(rec, TeacherRecord):
             if rec.sample_id != item["sample_id"] or not torch.equal(rec.input_ids.long(), item["input_ids"]):
                 raise CacheMismatch(
@@ -92,6 +108,41 @@ class SampleJoin:
                 )
             item["record"] = rec
         return item
+
+
+@dataclass
+class TrainingData:
+    """What the loop draws from: ``source`` (the cache's path, or the kept rows without one),
+    ``join`` (row or record -> item, in the loader workers), the samples this run skips and the
+    data file's row count."""
+
+    source: str | list[int]
+    join: SampleJoin
+    skipped: object  # kdcache.data.llava.SkipCounter
+    num_rows: int
+
+
+def training_data(cfg: TrainConfig, processor, model_config) -> TrainingData:
+    """Read the data file and find its usable samples: every sample tokenised and checked once,
+    over ``num_workers`` processes (the loader's workers are idle until the loop), keeping only
+    the kept samples, not their tokens: each is tokenised again by the loader worker that serves
+    it (``SampleJoin``), so memory does not grow with the dataset. All skipped: one error."""
+    from .data.collate import all_skipped_error, prepare_samples
+    from .data.llava import read_llava_json
+    from .models import image_token_id, num_image_tokens
+
+    kw = dict(template=cfg.template, image_token_id=image_token_id(model_config),
+              num_image_tokens=num_image_tokens(model_config, processor), max_length=cfg.max_length)
+    samples = read_llava_json(cfg.data)
+    kept, _toks, skipped = prepare_samples(samples, processor.tokenizer, images_root=cfg.images,
+                                           on_too_long=cfg.on_too_long, num_proc=max(1, cfg.num_workers), **kw)
+    del _toks  # tokenised again in the workers: kept, they would grow with the dataset
+    if not kept:
+        raise all_skipped_error(skipped, cfg.data, cfg.images, f"train {cfg.stage}", "nothing was trained")
+    join = SampleJoin(kept, processor.tokenizer, processor.image_processor, cfg.images,
+                      truncate=cfg.on_too_long == "truncate", **kw)
+    return TrainingData(source=cfg.cache if cfg.cache else [s.row for s in kept], join=join, skipped=skipped,
+                        num_rows=len(samples))
 
 
 class RowDataset(torch.utils.data.IterableDataset):
@@ -543,10 +594,8 @@ def train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from .cache.reader import CacheDataset, CacheReader
-    from .data.collate import LlavaTorchDataset, all_skipped_error, prepare_samples
-    from .data.llava import read_llava_json
     from .dump import file_hash
-    from .models import default_dtype, image_token_id, load_model, num_image_tokens, read_meta
+    from .models import default_dtype, load_model, num_image_tokens, read_meta
     from .teacher import teacher_records
 
     from .cache.store import cache_location
@@ -581,14 +630,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    samples = read_llava_json(cfg.data)
-    kept, toks, skipped = prepare_samples(samples, tokenizer, images_root=cfg.images, template=cfg.template,
-                                          image_token_id=image_token_id(student.config), num_image_tokens=n_image,
-                                          max_length=cfg.max_length, on_too_long=cfg.on_too_long,
-                                          num_proc=max(1, cfg.num_workers))  # the loader's worker count: idle until now
-    if not kept:
-        raise all_skipped_error(skipped, cfg.data, cfg.images, f"train {cfg.stage}", "nothing was trained")
-    join = SampleJoin(LlavaTorchDataset.from_prepared(kept, toks, processor.image_processor, cfg.images))
+    data = training_data(cfg, processor, student.config)
+    join, source, skipped = data.join, data.source, data.skipped
     teacher = side = None
     if cfg.cache:
         reader = CacheReader(cfg.cache)
@@ -596,14 +639,14 @@ def train(cfg: TrainConfig) -> Path:
         dumped = reader.attrs["dataset"]
         if dumped["sha256"] != file_hash(cfg.data):
             raise CacheMismatch(f"cache {cfg.cache} was dumped from {dumped['path']} ({dumped['num_rows']} rows, "
-                                f"sha256 {dumped['sha256'][:12]}...), not from this --data {cfg.data} "
-                                f"({len(samples)} rows, sha256 {file_hash(cfg.data)[:12]}...): pass the data "
-                                "file the cache was dumped from, or dump a cache of this one")
+                                     f"sha256 {dumped['sha256'][:12]}...), not from this --data {cfg.data} "
+                                     f"({data.num_rows} rows, sha256 {file_hash(cfg.data)[:12]}...): pass the data "
+                                     "file the cache was dumped from, or dump a cache of this one")
         if not reader.rows():
             n_skip = len(reader.skipped())
             raise CacheMismatch(f"cache {cfg.cache} holds no sample ({n_skip} rows were skipped by its dump): "
-                                "nothing to distil from. Dump it again (a new --out) with the right --images")
-        missing = set(reader.rows()) - {s.row for s in kept}
+                                     "nothing to distil from. Dump it again (a new --out) with the right --images")
+        missing = set(reader.rows()) - set(join.samples)
         if missing:
             raise CacheMismatch(missing_rows_message(missing, skipped, cfg, reader.attrs["settings"]))
         st = reader.attrs["settings"]
@@ -612,10 +655,7 @@ def train(cfg: TrainConfig) -> Path:
         side = TeacherSide(gram=torch.as_tensor(reader.gram()).to(acc.device),  # M_t = W_t^T W_t [D_t, D_t]
                            lm_head=reader.lm_head().to(acc.device) if kind.exact else None,
                            temperature=float(st["temperature"]), targets=kind)
-        source = cfg.cache
         _say_temperature(reader.attrs, cfg, acc)
-    else:
-        source = [s.row for s in kept]
     if cfg.teacher:
         # The dump's dtype: the online records are the reference for the cached ones.
         t_dtype = default_dtype(acc.device)

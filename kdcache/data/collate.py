@@ -224,27 +224,37 @@ class LlavaTorchDataset(torch.utils.data.Dataset):
 
     def pixel_values(self, sample: LlavaSample) -> torch.Tensor:
         """[3, H, W] float: the image as the processor prepares it (resize, rescale, normalise)."""
-        if self.images_root is None:
-            raise ValueError(f"sample {sample.id!r} has an image but images_root is None: pass the image folder")
-        img = load_image(self.images_root / sample.image, sample)
-        return self.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+        return pixel_values(sample, self.image_processor, self.images_root)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s, t = self.samples[i], self.tokenized[i]
         try:
-            pixels = self.pixel_values(s) if s.has_image else None
+            return make_item(s, t, self.image_processor, self.images_root)
         except SampleError as e:
             if self.image_errors == "raise":
                 raise
             return {"sample_id": t.sample_id, "row": t.row, "skipped": e.reason, "error": str(e)}
-        return {
-            "sample_id": t.sample_id,
-            "row": t.row,
-            "input_ids": torch.from_numpy(t.input_ids),
-            "labels": torch.from_numpy(t.labels),
-            "roles": torch.from_numpy(t.roles),
-            "pixel_values": pixels,
-        }
+
+
+def pixel_values(sample: LlavaSample, image_processor, images_root) -> torch.Tensor:
+    """[3, H, W] float: the sample's image as the processor prepares it (resize, rescale, normalise)."""
+    if images_root is None:
+        raise ValueError(f"sample {sample.id!r} has an image but images_root is None: pass the image folder")
+    img = load_image(Path(images_root) / sample.image, sample)
+    return image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+
+def make_item(sample: LlavaSample, t: Tokenized, image_processor, images_root) -> dict[str, Any]:
+    """One dataset item: sample_id, row, input_ids / labels int64 [T], roles uint8 [T],
+    pixel_values [3, H, W] or None."""
+    return {
+        "sample_id": t.sample_id,
+        "row": t.row,
+        "input_ids": torch.from_numpy(t.input_ids),
+        "labels": torch.from_numpy(t.labels),
+        "roles": torch.from_numpy(t.roles),
+        "pixel_values": pixel_values(sample, image_processor, images_root) if sample.has_image else None,
+    }
 
 
 def collate(items: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
