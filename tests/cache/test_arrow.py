@@ -118,3 +118,27 @@ def test_duckdb_runs_the_readme_query_on_the_float32_view_and_the_parquet(cache,
     assert duckdb.sql(query.format(f"'{pq_path}'")).fetchall() == got
     first = duckdb.sql(f"select topk_logprobs from '{pq_path}' limit 1").fetchall()[0][0]
     assert first == t.column("topk_logprobs")[0].as_py()
+
+
+def test_slab_batches_equal_the_records_for_scattered_samples_and_small_blocks(cache, records):
+    """The batches are gathered from slabs spanning other samples' rows (a selection with gaps),
+    over several blocks: every column equals the records' own values."""
+    from kdcache.cache.arrow import iter_batches
+
+    chosen = [records[i] for i in (0, 2, 3, 7, 8, 11)]
+    schema, batches = iter_batches(cache, sample_ids=[r.sample_id for r in chosen], block=4)
+    batches = list(batches)
+    assert len(batches) == 2
+    t = pa.Table.from_batches(batches, schema=schema)
+    n = [len(r.positions) for r in chosen]
+    assert t.column("sample_id").to_pylist() == [r.sample_id for r, m in zip(chosen, n) for _ in range(m)]
+    assert np.array_equal(t.column("row").to_numpy(), np.repeat([r.row for r in chosen], n))
+    assert np.array_equal(t.column("position").to_numpy(), np.concatenate([r.positions.numpy() for r in chosen]))
+    assert t.column("kind").to_pylist() == [KIND_NAMES[int(k)] for r in chosen for k in r.kinds]
+    target = np.concatenate([r.input_ids.numpy()[r.positions.numpy() + 1] for r in chosen])
+    assert np.array_equal(t.column("target_token").to_numpy(), target)
+    tid = np.stack(t.column("topk_ids").to_numpy(zero_copy_only=False))
+    tlp = np.stack(t.column("topk_logprobs").to_numpy(zero_copy_only=False))
+    assert np.array_equal(tid, np.concatenate([r.topk_ids.numpy() for r in chosen]))
+    assert np.array_equal(tlp, np.concatenate([r.topk_logprobs.numpy() for r in chosen]))
+    assert np.array_equal(t.column("tail_logmass").to_numpy(), np.concatenate([r.tail_logmass.numpy() for r in chosen]))
