@@ -27,9 +27,8 @@ Rows, per size:
     resume at N-1        the same from sample N-1 of the epoch (mid-epoch resume)
     verify               ``kdcache verify`` over every sample
     export               ``kdcache export`` to Parquet (one row per distilled position)
-    train data setup     the trainer's data path with a cache until it can serve samples (DFT)
-    train setup, no cache the same without a cache (SFT: every sample tokenised up front, over
-                         ``--workers`` processes, to know the usable rows)
+    train data setup     the trainer's data path until it can serve samples (``training_data``: the
+                         JSON, one pass over ``--workers`` processes to find the usable rows)
     train check / sample the per-sample path in a loader worker: tokenise, compare with the cached
                          ids, load and preprocess the (64 px) image
 
@@ -40,7 +39,6 @@ itself: it must not grow). Machine notes go in bench/README.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -53,7 +51,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("prepare serial", "prepare parallel", "dump first batch", "cache open + order", "first batch",
-        "resume at N-1", "verify", "export", "train data setup", "train setup, no cache", "train check / sample")
+        "resume at N-1", "verify", "export", "train data setup", "train check / sample")
 K = 4  # top-k of the synthetic caches
 IMAGES = ("coco/train2017/000000000001.png", "coco/train2017/000000000002.png", "gqa/images/3.png",
           "ocr_vqa/images/4.png")
@@ -303,11 +301,10 @@ def row_export(paths, data, cache, n, workers):
     return {"s": dt, "base": base, "rows": rows, "parquet_mb": size / 2**20}
 
 
-def row_train_setup(paths, data, cache, n, workers, check_only=False, no_cache=False):
+def row_train_setup(paths, data, cache, n, workers, check_only=False):
     """The trainer's data path (``kdcache.train.training_data`` when this checkout has it) until
     it can serve samples; ``check_only``: the per-sample path (tokenise, compare with the record,
-    load the image) over 512 records, timed alone; ``no_cache``: an SFT run's setup (every sample
-    tokenised up front to know the usable rows)."""
+    load the image) over 512 records, timed alone."""
     import numpy as np
     import torch
 
@@ -321,10 +318,6 @@ def row_train_setup(paths, data, cache, n, workers, check_only=False, no_cache=F
     base = rss_mb()
     t0 = time.perf_counter()
     if hasattr(T, "training_data"):
-        if no_cache:
-            cfg = dataclasses.replace(cfg, stage="sft", cache=None)
-            T.training_data(cfg, processor, model.config)
-            return {"s": time.perf_counter() - t0, "base": base}
         join = T.training_data(cfg, processor, model.config).join
     else:  # this checkout's train(): prepare_samples up front, then a SampleJoin
         from kdcache.data.collate import LlavaTorchDataset, prepare_samples
@@ -360,7 +353,6 @@ ROW_FUNCS = {
     "verify": row_verify,
     "export": row_export,
     "train data setup": row_train_setup,
-    "train setup, no cache": lambda *a: row_train_setup(*a, no_cache=True),
     "train check / sample": lambda *a: row_train_setup(*a, check_only=True),
 }
 
