@@ -134,9 +134,10 @@ def training_data(cfg: TrainConfig, processor, model_config) -> TrainingData:
     kw = dict(template=cfg.template, image_token_id=image_token_id(model_config),
               num_image_tokens=num_image_tokens(model_config, processor), max_length=cfg.max_length)
     samples = read_llava_json(cfg.data)
-    kept, _toks, skipped = prepare_samples(samples, processor.tokenizer, images_root=cfg.images,
-                                           on_too_long=cfg.on_too_long, num_proc=max(1, cfg.num_workers), **kw)
-    del _toks  # tokenised again in the workers: kept, they would grow with the dataset
+    # no tokens kept: tokenised again in the workers (kept, they would grow with the dataset)
+    kept, _, skipped = prepare_samples(samples, processor.tokenizer, images_root=cfg.images,
+                                       on_too_long=cfg.on_too_long, num_proc=max(1, cfg.num_workers),
+                                       keep_tokens=False, **kw)
     if not kept:
         raise all_skipped_error(skipped, cfg.data, cfg.images, f"train {cfg.stage}", "nothing was trained")
     join = SampleJoin(kept, processor.tokenizer, processor.image_processor, cfg.images,

@@ -34,6 +34,7 @@ def prepare(
     on_too_long: Literal["error", "truncate"] = "error",
     check_images: Literal["none", "header", "decode"] = "header",
     num_proc: int = 1,
+    keep_tokens: bool = True,
 ) -> tuple[list[LlavaSample], list[Tokenized], SkipCounter]:
     """Tokenise all samples and pre-check their images -> (kept samples, their Tokenized, skips).
 
@@ -42,6 +43,8 @@ def prepare(
     "decode" decodes it fully (catches truncated files, reads every pixel once), "none" skips it.
     ``num_proc`` > 1 spreads the samples over that many processes (forked, in chunks, results in
     sample order: the same output as one process; a first error is the first in sample order).
+    ``keep_tokens=False`` returns no Tokenized (an empty list): only which samples are usable,
+    in memory that does not grow with the token count.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -49,7 +52,7 @@ def prepare(
         raise ValueError(f"check_images must be 'none', 'header' or 'decode', got {check_images!r}")
     kw = dict(template=template, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
               max_length=max_length, images_root=images_root, on_error=on_error, on_too_long=on_too_long,
-              check_images=check_images)
+              check_images=check_images, keep_tokens=keep_tokens)
     if num_proc > 1 and len(samples) > PARALLEL_MIN_SAMPLES:
         return _prepare_parallel(samples, tokenizer, kw, num_proc)
     kept: list[LlavaSample] = []
@@ -76,7 +79,8 @@ def prepare(
             skipped.add(e)
             continue
         kept.append(s)
-        toks.append(tok)
+        if keep_tokens:
+            toks.append(tok)
     return kept, toks, skipped
 
 
@@ -123,12 +127,13 @@ def prepare_samples(
     max_length: int | None,
     on_too_long: Literal["skip", "error", "truncate"],
     num_proc: int = 1,
+    keep_tokens: bool = True,
 ) -> tuple[list[LlavaSample], list[Tokenized], SkipCounter]:
     """``prepare`` with the run policy of dump and train (``kdcache.config.ON_TOO_LONG``): every
     bad sample is skipped and counted, except that ``on_too_long="error"`` makes an over-long
     sample stop the run, and ``"truncate"`` cuts it to ``max_length`` tokens (skipped as
     too_long only if the cut would split its image span or leave no response token).
-    ``num_proc``: processes (``prepare``)."""
+    ``num_proc``, ``keep_tokens``: as ``prepare``'s."""
     from kdcache.config import ON_TOO_LONG
 
     if on_too_long not in ON_TOO_LONG:
@@ -137,7 +142,7 @@ def prepare_samples(
                                   num_image_tokens=num_image_tokens, max_length=max_length,
                                   images_root=images_root, on_error="skip",
                                   on_too_long="truncate" if on_too_long == "truncate" else "error",
-                                  num_proc=num_proc)
+                                  num_proc=num_proc, keep_tokens=keep_tokens)
     if on_too_long == "error" and skipped.counts.get("too_long"):
         raise ValueError(f"{skipped.counts['too_long']} sample(s) exceed max_length {max_length}, e.g. "
                          f"{skipped.examples['too_long'][0]} (or pass --on-too-long skip to count and skip them, "

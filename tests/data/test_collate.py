@@ -222,6 +222,8 @@ def test_parallel_prepare_equals_serial(syn, tok, monkeypatch, tmp_path):
         assert np.array_equal(a.labels, b.labels)
     assert sk2.items == sk1.items and sk2.counts == sk1.counts and sk1.total == 4 * 8
     assert sk2.summary() == sk1.summary()
+    kept3, toks3, sk3 = prepare(samples, tok, **kw, num_proc=3, keep_tokens=False)
+    assert [s.id for s in kept3] == [s.id for s in kept1] and toks3 == [] and sk3.items == sk1.items
     # on_error="raise": the first bad sample in sample order, the same error as one process gives
     with pytest.raises(SampleError) as e1:
         prepare(samples, tok, **kw, on_error="raise")
