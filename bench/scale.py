@@ -21,7 +21,8 @@ Rows, per size:
                          what dump and train did before the GPU started
     prepare parallel     the same over ``--workers`` processes (``kdcache.data.collate.prepare``)
     dump first batch     from reading the JSON to the first collated batch the teacher would get, the
-                         dump's own data path (``kdcache.dump.window_loader``, ``--workers`` workers)
+                         dump's own data path: its up-front ``prepare_samples`` over ``--workers``
+                         processes, or ``kdcache.dump.window_loader`` where a checkout streams windows
     cache open + order   open the cache (index of every part) and build the epoch order
     first batch          ... and draw the first batch through a DataLoader (0 workers)
     resume at N-1        the same from sample N-1 of the epoch (mid-epoch resume)
@@ -242,8 +243,13 @@ def row_dump_first_batch(paths, data, cache, n, workers):
     samples = read_llava_json(data)
     W = cfg.batch_size * cfg.bucket_batches
     windows = [samples[a:a + W] for a in range(0, len(samples), W)]
-    if not hasattr(D, "window_loader"):
-        return {"s": None, "base": base, "note": "no kdcache.dump.window_loader in this checkout"}
+    if not hasattr(D, "window_loader"):  # the dump tokenises the rank's every sample before its first batch
+        from kdcache.data.collate import prepare_samples
+
+        kw = _prepare_kwargs(model, processor, paths["images"])
+        prepare_samples(samples, processor.tokenizer, on_too_long="skip", num_proc=workers, **kw)
+        return {"s": time.perf_counter() - t0, "base": base, "per_sample": False,
+                "note": "up-front prepare_samples over --workers processes"}
     loader = D.window_loader(cfg, processor, model.config, windows, num_image_tokens(model.config, processor))
     first = next(iter(loader))["batches"][0]
     dt = time.perf_counter() - t0
