@@ -51,6 +51,9 @@ def arrow_schema(k: int, logprob_dtype: str, attrs: dict | None = None, *, sampl
     return pa.schema(fields, metadata=meta)
 
 
+SLAB_ARRAYS = ("input_ids", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass")
+
+
 def _batch(reader: CacheReader, p, idx: np.ndarray, schema: pa.Schema, k: int) -> pa.RecordBatch:
     """The rows of index rows ``idx`` (ascending, ok samples) of part ``p``, built from whole slabs:
     one zarr read per exported array and numpy gathers, never a Python step per sample or
@@ -58,8 +61,7 @@ def _batch(reader: CacheReader, p, idx: np.ndarray, schema: pa.Schema, k: int) -
     so the per-sample checksum, which covers them all, is ``kdcache verify``'s job here; a damaged
     chunk still fails its own crc32c on decode."""
     counts = schema.get_field_index("sample_counts") >= 0
-    names = ["input_ids", "positions", "kinds", "topk_ids", "topk_logprobs", "tail_logmass"]
-    slabs = reader.read_slab(p.rank, idx, names + (["sample_counts"] if counts else []))
+    slabs = reader.read_slab(p.rank, idx, list(SLAB_ARRAYS) + (["sample_counts"] if counts else []))
     npos = p.length("positions")[idx].astype(np.int64)  # [S]
     P = int(npos.sum())
     sample = np.repeat(np.arange(len(idx)), npos)  # [P] which sample each row belongs to
@@ -101,6 +103,44 @@ def _batch(reader: CacheReader, p, idx: np.ndarray, schema: pa.Schema, k: int) -
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
+def _record_batch(records, schema: pa.Schema, k: int) -> pa.RecordBatch:
+    """The batch from decoded records: for target kinds whose stored arrays are not the top-k ones
+    (``_batch`` reads those directly)."""
+    n = [int(r.positions.shape[0]) for r in records]
+    pos = np.concatenate([r.positions.numpy() for r in records]).astype(np.int32)  # [P]
+    kinds = np.concatenate([r.kinds.numpy() for r in records]).astype(np.int8)  # [P]
+    target = np.concatenate([r.input_ids.numpy()[r.positions.numpy() + 1] for r in records])
+    tid = np.concatenate([r.topk_ids.numpy() for r in records]).reshape(-1)  # [P * k]
+    tlp = np.concatenate([r.topk_logprobs.numpy() for r in records]).reshape(-1)  # [P * k]
+    tail = np.concatenate([r.tail_logmass.numpy() for r in records]).astype(np.float32)  # [P]
+    sids = np.repeat(np.array([r.sample_id for r in records], dtype=object), n)
+    rows = np.repeat(np.array([r.row for r in records], dtype=np.int64), n)
+    lp_type = schema.field("topk_logprobs").type.value_type
+    tlp = tlp.astype(lp_type.to_pandas_dtype(), copy=False)  # float16 -> float32 is exact
+    if isinstance(schema.field("topk_ids").type, pa.FixedSizeListType):
+        ids_col = pa.FixedSizeListArray.from_arrays(pa.array(tid.astype(np.int32), type=pa.int32()), k)
+        lps_col = pa.FixedSizeListArray.from_arrays(pa.array(tlp, type=lp_type), k)
+    else:  # a nucleus: the kept (finite) columns of each position, padding dropped
+        kept = np.isfinite(tlp)  # [P * k]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(kept.reshape(-1, k).sum(1))]).astype(np.int32))
+        ids_col = pa.ListArray.from_arrays(offsets, pa.array(tid[kept].astype(np.int32), type=pa.int32()))
+        lps_col = pa.ListArray.from_arrays(offsets, pa.array(tlp[kept], type=lp_type))
+    cols = [
+        pa.array(sids, type=pa.string()),
+        pa.array(rows, type=pa.int64()),
+        pa.array(pos, type=pa.int32()),
+        pa.DictionaryArray.from_arrays(pa.array(kinds, type=pa.int8()), KIND_DICTIONARY),
+        pa.array(target.astype(np.int32), type=pa.int32()),
+        ids_col,
+        lps_col,
+        pa.array(tail, type=pa.float32()),
+    ]
+    if schema.get_field_index("sample_counts") >= 0:
+        counts = np.concatenate([r.sample_counts.numpy() for r in records]).reshape(-1)  # [P * N]
+        cols.append(pa.FixedSizeListArray.from_arrays(pa.array(counts.astype(np.uint16), type=pa.uint16()), k))
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
 def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = None,
                  block: int = 256, *, float16: bool = True) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
     """(schema, record batches of ``block`` samples) of the committed ok samples; ``float16=False``
@@ -112,6 +152,7 @@ def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = Non
     schema = arrow_schema(k, lp_dtype, reader.attrs, sample_counts="sample_counts" in names,
                           ragged="topp_counts" in names)
     wanted = set(sample_ids) if sample_ids is not None else None
+    slabs = set(SLAB_ARRAYS) <= set(names)  # the top-k arrays are stored as such: gather them directly
 
     def gen():
         for p in reader.parts.values():
@@ -120,7 +161,10 @@ def iter_batches(path: str | os.PathLike, sample_ids: Iterable[str] | None = Non
                 ids = reader.sample_ids(p, idx)
                 idx = idx[np.array([s in wanted for s in ids], dtype=bool)]
             for s in range(0, len(idx), block):
-                yield _batch(reader, p, idx[s : s + block], schema, k)
+                if slabs:
+                    yield _batch(reader, p, idx[s : s + block], schema, k)
+                elif recs := reader.read_rows(p, idx[s : s + block]):
+                    yield _record_batch(recs, schema, k)
 
     return schema, gen()
 
