@@ -134,8 +134,9 @@ def test_chunk_size_does_not_change_records(teacher, batch_and_refs):
     b = teacher_records(model, batch, kinds=("visual", "response"), top_k=7, chunk_size=100_000)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.topk_ids.numpy(), y.topk_ids.numpy())
-        np.testing.assert_allclose(x.topk_logprobs.numpy(), y.topk_logprobs.numpy(), atol=1e-6)
-        np.testing.assert_allclose(x.tail_logmass.numpy(), y.tail_logmass.numpy(), atol=1e-6)
+        # float32 rounding of a log-softmax over other matmul shapes: relative to the values (~ -4)
+        np.testing.assert_allclose(x.topk_logprobs.numpy(), y.topk_logprobs.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(x.tail_logmass.numpy(), y.tail_logmass.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_topk_from_hidden_temperature_bias_and_confident_tail():
