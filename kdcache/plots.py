@@ -109,6 +109,21 @@ def plot_accuracy(table: dict[str, dict[str, list[float]]], out: str | Path,
     return _save(plt, fig, out)
 
 
+def stage_curve(stages: list[list[dict]], term: str) -> tuple[list[int], list[float], list[float]]:
+    """One student's ``term`` over its stages in order (each a metrics.jsonl as rows): optimizer steps
+    and training wall time continue where the previous stage ended. -> (steps, wall_s, values)."""
+    xs, ts, ys = [], [], []
+    s0, t0 = 0, 0.0
+    for m in stages:
+        m = [r for r in m if term in r]
+        xs += [s0 + r["step"] for r in m]
+        ts += [t0 + r["wall_s"] for r in m]
+        ys += [r[term] for r in m]
+        if m:
+            s0, t0 = xs[-1], ts[-1]
+    return xs, ts, ys
+
+
 def plot_training_curves(runs: dict[str, list[str | Path]], out: str | Path, term: str = "loss/reg",
                          title: str = "student training loss (response cross-entropy), seed 0") -> Path:
     """runs: label -> the run directories of one student in order (its stages, e.g. PT, SFT, DFT).
@@ -118,15 +133,7 @@ def plot_training_curves(runs: dict[str, list[str | Path]], out: str | Path, ter
     plt = _plt()
     fig, (a_step, a_time) = plt.subplots(1, 2, figsize=(10, 3.6))
     for label, dirs in runs.items():
-        xs, ts, ys = [], [], []
-        s0 = t0 = 0.0
-        for d in dirs:
-            m = [r for r in read_metrics(d) if term in r]
-            xs += [s0 + r["step"] for r in m]
-            ts += [t0 + r.get("wall_s", float("nan")) for r in m]
-            ys += [r[term] for r in m]
-            if m:
-                s0, t0 = xs[-1], ts[-1]
+        xs, ts, ys = stage_curve([read_metrics(d) for d in dirs], term)
         a_step.plot(xs, ys, lw=1.2, label=label)
         a_time.plot(ts, ys, lw=1.2, label=label)
     for ax, xl in ((a_step, "optimizer steps (all stages)"), (a_time, "training wall time (s)")):
