@@ -236,6 +236,22 @@ _GEN_VLLM_DTYPE = typer.Option(_VLLM.dtype, help="--backend vllm: bfloat16 | flo
 _GEN_VLLM_MEM = typer.Option(_VLLM.gpu_memory_utilization,
                              help=f"--backend vllm: vLLM's share of GPU memory (default {_VLLM_ALONE}: it has "
                                   "the GPU alone).")
+# How to reach a cache URL (every command that takes a cache). Credentials: the AWS_* variables,
+# AWS_PROFILE or an instance role, AWS_ENDPOINT_URL for S3-compatible servers; never printed.
+_STORAGE = typer.Option(None, "--storage-option", metavar="KEY=VALUE",
+                        help="fsspec storage option for a cache URL, repeatable (endpoint_url=http://host:9000, "
+                             "anon=true, client_kwargs.region_name=eu-west-1). Credentials come from the AWS_* "
+                             "variables / AWS_PROFILE / instance role (AWS_ENDPOINT_URL for S3-compatible servers).")
+
+
+def _cache_arg(value: str, options: Optional[list[str]], what: str = "cache"):
+    """A cache argument and its --storage-option flags -> a CacheLocation (one line on error)."""
+    from .cache.store import CacheLocationError, cache_location, parse_storage_options
+
+    try:
+        return cache_location(value, parse_storage_options(options), what=what)
+    except CacheLocationError as e:
+        _fail(e)
 
 
 @app.command()
@@ -245,7 +261,7 @@ def dump(
     data: Path = typer.Option(..., help="LLaVA JSON (558k captions or 665k conversations format)."),
     images: Path = typer.Option(..., help="Directory the JSON's image paths are relative to."),
     out: str = typer.Option(..., help="Cache to write or finish: a Zarr v3 directory (e.g. caches/t.zarr) or a "
-                                      "file:// URL."),
+                                      "URL (s3://bucket/prefix/t.zarr, gs://..., any fsspec protocol)."),
     top_k: int = typer.Option(_DUMP.top_k, help="Top-k ids kept per position (k = vocabulary size: exact; "
                                           "not used with --targets sampled:N)."),
     positions: str = typer.Option(",".join(_DUMP.positions), help="Position kinds: visual,response[,prompt]."),
@@ -295,6 +311,7 @@ def dump(
     vllm_max_model_len: Optional[int] = _VLLM_LEN,
     vllm_hf_batch_size: int = typer.Option(_VLLM.hf_batch_size, help="--backend vllm with hidden states: samples "
                                                                      "per HF hidden-state forward."),
+    storage_option: Optional[list[str]] = _STORAGE,
 ):
     """Dump the teacher's top-k log-probs, tail mass and visual hidden states into a Zarr cache.
 
@@ -319,6 +336,7 @@ def dump(
     from .dump import dump as _dump
     from .positions import parse_kinds
 
+    loc = _cache_arg(out, storage_option, what="--out")
     try:
         cfg = DumpConfig(teacher=teacher, data=str(data), images=str(images), out=out, top_k=top_k,
                          positions=parse_kinds(positions), hidden=hidden, relation=relation,
@@ -332,7 +350,8 @@ def dump(
                          vllm=_VLLM(tensor_parallel_size=vllm_tensor_parallel_size,
                                     max_num_batched_tokens=vllm_max_num_batched_tokens, dtype=vllm_dtype,
                                     gpu_memory_utilization=vllm_gpu_memory_utilization,
-                                    max_model_len=vllm_max_model_len, hf_batch_size=vllm_hf_batch_size))
+                                    max_model_len=vllm_max_model_len, hf_batch_size=vllm_hf_batch_size),
+                         storage_options=loc.storage_options)
         _dump(cfg)
     except (ValueError, BackendUnavailable, *_user_errors()) as e:
         _fail(e)
@@ -385,8 +404,9 @@ def generate(
 
 @app.command()
 def verify(
-    cache: str = typer.Argument(..., help="Cache: a directory or file:// URL."),
+    cache: str = typer.Argument(..., help="Cache: a directory or URL (s3://bucket/prefix/t.zarr)."),
     vocab_size: Optional[int] = typer.Option(None, help="Expected vocabulary size (default: the cache's)."),
+    storage_option: Optional[list[str]] = _STORAGE,
 ):
     """Check every committed sample of a cache; exit 1 naming what is wrong and where.
 
@@ -395,7 +415,7 @@ def verify(
     from .cache.verify import verify_cache
 
     try:
-        rep = verify_cache(cache, vocab_size=vocab_size)
+        rep = verify_cache(_cache_arg(cache, storage_option), vocab_size=vocab_size)
     except _user_errors() as e:
         _fail(e)
     typer.echo(str(rep))
@@ -406,10 +426,11 @@ def verify(
 
 @app.command()
 def inspect(
-    cache: str = typer.Argument(..., help="Cache: a directory or file:// URL."),
+    cache: str = typer.Argument(..., help="Cache: a directory or URL (s3://bucket/prefix/t.zarr)."),
     sample: Optional[str] = typer.Option(None, help="Show the top tokens per position of this sample id."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer to decode ids (default: the teacher's)."),
     top: int = typer.Option(5, help="Tokens per position in --sample tables."),
+    storage_option: Optional[list[str]] = _STORAGE,
 ):
     """Summarise a cache: samples, tokens, positions per kind, bytes, kept mass, teacher accuracy.
 
@@ -418,7 +439,7 @@ def inspect(
     from .inspect_cache import UnknownSample, inspect_cache
 
     try:
-        lines = inspect_cache(cache, sample=sample, tokenizer=tokenizer, top=top)
+        lines = inspect_cache(_cache_arg(cache, storage_option), sample=sample, tokenizer=tokenizer, top=top)
     except (UnknownSample, *_user_errors()) as e:
         _fail(e)
     for line in lines:
@@ -427,9 +448,10 @@ def inspect(
 
 @app.command()
 def export(
-    cache: str = typer.Argument(..., help="Cache: a directory or file:// URL."),
+    cache: str = typer.Argument(..., help="Cache: a directory or URL (s3://bucket/prefix/t.zarr)."),
     parquet: str = typer.Option(..., help="Parquet file to write (one row per distilled position): a path or "
-                                          "file:// URL."),
+                                          "URL (s3://bucket/t.parquet; the same --storage-option)."),
+    storage_option: Optional[list[str]] = _STORAGE,
 ):
     """Export a cache to Parquet for pandas / DuckDB / Polars.
 
@@ -438,7 +460,8 @@ def export(
     from .cache.arrow import export_parquet
 
     try:
-        n = export_parquet(cache, parquet)
+        n = export_parquet(_cache_arg(cache, storage_option),
+                           _cache_arg(parquet, storage_option, what="Parquet output"))
     except _user_errors() as e:
         _fail(e)
     typer.echo(f"wrote {parquet} ({n} rows)")
@@ -452,7 +475,7 @@ def train(
     images: Path = typer.Option(..., help="Image root directory."),
     out: Path = typer.Option(..., help="Output directory (checkpoint, metrics.jsonl)."),
     cache: Optional[str] = typer.Option(None, help="Teacher cache (dpt/dft, offline: the teacher is never loaded): a "
-                                                   "directory or file:// URL."),
+                                                   "directory or URL (s3://bucket/prefix/t.zarr)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model for online KD (reference / baseline)."),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig keys; flags given here win."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (default 1)."),
@@ -474,6 +497,10 @@ def train(
     on_nan: Optional[str] = typer.Option(None, help="Non-finite loss: skip the step | stop the run."),
     dist_timeout_s: Optional[float] = typer.Option(None, help="Multi-rank: how long a rank waits for a dead peer "
                                                              f"before failing (default {_TRAIN.dist_timeout_s:g})."),
+    storage_option: Optional[list[str]] = _STORAGE,
+    cache_dir: Optional[str] = typer.Option(None, help="A --cache URL: keep a local disk copy of every object "
+                                                       "fetched in this directory (later epochs and runs fetch "
+                                                       "nothing)."),
 ):
     """Train one stage. Loss: L_reg + a L_res + b L_vis + g L_rel (weights in --config's loss: block).
 
@@ -487,7 +514,8 @@ def train(
                  cache=cache, teacher=teacher, epochs=epochs, max_steps=max_steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, template=template,
                  max_length=max_length, on_too_long=on_too_long, gradient_checkpointing=gradient_checkpointing,
-                 num_workers=num_workers, save_every=save_every, log_every=log_every, on_nan=on_nan, dist_timeout_s=dist_timeout_s)
+                 num_workers=num_workers, save_every=save_every, log_every=log_every, on_nan=on_nan, dist_timeout_s=dist_timeout_s,
+                 cache_dir=cache_dir)
     try:
         base = {}
         if config is not None:
@@ -495,6 +523,10 @@ def train(
 
             base = yaml.safe_load(config.read_text()) or {}
         base.update({k: v for k, v in flags.items() if v is not None})
+        if storage_option:  # flags win key by key over the YAML's storage_options
+            from .cache.store import merged_options, parse_storage_options
+
+            base["storage_options"] = merged_options(base.get("storage_options"), parse_storage_options(storage_option))
         cfg = from_dict(TrainConfig, base)
         _train(cfg)
     except _user_errors() as e:
@@ -551,6 +583,7 @@ def eval_(
     template: str = typer.Option("chat", help="chat | qwen2_base | pretrain"),
     max_new_tokens: int = typer.Option(8, help="Longest generated answer."),
     max_length: int = typer.Option(2048, help="Longest prompt in tokens (longer samples are skipped)."),
+    storage_option: Optional[list[str]] = _STORAGE,
 ):
     """Answer each question by greedy generation and score it per question type.
 
@@ -562,7 +595,8 @@ def eval_(
     cfg = EvalConfig(model=model, data=str(data), images=str(images), out=str(out) if out else None,
                      teacher_cache=teacher_cache, teacher=teacher,
                      batch_size=batch_size, limit=limit, template=template, max_new_tokens=max_new_tokens,
-                     max_length=max_length)
+                     max_length=max_length,
+                     storage_options=_cache_arg(teacher_cache, storage_option).storage_options if teacher_cache else {})
     try:
         typer.echo(format_report(evaluate(cfg)))
     except (ValueError, *_user_errors()) as e:

@@ -109,6 +109,9 @@ class DumpConfig:
     # the head, temperature 1, one process); hidden states, unless none, from an HF forward.
     backend: str = "hf"
     vllm: VllmConfig = field(default_factory=VllmConfig)
+    # How to reach an ``out`` URL (fsspec storage options, e.g. {endpoint_url: ..., anon: false});
+    # credentials belong in the AWS_* variables or a profile, and are never written anywhere.
+    storage_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ class TrainConfig:
     log_samples: bool = False  # out/samples-rank<r>.jsonl: the sample ids of every step (audit the order)
     dist_timeout_s: float = 600.0  # how long a rank waits in a collective for a dead peer before failing
     loss: LossConfig = field(default_factory=LossConfig)
+    storage_options: dict = field(default_factory=dict)  # how to reach a ``cache`` URL (as DumpConfig's)
+    # a ``cache`` URL: keep a local disk copy of every object fetched here, so later epochs and runs
+    # fetch nothing (None: memory only, each object fetched once per worker and epoch)
+    cache_dir: str | None = None
 
     @property
     def learning_rate(self) -> float:
@@ -184,6 +191,7 @@ class EvalConfig:
     max_new_tokens: int = 8
     max_length: int = 2048
     limit: int | None = None
+    storage_options: dict = field(default_factory=dict)  # how to reach a ``teacher_cache`` URL
 
 
 def validate(cfg) -> None:
@@ -310,6 +318,10 @@ def _check_type(key: str, value, tp):
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
+    if tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=f"{key}.")
     raise ConfigError(f"{key}: {value!r} is not a {getattr(tp, '__name__', tp)}")

@@ -47,12 +47,14 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .cache.store import CacheLocation
 from .config import DumpConfig, validate
 from .relation import lm_gram
 
@@ -66,15 +68,16 @@ class DumpError(RuntimeError):
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def disk_full_error(out: Path, rank: int, e: OSError) -> DumpError:
+def disk_full_error(out: CacheLocation, rank: int, e: OSError) -> DumpError:
     """The one-line DumpError for a write that failed for lack of space; the samples committed
     before it are intact (every file is written to ``*.partial`` and renamed)."""
     from .cache.format import read_json_attrs
     from .cache.writer import sweep_partials
 
-    sweep_partials(out / "parts" / str(rank))  # give back the space of the torn temp files
+    if out.is_local:
+        sweep_partials(out.local / "parts" / str(rank))  # give back the space of the torn temp files
     try:
-        done = int((read_json_attrs(out / "parts" / str(rank)) or {})["committed"]["samples"])
+        done = int((read_json_attrs(out, f"parts/{rank}") or {})["committed"]["samples"])
     except Exception:  # the part was not created yet
         done = 0
     return DumpError(
@@ -186,9 +189,21 @@ def fingerprints(cfg: DumpConfig, model, processor, n_image: int, num_rows: int,
 
 
 # ---- checks before the teacher is loaded ------------------------------------------------------
-def check_output(out: Path) -> None:
+def check_output(loc: CacheLocation) -> None:
     """Fail before any teacher work if the output cannot be written (probed with a real file:
-    permission bits say nothing for root or on read-only mounts)."""
+    permission bits say nothing for root or on read-only mounts; a URL: one small object put and
+    deleted, which also proves the bucket and the credentials)."""
+    if not loc.is_local:
+        probe = f".kdcache-probe-{uuid.uuid4().hex}"
+        try:
+            loc.put_bytes(probe, b"")
+            loc.delete(probe)
+        except Exception as e:  # botocore/aiohttp/permission errors: any of them means the same
+            raise DumpError(f"output {loc} is not writable ({type(e).__name__}: {e}); check the bucket, the "
+                            "credentials (AWS_* variables, profile) and AWS_ENDPOINT_URL / --storage-option "
+                            "endpoint_url=...") from e
+        return
+    out = loc.local
     if out.exists() and not out.is_dir():
         raise DumpError(f"output {out} exists and is not a directory: choose another --out")
     target = out if out.exists() else out.parent
@@ -200,15 +215,15 @@ def check_output(out: Path) -> None:
         raise DumpError(f"output {out} is not writable ({target}: {e.strerror or e}): choose another --out") from e
 
 
-def precheck_existing(out: Path, settings: dict, dataset: dict) -> None:
+def precheck_existing(out: CacheLocation, settings: dict, dataset: dict) -> None:
     """Refuse a run whose settings or data differ from the cache already at ``out`` (if any),
     naming every differing key; reads only the root ``zarr.json``, so the cache is untouched."""
     from .cache.format import CacheMismatch, attr_differences
 
-    meta = out / "zarr.json"
-    if not meta.is_file():
+    raw = out.read_bytes("zarr.json")
+    if raw is None:
         return
-    existing = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+    existing = json.loads(raw.decode("utf-8")).get("attributes", {})
     if "settings" not in existing:
         raise DumpError(f"{out} exists but is not a kdcache cache (no settings attribute): choose another --out")
     diffs = attr_differences({"settings": existing["settings"], "dataset": existing.get("dataset")},
@@ -408,10 +423,6 @@ def in_row_order(record_batches, rows: list[int], drop=frozenset()):
         raise RuntimeError(f"records of rows {sorted(pending)[:5]} arrived but rows {rows[nxt:nxt + 5]} never did")
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def check_backend(cfg: DumpConfig, world: int) -> None:
     """Refuse settings ``cfg.backend`` cannot honour, and a missing vLLM (BackendUnavailable with
     the install hint), before anything is loaded or written."""
@@ -425,8 +436,8 @@ def check_backend(cfg: DumpConfig, world: int) -> None:
         check_vllm_settings(cfg, world)
 
 
-def dump(cfg: DumpConfig) -> Path:
-    """Write (or finish) the cache ``cfg.out``; returns its path. Prints a progress bar per rank
+def dump(cfg: DumpConfig) -> Path | CacheLocation:
+    """Write (or finish) the cache ``cfg.out``; returns its path (a URL: its location). Prints a progress bar per rank
     and, on rank 0 once every part is finished, one final line with the totals.
 
     ``cfg.backend``: ``hf`` (the reference) or ``vllm`` (engine settings ``cfg.vllm``)."""
@@ -435,7 +446,7 @@ def dump(cfg: DumpConfig) -> Path:
     from .cache.store import cache_location
 
     validate(cfg)
-    out = cache_location(cfg.out, what="--out").local  # a URL it cannot open is refused here, before any work
+    out = cache_location(cfg.out, cfg.storage_options, what="--out")  # refused here, before any work
     rank, world, local_rank = dist_env()
     check_backend(cfg, world)
     check_output(out)
@@ -475,7 +486,7 @@ def dump(cfg: DumpConfig) -> Path:
             import torch.distributed as tdist
 
             tdist.destroy_process_group()
-    return out
+    return out.local if out.is_local else out
 
 
 def relation_sqrt(model) -> torch.Tensor:
@@ -486,7 +497,7 @@ def relation_sqrt(model) -> torch.Tensor:
     return gram_sqrt(lm_gram(model.lm_head.weight.detach().float()))
 
 
-def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int, world: int,
+def _dump_part(cfg: DumpConfig, out: CacheLocation, model, processor, samples, rank: int, world: int,
                interval: float, vllm_records=None, free_model: bool = False) -> RunStats:
     """Write this rank's part: rows ``row % world == rank`` not yet committed.
 
@@ -520,7 +531,7 @@ def _dump_part(cfg: DumpConfig, out: Path, model, processor, samples, rank: int,
         raise
 
 
-def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_image: int, tok, writer,
+def _write_part(cfg: DumpConfig, out: CacheLocation, model, processor, mine, prepared, n_image: int, tok, writer,
                 rank: int, interval: float, vllm_records, free_model: bool) -> RunStats:
     """``_dump_part``'s body once the writer holds the part (its lock is released on any error).
     ``prepared``: ``prepare_samples`` of ``mine`` (kept, their Tokenized, SkipCounter)."""
@@ -551,6 +562,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
                   "dump again to include them", file=sys.stderr, flush=True)
         print(f"[rank {rank}] part {rank} of {out} is already complete ({len(done)} samples committed); "
               "nothing to do", flush=True)
+        writer.abandon()  # writes nothing: releases the flock / deletes the lease object
         return stats
     from .target_kinds import parse_targets
 
@@ -560,10 +572,10 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
         raise DumpError(f"--targets hidden stores H and the LM head so that logits = H W^T, but teacher "
                         f"{cfg.teacher} has an lm_head.bias {tuple(model.lm_head.bias.shape)}: use --targets topk "
                         "or sampled:N")
-    mine_dirs = [out / "parts" / str(rank)] + ([out / GRAM_ARRAY] if rank == 0 else [])
+    my_keys = [f"parts/{rank}"] + ([GRAM_ARRAY] if rank == 0 else [])  # key prefixes this rank writes
     if rank == 0 and exact:
-        mine_dirs.append(out / LM_HEAD_ARRAY)
-    bytes0 = sum(dir_bytes(d) for d in mine_dirs)
+        my_keys.append(LM_HEAD_ARRAY)
+    bytes0 = sum(out.nbytes(d) for d in my_keys)
     if rank == 0:
         # M_t = W^T W [D, D]: relation targets in logit space without an [N, V] matrix
         writer.write_gram(lm_gram(model.lm_head.weight.detach().float()).cpu().numpy())
@@ -666,7 +678,7 @@ def _write_part(cfg: DumpConfig, out: Path, model, processor, mine, prepared, n_
         bar.close()
     writer.close(finished=True)
     stats.seconds = time.perf_counter() - t0
-    stats.bytes_written = max(0, sum(dir_bytes(d) for d in mine_dirs) - bytes0)
+    stats.bytes_written = max(0, sum(out.nbytes(d) for d in my_keys) - bytes0)
     return stats
 
 
@@ -691,7 +703,7 @@ def _reduce(stats: RunStats, world: int, device: torch.device) -> RunStats:
                     skipped={r: n for r, n in zip(SKIP_REASONS, v[5:]) if n})
 
 
-def final_line(out: Path, stats: RunStats) -> str:
+def final_line(out: CacheLocation, stats: RunStats) -> str:
     """One line: what this run did (all ranks), then what the whole cache holds now.
 
     e.g. ``dump done: 58 samples, 4797 tokens, 1341 positions in 5.1 s (11.4 samples/s,
@@ -718,5 +730,5 @@ def final_line(out: Path, stats: RunStats) -> str:
     elif stats.already_done:
         run += f"; resumed after {stats.already_done} rows committed earlier"
     cache = (f"cache {out}: {reader.num_samples} samples in {len(reader.parts)} part(s), "
-             f"{dir_bytes(out) / 2**20:.2f} MiB")
+             f"{out.nbytes() / 2**20:.2f} MiB")
     return f"{run}; {cache}; {skip_txt}"

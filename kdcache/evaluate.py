@@ -327,7 +327,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.teacher_cache is not None:
         from .cache.store import cache_location
 
-        cache_location(cfg.teacher_cache, what="teacher_cache")  # refused before the model loads
+        teacher_cache = cache_location(cfg.teacher_cache, cfg.storage_options, what="teacher_cache")  # before the model loads
     device = _device()
     model, processor = _load(cfg.model, device)
     tok = processor.tokenizer
@@ -341,7 +341,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.teacher_cache is not None:
         from .cache.reader import CacheReader
 
-        reader = CacheReader(cfg.teacher_cache)
+        reader = CacheReader(teacher_cache)
         _check_cache(reader, V, len(all_samples), cfg.data, cfg.template)
         agree = _Agreement(f"cache:{cfg.teacher_cache}")
     elif cfg.teacher is not None:

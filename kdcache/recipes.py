@@ -7,12 +7,15 @@ A recipe names its inputs and lists steps; each step is one of
     make-data: {out, ...make_synthetic args}       skipped when out/ already has the data
     init:      {name, preset | llm, tokenizer?}     a fresh model under workdir/NAME
     train:     {name, stage, student, data, cache?, teacher?, ...TrainConfig keys}
-    dump:      {name, teacher, data, ...DumpConfig keys}   -> workdir/caches/NAME.zarr
+    dump:      {name, teacher, data, ...DumpConfig keys}   -> CACHES/NAME.zarr
                (backend: vllm + vllm: {tensor_parallel_size, ...} for the vLLM teacher backend)
     eval:      {name, model, data, ...}             -> workdir/eval/NAME.json
 
 ``student`` / ``teacher`` / ``model`` name an earlier step, an entry of ``models:`` or a path;
-``data`` names an entry of ``data:``; ``cache`` names an earlier dump. ``requires:`` lists
+``data`` names an entry of ``data:``; ``cache`` names an earlier dump. ``caches:`` says where dumps
+go (default ``workdir/caches``; a URL such as ``s3://bucket/runs`` puts them on object storage) and
+``storage_options:`` how to reach it (fsspec options for every dump, cached train and eval; put
+credentials in the AWS_* variables or a profile, not in the recipe). ``requires:`` lists
 recipes to run first (the teacher's, say; each runs once however often it is required).
 
 Before the first step (``requires:`` included) the recipe and every step are checked against
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import yaml
 
+from .cache.store import CacheLocation
 from .config import ConfigError, DumpConfig, EvalConfig, TrainConfig, from_dict, validate
 from .positions import parse_kinds
 
@@ -68,7 +72,7 @@ class Step:
     kind: str
     name: str
     args: dict
-    output: Path
+    output: Path | CacheLocation  # a dump's output may be a URL
     where: str = ""  # "steps[i] (kind name)" of its recipe, for messages
     stamp: Path | None = None  # WORKDIR/.steps/NAME.json; None for make-data (its synthetic.json)
 
@@ -118,14 +122,16 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
 
 def plan(recipe: dict, workdir: Path) -> list[Step]:
     """Resolve names into paths and typed configs; raises ConfigError before anything runs."""
-    from .cache.store import cache_location
+    from .cache.store import cache_location, merged_options
 
     models = {k: v for k, v in (recipe.get("models") or {}).items()}
     data = recipe.get("data") or {}
     defaults = recipe.get("defaults") or {}
     dump_defaults = recipe.get("dump_defaults") or {}
     produced: dict[str, Path] = {}
-    caches: dict[str, Path] = {}
+    caches: dict[str, str] = {}
+    cache_root = recipe.get("caches") or str(workdir / "caches")
+    storage = dict(recipe.get("storage_options") or {})
     steps: list[Step] = []
     for section, d, own in (("defaults", defaults, PER_STEP_TRAIN), ("dump_defaults", dump_defaults, PER_STEP_DUMP)):
         clash = sorted(set(d) & set(own))
@@ -183,11 +189,12 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
                       out=str(workdir / name))
             if cache is not None:
                 if cache in caches:
-                    kw["cache"] = str(caches[cache])
-                elif "/" in cache or Path(cache).exists():  # a cache path (another recipe's dump, say)
+                    kw["cache"] = caches[cache]
+                elif "://" in cache or "/" in cache or Path(cache).exists():  # a cache path or URL (another recipe's dump)
                     kw["cache"] = cache
                 else:
                     raise ConfigError(f"{where}: cache {cache!r} is neither an earlier dump step nor a path")
+                kw["storage_options"] = merged_options(storage, kw.get("storage_options"))
             if teacher is not None:
                 kw["teacher"] = model_ref(teacher, where)
             if "loss" in defaults and "loss" in args:
@@ -203,7 +210,8 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
             d = data_ref(args.pop("data"), where)
             kw = {**copy.deepcopy(dump_defaults), **args}
             kw.update(teacher=model_ref(args.pop("teacher"), where), data=d["json"], images=d["images"],
-                      out=str(workdir / "caches" / f"{name}.zarr"))
+                      out=f"{cache_root.rstrip('/')}/{name}.zarr")
+            kw["storage_options"] = merged_options(storage, kw.get("storage_options"))
             if "positions" in kw:
                 kw["positions"] = parse_kinds(kw["positions"])
             if "vllm" in dump_defaults and "vllm" in args:  # engine settings merge key by key, like loss:
@@ -211,18 +219,19 @@ def plan(recipe: dict, workdir: Path) -> list[Step]:
             try:
                 cfg = from_dict(DumpConfig, kw)
                 validate(cfg)
-                cache_location(cfg.out)  # a URL kdcache cannot open is refused before any step runs
+                out = cache_location(cfg.out, cfg.storage_options)  # refused before any step runs
             except (ConfigError, ValueError) as e:
                 raise ConfigError(f"{where}: {e}") from None
-            steps.append(Step(kind, name, {"config": cfg}, Path(cfg.out), where, stamp))
-            caches[name] = Path(cfg.out)
+            steps.append(Step(kind, name, {"config": cfg}, out.local if out.is_local else out, where, stamp))
+            caches[name] = cfg.out
         elif kind == "eval":
             d = data_ref(args.pop("data"), where)
             kw = dict(args)
             kw.update(model=model_ref(args.pop("model"), where), data=d["json"], images=d["images"],
                       out=str(workdir / "eval" / f"{name}.json"))
             if "teacher_cache" in kw:
-                kw["teacher_cache"] = str(caches[kw["teacher_cache"]])
+                kw["teacher_cache"] = caches[kw["teacher_cache"]]
+                kw["storage_options"] = merged_options(storage, kw.get("storage_options"))
             try:
                 cfg = from_dict(EvalConfig, kw)
             except ConfigError as e:
@@ -279,7 +288,24 @@ def step_inputs(step: Step) -> list[tuple[str, Path]]:
     for key in ("cache", "teacher_cache"):
         if getattr(cfg, key, None):
             got.append((key, getattr(cfg, key)))
-    return [(k, Path(v)) for k, v in got]
+    return [(k, _as_input(v)) for k, v in got]
+
+
+def _as_input(ref: str) -> Path | CacheLocation:
+    """A step input: a local path, or the location of a cache URL (``caches: s3://...``)."""
+    from .cache.store import cache_location
+
+    loc = cache_location(ref)
+    return loc.local if loc.is_local else loc
+
+
+def _exists(p: Path | CacheLocation) -> bool:
+    return p.exists() if isinstance(p, Path) else p.exists("zarr.json")
+
+
+def _key(p: Path | CacheLocation):
+    """What identifies an output across steps: a resolved path, or a URL."""
+    return p.resolve() if isinstance(p, Path) else p.url
 
 
 _SHA: dict[tuple, str] = {}
@@ -295,12 +321,12 @@ def _file_sha(path: Path) -> str:
     return _SHA[key]
 
 
-def _fingerprint(path: Path, made: dict[Path, str]) -> str:
-    """A file: its sha256. A directory an earlier step made: that step's hash. Else 'external'."""
-    rp = path.resolve()
-    if path.is_file():
+def _fingerprint(path: Path | CacheLocation, made: dict) -> str:
+    """A file: its sha256. A directory or cache URL an earlier step made: that step's hash. Else
+    'external'."""
+    if isinstance(path, Path) and path.is_file():
         return "sha256:" + _file_sha(path)
-    return made.get(rp, "external")
+    return made.get(_key(path), "external")
 
 
 def step_record(step: Step, made: dict[Path, str]) -> dict:
@@ -309,6 +335,7 @@ def step_record(step: Step, made: dict[Path, str]) -> dict:
 
     settings = synthetic_args(step) if step.kind == "make-data" else (
         to_dict(step.args["config"]) if "config" in step.args else dict(step.args))
+    settings.pop("storage_options", None)  # how to reach a cache, not what the step makes (and may hold secrets)
     inputs = {f"{label}:{path}": _fingerprint(path, made) for label, path in step_inputs(step)}
     doc = {"kind": step.kind, "settings": settings, "inputs": inputs}
     doc["hash"] = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -376,7 +403,7 @@ def _changes(old: dict, new: dict) -> str:
 def refuse_stale(step: Step, record: dict) -> None:
     """A step's output that exists but was made with other settings or inputs (or by hand: no
     stamp) is never taken as done nor silently resumed: refuse, naming what changed."""
-    if step.kind in ("make-data", "eval") or not step.output.exists():
+    if step.kind in ("make-data", "eval") or not _exists(step.output):
         return
     stamp = read_stamp(step)
     if stamp is not None and stamp.get("hash") == record["hash"]:
@@ -395,13 +422,13 @@ def preflight(chain: list[tuple[Path, list[Step]]]) -> None:
     for rpath, steps in chain:
         for s in steps:
             for label, path in step_inputs(s):
-                if not path.exists() and path.resolve() not in made:
+                if not _exists(path) and _key(path) not in made:
                     problems.append(f"[{rpath.stem}] {s.where} needs {label} {path}, which does not exist and no "
                                     "earlier step makes")
-            if s.kind not in ("make-data", "eval") and s.output.exists() and read_stamp(s) is None:
+            if s.kind not in ("make-data", "eval") and _exists(s.output) and read_stamp(s) is None:
                 problems.append(f"[{rpath.stem}] {s.where}: {s.output} exists but has no stamp (not made by this "
                                 f"step): remove it (rm -r {s.output}) or use another --workdir")
-            made |= {p.resolve() for p in step_outputs(s)}
+            made |= {_key(p) for p in step_outputs(s)}
     if problems:
         raise ConfigError(f"the recipe cannot run ({len(problems)} problem(s), nothing was run): "
                           + "; ".join(problems))
@@ -474,7 +501,7 @@ def run_recipe(path: str | Path, *, workdir: str | Path | None = None, dry_run: 
         for s in steps:
             record = step_record(s, made)
             for out in step_outputs(s):
-                made[out.resolve()] = record["hash"]
+                made[_key(out)] = record["hash"]
             done = is_done(s, record)
             print(f"[{rpath.stem}] {s.kind:<9} {s.name:<24} {'done' if done else 'run'} -> {s.output}", flush=True)
             if dry_run or done:

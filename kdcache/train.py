@@ -599,11 +599,11 @@ def train(cfg: TrainConfig) -> Path:
     from .models import default_dtype, load_model, num_image_tokens, read_meta
     from .teacher import teacher_records
 
-    from .cache.store import cache_location
+    from .cache.store import CacheLocation, cache_location
 
     validate(cfg)
-    if cfg.cache:
-        cache_location(cfg.cache, what="--cache")  # a URL it cannot open is refused before any model loads
+    # a URL it cannot open is refused here, before any model loads
+    cache = cache_location(cfg.cache, cfg.storage_options, what="--cache") if cfg.cache else None
     # the rate this run uses, recorded in train_config.json (a new config: the caller's is left as is)
     cfg = dataclasses.replace(cfg, lr=cfg.learning_rate)
     out = Path(cfg.out)
@@ -635,7 +635,7 @@ def train(cfg: TrainConfig) -> Path:
     join, source, skipped = data.join, data.source, data.skipped
     teacher = side = None
     if cfg.cache:
-        reader = CacheReader(cfg.cache)
+        reader = CacheReader(cache)
         check_cache_against_student(reader.attrs, student, tokenizer, cfg, n_image)
         dumped = reader.attrs["dataset"]
         if dumped["sha256"] != file_hash(cfg.data):
@@ -656,6 +656,7 @@ def train(cfg: TrainConfig) -> Path:
         side = TeacherSide(gram=torch.as_tensor(reader.gram()).to(acc.device),  # M_t = W_t^T W_t [D_t, D_t]
                            lm_head=reader.lm_head().to(acc.device) if kind.exact else None,
                            temperature=float(st["temperature"]), targets=kind)
+        source = cache
         _say_temperature(reader.attrs, cfg, acc)
     if cfg.teacher:
         # The dump's dtype: the online records are the reference for the cached ones.
@@ -687,11 +688,11 @@ def train(cfg: TrainConfig) -> Path:
     acc.wait_for_everyone()  # every rank has read the checkpoint before rank 0 rewrites logs
     if acc.is_main_process:
         if ckpt is None:
-            (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            (out / "train_config.json").write_text(json.dumps(saved_config(cfg), indent=2))
         # Lines logged after the checkpoint belong to the lost tail of the run: drop them.
         _rewrite_jsonl(out / "metrics.jsonl", history)
     if trackers:
-        acc.init_trackers(out.name, config=_flat(to_dict(cfg)))
+        acc.init_trackers(out.name, config=_flat(saved_config(cfg)))
     samples_log = out / f"samples-rank{acc.process_index}.jsonl"
     if cfg.log_samples:
         _rewrite_jsonl(samples_log, [r for r in _read_jsonl(samples_log) if r["step"] <= step])
@@ -704,7 +705,8 @@ def train(cfg: TrainConfig) -> Path:
     def loader(ep, start):
         kw = dict(seed=cfg.seed, epoch=ep, block_size=cfg.block_size, rank=acc.process_index,
                   world_size=acc.num_processes, start_sample=start, transform=join, batch_size=cfg.batch_size)
-        ds = CacheDataset(source, **kw) if isinstance(source, str) else RowDataset(source, **kw)
+        ds = (CacheDataset(source, cache_dir=cfg.cache_dir, **kw) if isinstance(source, CacheLocation)
+              else RowDataset(source, **kw))
         return torch.utils.data.DataLoader(
             ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
             collate_fn=partial(_collate, pad_token_id=tokenizer.pad_token_id, vocab_size=V_student,
@@ -898,8 +900,9 @@ def _say_temperature(attrs: dict, cfg: TrainConfig, acc) -> None:
 
 def _rank_count(source, acc) -> int:
     from .cache.reader import CacheReader
+    from .cache.store import CacheLocation
 
-    n = CacheReader(source).num_samples if isinstance(source, str) else len(source)
+    n = CacheReader(source).num_samples if isinstance(source, CacheLocation) else len(source)
     return math.ceil(max(n - acc.process_index, 0) / acc.num_processes)
 
 
@@ -950,7 +953,7 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     f = out / "train_config.json"
     if not f.is_file():
         return
-    saved, now = json.loads(f.read_text()), json.loads(json.dumps(to_dict(cfg)))
+    saved, now = json.loads(f.read_text()), json.loads(json.dumps(saved_config(cfg)))
     if saved.get("lr") is None:  # written before the resolved rate was recorded: the stage's default
         saved["lr"] = STAGE_LR[saved["stage"]]
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
@@ -959,6 +962,16 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
         shown = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in diff)
         raise RunMismatchError(f"{out} holds a run made with other settings ({shown}): a rerun resumes only the "
                                "same command; pass those settings, or use a new --out for a new run")
+
+
+def saved_config(cfg: TrainConfig) -> dict:
+    """The run's config as written to train_config.json and trackers: everything but
+    ``storage_options`` (how to reach the cache, not what the run is; they may hold credentials)
+    and ``cache_dir``."""
+    d = to_dict(cfg)
+    d.pop("storage_options")
+    d.pop("cache_dir")  # a local copy of the cache: where, not what (a resume may use another)
+    return d
 
 
 def _resume(ckpt: Path, cfg: TrainConfig, model, optimizer, scheduler, acc):

@@ -6,6 +6,8 @@
     tiny_teacher  Path of a ``tiny-teacher`` LLaVA directory, marked projector-trained (PT+SFT) so
                   the dump accepts it; its weights are random (tests need no trained teacher)
     tiny_student  Path of a fresh ``tiny-student`` LLaVA directory (projector untrained)
+    s3_server     endpoint of a real S3-protocol server (moto) on 127.0.0.1, port 0 (tests/s3server.py)
+    s3_url        ``s3://<fresh bucket>`` on it
 
 Treat them as read-only: copy a model directory before changing it.
 
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.s3server import s3_server, s3_url  # noqa: F401  (fixtures: a real S3 server, a fresh bucket)
 
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)

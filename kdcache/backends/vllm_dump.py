@@ -86,7 +86,7 @@ def vllm_record_factory(cfg: DumpConfig, model, processor, make_engine):
     return make
 
 
-def dump_with_vllm(cfg: DumpConfig, out: Path, samples, interval: float, device: torch.device,
+def dump_with_vllm(cfg: DumpConfig, out: "CacheLocation", samples, interval: float, device: torch.device,
                make_engine=None) -> RunStats:
     """The vLLM backend: fingerprints and W^T W from the HF weights (loaded in vLLM's dtype),
     log-probs from ``VllmTeacher`` (or ``make_engine()``, see ``vllm_record_factory``: the tests'

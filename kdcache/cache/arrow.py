@@ -181,14 +181,30 @@ def to_arrow(path: str | os.PathLike, sample_ids: Iterable[str] | None = None, *
 def export_parquet(path: str | os.PathLike, out_path: str | os.PathLike,
                    sample_ids: Iterable[str] | None = None) -> int:
     """Write the table of ``to_arrow`` to Parquet batch by batch (float16 log-probs are stored
-    with Parquet's Float16 logical type, pyarrow >= 15). Returns the number of rows written."""
+    with Parquet's Float16 logical type, pyarrow >= 15). Returns the number of rows written.
+    ``out_path``: a file path or a URL (``cache_location``; a ``CacheLocation`` carries its
+    storage options)."""
     import pyarrow.parquet as pq
 
-    out = cache_location(out_path, what="Parquet output").local
+    out = cache_location(out_path, what="Parquet output")
     schema, batches = iter_batches(path, sample_ids)
     n = 0
-    with pq.ParquetWriter(str(out), schema, compression="zstd") as w:
-        for b in batches:
-            w.write_batch(b)
-            n += b.num_rows
+    if out.is_local:
+        sink = None
+        where = out.path
+    else:  # one object, uploaded as it is written (S3: a multipart upload that appears whole on close)
+        fs, _ = out.fs()
+        sink = fs.open(out.path, "wb")
+        where = sink
+    try:
+        with pq.ParquetWriter(where, schema, compression="zstd") as w:
+            for b in batches:
+                w.write_batch(b)
+                n += b.num_rows
+    except BaseException:
+        if sink is not None:  # abort the upload: no half-written object under the name
+            (getattr(sink, "discard", None) or sink.close)()
+        raise
+    if sink is not None:
+        sink.close()
     return n

@@ -360,13 +360,20 @@ def codec_table(settings: dict, hidden_size: int, layout: Layout) -> dict[str, d
 
 
 # ---- attributes ------------------------------------------------------------------------------
-def read_json_attrs(node_dir: Path) -> dict | None:
-    """Attributes of a zarr v3 node straight from its ``zarr.json``, or None if not there yet."""
-    meta = Path(node_dir) / "zarr.json"
+def read_json_attrs(node_dir, key: str = "") -> dict | None:
+    """Attributes of a zarr v3 node straight from its ``zarr.json``, or None if not there yet.
+    ``node_dir``: a local directory, or a cache location (anything ``cache_location`` takes) with
+    the node's ``key`` under it (``parts/0``)."""
+    from kdcache.cache.store import cache_location
+
+    loc = cache_location(node_dir)
+    name = f"{key}/zarr.json" if key else "zarr.json"
+    meta = loc.key(name)
     try:
-        doc = json.loads(meta.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
+        raw = loc.read_bytes(name)
+        if raw is None:
+            return None
+        doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
         raise CacheFormatError(f"{meta}: not valid JSON ({type(e).__name__}: {e}); the cache is damaged: "
                                "run `kdcache verify` and re-dump it") from e

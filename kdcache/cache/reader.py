@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -34,7 +33,7 @@ from kdcache.cache.format import (
     targets_of,
     validate_attrs,
 )
-from kdcache.cache.store import cache_location
+from kdcache.cache.store import CacheLocation, cache_location
 from kdcache.positions import ROLE_VISUAL
 from kdcache.records import TeacherRecord
 
@@ -77,16 +76,16 @@ class PartIndex:
         return self.cols[AXIS_INDEX[axis][0]]
 
 
-def load_part_index(zarr, store, root: Path, rank: int, settings: dict) -> PartIndex:
+def load_part_index(zarr, store, root: CacheLocation, rank: int, settings: dict) -> PartIndex:
     """Read the committed index rows of ``parts/<rank>`` (one zarr read per index column of
     ``index_arrays(settings)``, the cache's settings)."""
-    attrs = read_json_attrs(root / "parts" / str(rank))
+    attrs = read_json_attrs(root, f"parts/{rank}")
     if attrs is None or "committed" not in attrs:
         raise CacheFormatError(f"{root}/parts/{rank}: missing part attributes")
     n = int(attrs["committed"]["samples"])
     cols = {}
     for name in index_arrays(settings):
-        arr = zarr.open_array(store, path=f"parts/{rank}/index/{name}", mode="r")
+        arr = zarr.open_array(store, path=f"parts/{rank}/index/{name}", mode="r", zarr_format=3)
         if arr.shape[0] < n:
             raise CacheFormatError(
                 f"parts/{rank}/index/{name} has {arr.shape[0]} rows but {n} are committed"
@@ -99,7 +98,7 @@ def load_part_index(zarr, store, root: Path, rank: int, settings: dict) -> PartI
     return p
 
 
-def _check_extents(p: PartIndex, root: Path) -> None:
+def _check_extents(p: PartIndex, root: CacheLocation) -> None:
     """CacheCorrupt unless every committed sample's rows lie inside the commit record's totals:
     a damaged index must never turn into slices of other samples' rows (or huge reads)."""
     for axis in p.axes:
@@ -116,12 +115,10 @@ def _check_extents(p: PartIndex, root: Path) -> None:
                 "and re-dump the damaged part")
 
 
-def list_parts(root: Path) -> list[int]:
-    parts_dir = Path(root) / "parts"
-    if not parts_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in parts_dir.iterdir()
-                  if p.name.isdigit() and (p / "zarr.json").exists())
+def list_parts(root) -> list[int]:
+    """Ranks of the parts (``parts/<rank>/zarr.json``) of the cache at ``root`` (path or location)."""
+    loc = cache_location(root)
+    return sorted(int(n) for n in loc.children("parts") if n.isdigit() and loc.exists(f"parts/{n}/zarr.json"))
 
 
 # Arrays whose rows to read exceed this are read run by run instead of over the whole span.
@@ -137,19 +134,21 @@ class CacheReader:
     CacheCorrupt naming the sample.
     """
 
-    def __init__(self, path: str | os.PathLike, *, check: bool = True):
+    def __init__(self, path: str | os.PathLike, *, check: bool = True, cache_dir: str | os.PathLike | None = None):
         self.location = cache_location(path)
-        self.path = self.location.local
+        # a URL cache: objects fetched whole (remote.WholeObjectStore), kept on disk here if given
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.path = self.location  # what messages print: the local path as given, or the URL
         self.check = check
-        if not (self.path / "zarr.json").exists():
-            raise FileNotFoundError(f"no cache at {self.path} (no zarr.json)")
-        attrs = read_json_attrs(self.path)
-        validate_attrs(attrs, where=f"cache {self.path}")
+        attrs = read_json_attrs(self.location)
+        if attrs is None:
+            raise FileNotFoundError(f"no cache at {self.location} (no zarr.json)")
+        validate_attrs(attrs, where=f"cache {self.location}")
         self.attrs: dict = attrs
         self._state = None
 
     def __getstate__(self):
-        return {"location": self.location, "path": self.path, "check": self.check, "attrs": self.attrs, "_state": None}
+        return {"location": self.location, "path": self.path, "check": self.check, "cache_dir": self.cache_dir, "attrs": self.attrs, "_state": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -158,12 +157,16 @@ class CacheReader:
     def _st(self) -> dict:
         if self._state is None or self._state["pid"] != os.getpid():
             import zarr
-            from zarr.storage import LocalStore
 
-            store = LocalStore(self.path, read_only=True)
+            # opened here, in the process that reads: fsspec/obstore clients are not fork-safe
+            store = self.location.zarr_store(read_only=True)
+            if not self.location.is_local:  # one GET per shard, not per inner chunk; read-ahead
+                from kdcache.cache.remote import WholeObjectStore
+
+                store = WholeObjectStore(store, url=self.location.url, cache_dir=self.cache_dir)
             try:
-                parts = {r: load_part_index(zarr, store, self.path, r, self.attrs["settings"])
-                         for r in list_parts(self.path)}
+                parts = {r: load_part_index(zarr, store, self.location, r, self.attrs["settings"])
+                         for r in list_parts(self.location)}
             except (CacheCorrupt, CacheFormatError):
                 raise
             except Exception as e:  # damaged part attributes or index chunks: zarr/numpy errors of any kind
@@ -172,6 +175,30 @@ class CacheReader:
             self._state = {"pid": os.getpid(), "zarr": zarr, "store": store, "parts": parts,
                            "arrays": {}, "by_row": None}
         return self._state
+
+    @property
+    def requests(self) -> int:
+        """GETs this process sent to a URL cache's store so far (0 for a local directory)."""
+        return getattr(self._st()["store"], "requests", 0)
+
+    def prefetch_rows(self, p: PartIndex, idx: np.ndarray) -> None:
+        """Start fetching, in the background, the objects holding index rows ``idx`` of part ``p``
+        (read-ahead of a URL cache; nothing for a local directory)."""
+        store = self._st()["store"]
+        if not hasattr(store, "prefetch") or len(idx) == 0:
+            return
+        keys = []
+        for name in (*data_array_names(self.attrs["settings"]), "sample_id_bytes"):
+            axis = AXIS_OF[name]
+            off, ln = p.offset(axis)[idx].astype(np.int64), p.length(axis)[idx].astype(np.int64)
+            if not (ln > 0).any():
+                continue
+            arr = self._array(p.rank, name)
+            rows = (arr.shards or arr.chunks)[0]  # one object per shard (or per chunk, unsharded)
+            lo, hi = int(off[ln > 0].min()), int((off + ln).max())
+            for s in range(lo // rows, (hi - 1) // rows + 1):
+                keys.append(f"parts/{p.rank}/{name}/" + arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1)))
+        store.prefetch(keys)
 
     def refresh(self) -> None:
         """Re-read the part attributes and indices (see newly committed samples)."""
@@ -182,7 +209,7 @@ class CacheReader:
         key = (rank, name)
         if key not in st["arrays"]:
             st["arrays"][key] = st["zarr"].open_array(st["store"], path=f"parts/{rank}/{name}",
-                                                      mode="r")
+                                                      mode="r", zarr_format=3)
         return st["arrays"][key]
 
     # ---- metadata ----------------------------------------------------------------------------
@@ -226,20 +253,20 @@ class CacheReader:
     def gram(self) -> np.ndarray:
         """M_t = W^T W of the teacher's LM head: float32 [D, D]."""
         st = self._st()
-        if not (self.path / GRAM_ARRAY / "zarr.json").exists():
+        if not self.location.exists(f"{GRAM_ARRAY}/zarr.json"):
             raise FileNotFoundError(f"cache {self.path} has no {GRAM_ARRAY} (rank 0 writes it "
                                     "with writer.write_gram)")
-        return st["zarr"].open_array(st["store"], path=GRAM_ARRAY, mode="r")[...]
+        return st["zarr"].open_array(st["store"], path=GRAM_ARRAY, mode="r", zarr_format=3)[...]
 
     def lm_head(self) -> torch.Tensor:
         """The teacher's LM head W [V, D] (targets hidden): torch.bfloat16 when stored as bf16
         bits, else float16 / float32 as stored. logits = position_hidden @ W^T."""
         st = self._st()
-        if not (self.path / LM_HEAD_ARRAY / "zarr.json").exists():
+        if not self.location.exists(f"{LM_HEAD_ARRAY}/zarr.json"):
             raise FileNotFoundError(f"cache {self.path} has no {LM_HEAD_ARRAY} (targets "
                                     f"{self.attrs['settings']['targets']!r}; rank 0 of a --targets hidden "
                                     "dump writes it with writer.write_lm_head)")
-        arr = st["zarr"].open_array(st["store"], path=LM_HEAD_ARRAY, mode="r")
+        arr = st["zarr"].open_array(st["store"], path=LM_HEAD_ARRAY, mode="r", zarr_format=3)
         return hidden_from_storage(arr[...], arr.attrs.get("logical_dtype"))
 
     # ---- data --------------------------------------------------------------------------------
@@ -285,9 +312,11 @@ class CacheReader:
                 try:
                     pieces.append(arr[lo:hi])
                 except Exception as e:  # zarr raises assorted errors for corrupt/truncated chunks
+                    hit = p.cols["row"][idx[(off < hi) & (off + ln > lo)]]
+                    rows = f"dataset row {int(hit[0])}" + (f" and {len(hit) - 1} more" if len(hit) > 1 else "")
                     raise CacheCorrupt(
-                        f"parts/{rank}/{name} rows {lo}:{hi}: cannot decode ({type(e).__name__}: {e}); "
-                        "run `kdcache verify` and re-dump the damaged part"
+                        f"cache {self.path}, parts/{rank}/{name} rows {lo}:{hi} ({rows}): cannot decode "
+                        f"({type(e).__name__}: {e}); run `kdcache verify` and re-dump the damaged part"
                     ) from e
                 inside = (off >= lo) & (off < hi) | ((ln == 0) & (off == hi))
                 starts[inside] = off[inside] - lo + base
@@ -509,11 +538,11 @@ class CacheDataset(torch.utils.data.IterableDataset):
     def __init__(self, path, *, seed: int, epoch: int = 0, block_size: int = 64, rank: int = 0,
                  world_size: int = 1, start_sample: int = 0,
                  transform: Callable[[TeacherRecord], object] | None = None,
-                 batch_size: int = 1, check: bool = True):
+                 batch_size: int = 1, check: bool = True, cache_dir: str | os.PathLike | None = None):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        self.reader = CacheReader(path, check=check)
+        self.reader = CacheReader(path, check=check, cache_dir=cache_dir)
         self.seed, self.epoch, self.block_size = seed, epoch, block_size
         self.rank, self.world_size = rank, world_size
         self.start_sample = start_sample
@@ -543,11 +572,19 @@ class CacheDataset(torch.utils.data.IterableDataset):
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ranks = self.reader.part_ranks
         # block by block: this worker's samples of a block are read together when it enters it
-        for part, idx in rank_worker_blocks(self._epoch_order(), self.rank, self.world_size, self.start_sample,
-                                            worker, nw, self.batch_size):
+        blocks = rank_worker_blocks(self._epoch_order(), self.rank, self.world_size, self.start_sample,
+                                    worker, nw, self.batch_size)
+        cur = next(blocks, None)
+        while cur is not None:
+            nxt = next(blocks, None)
+            if nxt is not None:  # read-ahead (URL caches): the next block's objects while this one decodes
+                pn = self.reader.parts[ranks[nxt[0]]]
+                self.reader.prefetch_rows(pn, pn.ok[np.unique(nxt[1])])
+            part, idx = cur
             p = self.reader.parts[ranks[part]]
             rows = np.unique(idx)
             recs = dict(zip(rows.tolist(), self.reader.read_rows(p, p.ok[rows])))
             for i in idx.tolist():
                 rec = recs[i]
                 yield self.transform(rec) if self.transform is not None else rec
+            cur = nxt

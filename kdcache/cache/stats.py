@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -28,29 +27,26 @@ from kdcache.positions import KIND_NAMES, KIND_RESPONSE
 ENTRY_INDEX_COLUMNS = AXIS_INDEX["entries"]  # entry_offset, num_entries (targets topp)
 
 
-def _dir_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
-
-
 def disk_bytes(path: str | os.PathLike) -> dict[str, int]:
-    """Bytes on disk per array, summed over parts (index arrays as ``index/<name>``)."""
-    path = cache_location(path).local
-    parts_dir = path / "parts"
-    parts = [p for p in parts_dir.iterdir() if p.is_dir()] if parts_dir.is_dir() else []
+    """Bytes stored per array, summed over parts (index arrays as ``index/<name>``); ``path`` a
+    directory or URL (one listing per array prefix)."""
+    loc = cache_location(path)
+    parts = [n for n in loc.children("parts") if n.isdigit()]
     out = {}
     for name in DATA_ARRAYS:
-        b = sum(_dir_bytes(p / name) for p in parts)
+        b = sum(loc.nbytes(f"parts/{p}/{name}") for p in parts)
         if b:
             out[name] = b
     for name in INDEX_ARRAYS:
-        out[f"index/{name}"] = sum(_dir_bytes(p / "index" / name) for p in parts)
+        out[f"index/{name}"] = sum(loc.nbytes(f"parts/{p}/index/{name}") for p in parts)
     for name in (*RELATION_INDEX_ARRAYS, *ENTRY_INDEX_COLUMNS):  # only in their relation mode / target kind
-        b = sum(_dir_bytes(p / "index" / name) for p in parts)
+        b = sum(loc.nbytes(f"parts/{p}/index/{name}") for p in parts)
         if b:
             out[f"index/{name}"] = b
-    out[GRAM_ARRAY] = _dir_bytes(path / GRAM_ARRAY)
-    if (path / LM_HEAD_ARRAY).is_dir():
-        out[LM_HEAD_ARRAY] = _dir_bytes(path / LM_HEAD_ARRAY)
+    out[GRAM_ARRAY] = loc.nbytes(GRAM_ARRAY)
+    lm = loc.nbytes(LM_HEAD_ARRAY)
+    if lm:
+        out[LM_HEAD_ARRAY] = lm
     return out
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from kdcache.cache.format import (
     validate_attrs,
 )
 from kdcache.cache.reader import PartIndex, list_parts, load_part_index
-from kdcache.cache.store import cache_location
+from kdcache.cache.store import CacheLocation, cache_location
 from kdcache.positions import ROLE_VISUAL, select_positions
 
 BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significand bits)
@@ -109,9 +108,8 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
     differing non-volatile key is a problem.
     """
     import zarr
-    from zarr.storage import LocalStore
 
-    path = cache_location(path).local
+    path = cache_location(path)
     rep = VerifyReport(str(path))
     try:
         attrs = read_json_attrs(path)
@@ -130,7 +128,11 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
         for d in attr_differences(attrs, expected_attrs):
             rep.add(f"fingerprint mismatch: {d}")
     vocab = int(vocab_size if vocab_size is not None else attrs["teacher"]["vocab_size"])
-    store = LocalStore(path, read_only=True)
+    store = path.zarr_store(read_only=True)
+    if not path.is_local:  # every object is read: fetch each whole, once
+        from kdcache.cache.remote import WholeObjectStore
+
+        store = WholeObjectStore(store, url=path.url)
     try:
         _check_gram(zarr, store, path, attrs, rep)
     except Exception as e:
@@ -168,11 +170,11 @@ def verify_cache(path: str | os.PathLike, vocab_size: int | None = None,
     return rep
 
 
-def _check_lm_head(zarr, store, path: Path, attrs: dict, rep: VerifyReport):
+def _check_lm_head(zarr, store, path: CacheLocation, attrs: dict, rep: VerifyReport):
     """targets hidden: teacher_lm_head present, [vocab_size, hidden_size], finite. Returns it as
     float32 [V, D] for the top-1 probe, or None when it is not usable."""
     V, D = int(attrs["teacher"]["vocab_size"]), int(attrs["teacher"]["hidden_size"])
-    if not (path / LM_HEAD_ARRAY / "zarr.json").exists():
+    if not path.exists(f"{LM_HEAD_ARRAY}/zarr.json"):
         rep.add(f"{LM_HEAD_ARRAY} missing although settings.targets is 'hidden' (rank 0 writes it with "
                 "writer.write_lm_head)")
         return None
@@ -210,9 +212,9 @@ def _check_top1(probe: Top1Probe, w: np.ndarray, rep: VerifyReport) -> None:
                     f"{a} of position_hidden @ {LM_HEAD_ARRAY}^T (logit gap {gap:.4g} > bf16 rounding {bound:.2g})")
 
 
-def _check_gram(zarr, store, path: Path, attrs: dict, rep: VerifyReport) -> None:
+def _check_gram(zarr, store, path: CacheLocation, attrs: dict, rep: VerifyReport) -> None:
     D = int(attrs["teacher"]["hidden_size"])
-    if not (path / GRAM_ARRAY / "zarr.json").exists():
+    if not path.exists(f"{GRAM_ARRAY}/zarr.json"):
         if attrs["settings"]["relation"] == "hidden":
             rep.add(f"{GRAM_ARRAY} missing although settings.relation is 'hidden' "
                     "(rank 0 writes it with writer.write_gram)")

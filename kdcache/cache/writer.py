@@ -63,7 +63,7 @@ from kdcache.cache.format import (
     zarr_compressors,
     zarr_filters,
 )
-from kdcache.cache.store import cache_location
+from kdcache.cache.store import CacheLocked, Lease, cache_location
 from kdcache.positions import ROLE_VISUAL, select_positions
 from kdcache.records import TeacherRecord
 
@@ -139,8 +139,6 @@ def _tensor_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-class CacheLocked(RuntimeError):
-    """Another live process is writing this part of the cache."""
 
 
 def _lock_part(path: Path, rank: int):
@@ -191,7 +189,6 @@ class CacheWriter:
         wait_timeout_s: float = 600.0,
     ):
         import zarr
-        from zarr.storage import LocalStore
 
         _check_zarr_version(zarr.__version__)
         validate_attrs(attrs, where="new cache attributes")
@@ -203,7 +200,7 @@ class CacheWriter:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.location = cache_location(path)
-        self.path = self.location.local
+        self.path = self.location.local if self.location.is_local else None  # local-only chores (flock, sweeps)
         self.rank = rank
         self.world_size = world_size
         self.layout = layout
@@ -216,15 +213,17 @@ class CacheWriter:
         self.target_kind = targets_of(self.settings)  # kdcache.target_kinds: encodes the per-position targets
         self.relation_rank = relation_of(self.settings).rank  # R of relation lowrank:R, else None
         self.axes = axes(self.settings)  # ragged axes: TOTAL_KEYS and the target kind's own
-        self.store = LocalStore(self.path)
-        self.part_dir = self.path / "parts" / str(rank)
-        self._lock = _lock_part(self.path, rank)
+        self.store = self.location.zarr_store(read_only=False)
+        self.part_key = f"parts/{rank}"
+        # one writer per part: an flock locally; a lease object on a URL (no flock there; README)
+        self._lock = _lock_part(self.path, rank) if self.location.is_local else Lease.acquire(self.location, rank)
 
         if rank == 0:
             self.attrs = self._create_or_check_root(zarr, attrs)
         else:
             self.attrs = self._wait_for_root(attrs, wait_timeout_s)
-        sweep_partials(self.part_dir)
+        if self.location.is_local:  # object stores have no temp files: a PUT is atomic
+            sweep_partials(self.path / self.part_key)
         self.part = self._open_part(zarr)
 
         self.dspecs = data_specs(self.settings, self.hidden_size, layout)
@@ -242,15 +241,16 @@ class CacheWriter:
 
     # ---- setup -------------------------------------------------------------------------------
     def _create_or_check_root(self, zarr, attrs: dict) -> dict:
-        existing = read_json_attrs(self.path)
+        existing = read_json_attrs(self.location)
         if existing is None:
             zarr.create_group(self.store, attributes=attrs)
             existing = attrs
         else:
-            sweep_partials_root(self.path)
-            validate_attrs(existing, where=f"existing cache {self.path}")
+            if self.location.is_local:
+                sweep_partials_root(self.path)
+            validate_attrs(existing, where=f"existing cache {self.location}")
             check_compatible(existing, attrs)
-        if read_json_attrs(self.path / "parts") is None:
+        if read_json_attrs(self.location, "parts") is None:
             zarr.create_group(self.store, path="parts")
         return existing
 
@@ -259,22 +259,22 @@ class CacheWriter:
         # less root zarr.json that rank 0 would then refuse, so wait for rank 0 to finish.
         deadline = time.monotonic() + timeout_s
         while True:
-            existing = read_json_attrs(self.path)
-            parts_ready = (self.path / "parts" / "zarr.json").exists()
+            existing = read_json_attrs(self.location)
+            parts_ready = self.location.exists("parts/zarr.json")
             if existing and "kdcache_format" in existing and parts_ready:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"rank {self.rank}: rank 0 did not create the cache root at {self.path} within "
+                    f"rank {self.rank}: rank 0 did not create the cache root at {self.location} within "
                     f"{timeout_s:.0f} s; start rank 0 too, or raise wait_timeout_s"
                 )
             time.sleep(0.05)
-        validate_attrs(existing, where=f"existing cache {self.path}")
+        validate_attrs(existing, where=f"existing cache {self.location}")
         check_compatible(existing, attrs)
         return existing
 
     def _open_part(self, zarr):
-        part_attrs = read_json_attrs(self.part_dir)
+        part_attrs = read_json_attrs(self.location, self.part_key)
         if part_attrs is None:
             zero = {"samples": 0, **{key: 0 for key in self.axes}}
             return zarr.create_group(
@@ -288,12 +288,12 @@ class CacheWriter:
                 },
             )
         if part_attrs.get("rank") != self.rank or "committed" not in part_attrs:
-            raise CacheFormatError(f"{self.part_dir}: not a kdcache part of rank {self.rank}")
+            raise CacheFormatError(f"{self.location.key(self.part_key)}: not a kdcache part of rank {self.rank}")
         return zarr.open_group(self.store, path=f"parts/{self.rank}", mode="r+")
 
     def _require_array(self, zarr, name: str, spec: ArraySpec):
         key = f"parts/{self.rank}/{name}"
-        if (self.path / key / "zarr.json").exists():
+        if self.location.exists(f"{key}/zarr.json"):
             arr = zarr.open_array(self.store, path=key, mode="r+")
             if arr.shape[1:] != spec.row_shape or str(arr.dtype) != spec.dtype:
                 raise CacheFormatError(
@@ -441,7 +441,7 @@ class CacheWriter:
                 _fault_point("close")
         self.part.attrs.update({"finished": bool(finished)})
         if self._lock is not None:
-            self._lock.close()  # releases the flock
+            self._lock.close()  # releases the flock / the lease
             self._lock = None
 
     def abandon(self) -> None:
@@ -649,13 +649,13 @@ def open_writer(path, attrs, rank: int = 0, world_size: int = 1, layout: Layout 
 
 
 def cache_finished(path) -> bool:
-    """True when every rank's part of the cache at ``path`` is marked finished."""
-    path = cache_location(path).local
-    root = read_json_attrs(path) if (path / "zarr.json").is_file() else None
+    """True when every rank's part of the cache at ``path`` (a path or location) is marked finished."""
+    loc = cache_location(path)
+    root = read_json_attrs(loc)
     if not root or "settings" not in root:
         return False
     for rank in range(int(root["settings"]["world_size"])):
-        part = read_json_attrs(path / "parts" / str(rank)) if (path / "parts" / str(rank) / "zarr.json").is_file() else None
+        part = read_json_attrs(loc, f"parts/{rank}")
         if not part or not part.get("finished"):
             return False
     return True
