@@ -207,3 +207,25 @@ def test_verify_and_reader_catch_a_truncated_object(s3_url):
     reader = CacheReader(url)
     with pytest.raises(CacheCorrupt, match=r"cache s3://.*topk_logprobs.*dataset row 0"):
         reader.read_rows(reader.parts[0], reader.parts[0].ok)
+
+
+def test_two_rank_dump_to_s3_opens_as_one(tiny_teacher, synth_data, small_data, s3_url, tmp_path, cli_env):
+    """torchrun, two ranks (gloo), one part each under one URL: rank 1 waits for rank 0's root
+    objects through the store; the cache equals a one-rank local dump sample by sample."""
+    from tests.test_dump import BATCH, TOP_K, _assert_same_records, _cli_args
+
+    url = f"{s3_url}/two.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           "-m", "kdcache.cli", *_cli_args(tiny_teacher, small_data, synth_data["images_root"], url)]
+    r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    two = CacheReader(url)
+    assert sorted(two.parts) == [0, 1] and all(p.finished for p in two.parts.values())
+    for rank, p in two.parts.items():
+        assert all(int(row) % 2 == rank for row in p.cols["row"])
+    one = CacheReader(dump(DumpConfig(teacher=str(tiny_teacher), data=str(small_data),
+                                      images=str(synth_data["images_root"]), out=str(tmp_path / "one.zarr"),
+                                      num_workers=0, batch_size=BATCH, top_k=TOP_K, device="cpu")))
+    _assert_same_records(two, one, exact=False)
+    assert verify_cache(url).ok
+    assert not any(cache_location_exists(url, f".writer-{k}.lease") for k in (0, 1))
