@@ -86,6 +86,20 @@ def disk_full_error(out: CacheLocation, rank: int, e: OSError) -> DumpError:
         "(or raise the file-size limit / quota) and run the same command again to resume")
 
 
+def store_failure(out: CacheLocation, rank: int, e: BaseException) -> DumpError:
+    """The one-line DumpError for a URL cache whose store stopped answering (after the client's
+    retries with backoff); what was committed before is intact (every object is one atomic PUT)."""
+    from .cache.format import read_json_attrs
+
+    try:
+        done = f"the {int(read_json_attrs(out, f'parts/{rank}')['committed']['samples'])} samples"
+    except Exception:  # the store is still down, or the part was not created yet
+        done = "the samples"
+    return DumpError(f"cache {out}: the store failed on rank {rank} ({type(e).__name__}: {e}); {done} committed so "
+                     "far are kept. Check the network, the endpoint (AWS_ENDPOINT_URL or --storage-option "
+                     "endpoint_url=...) and the credentials, then run the same command again to resume")
+
+
 # ---- environment -----------------------------------------------------------------------------
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun / accelerate launch, else (0, 1, 0)."""
@@ -443,7 +457,7 @@ def dump(cfg: DumpConfig) -> Path | CacheLocation:
     ``cfg.backend``: ``hf`` (the reference) or ``vllm`` (engine settings ``cfg.vllm``)."""
     from .data.llava import DataError, read_llava_json
 
-    from .cache.store import cache_location
+    from .cache.store import cache_location, store_errors
 
     validate(cfg)
     out = cache_location(cfg.out, cfg.storage_options, what="--out")  # refused here, before any work
@@ -478,9 +492,15 @@ def dump(cfg: DumpConfig) -> Path | CacheLocation:
         if rank == 0:
             print(final_line(out, stats), flush=True)
     except OSError as e:
+        if not out.is_local:
+            raise store_failure(out, rank, e) from e
         if e.errno not in _DISK_FULL:
             raise
         raise disk_full_error(out, rank, e) from e
+    except store_errors() as e:  # botocore / aiohttp errors of a URL cache (not OSError)
+        if out.is_local:
+            raise
+        raise store_failure(out, rank, e) from e
     finally:
         if joined:
             import torch.distributed as tdist

@@ -229,3 +229,39 @@ def test_two_rank_dump_to_s3_opens_as_one(tiny_teacher, synth_data, small_data, 
     _assert_same_records(two, one, exact=False)
     assert verify_cache(url).ok
     assert not any(cache_location_exists(url, f".writer-{k}.lease") for k in (0, 1))
+
+
+def test_store_gone_mid_dump_is_one_line_then_the_same_command_resumes(tiny_teacher, synth_data, small_data, s3_url,
+                                                                      s3_server, tmp_path, monkeypatch):
+    """A second moto server (same in-process backend, so the bucket is shared) stops right after
+    the dump's first commit: the dump fails with one DumpError naming the URL and the fix, the
+    committed samples are kept, and the same dump through the running server finishes the cache."""
+    import kdcache.cache.writer as W
+    from kdcache.dump import DumpError
+    from tests.s3server import start_server
+
+    server, endpoint = start_server()
+    url = f"{s3_url}/gone.zarr"
+
+    class StopsTheServer(W.CacheWriter):  # the test's hand on the network, not a stand-in store
+        def _commit(self, j, ends):
+            super()._commit(j, ends)
+            server.stop()
+
+    monkeypatch.setattr(W, "CacheWriter", StopsTheServer)
+    cfg = dict(teacher=str(tiny_teacher), data=str(small_data), images=str(synth_data["images_root"]), num_workers=0,
+               batch_size=2, commit_every_s=0.0, device="cpu")
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients by options: none made with the old endpoint
+    with pytest.raises(DumpError) as e:
+        dump(DumpConfig(out=url, **cfg))
+    msg = str(e.value)
+    assert url in msg and "run the same command again to resume" in msg and "\n" not in msg
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # "the server is back" (a rerun is a new process:
+    s3fs.S3FileSystem.clear_instance_cache()           #  no client cached with the old endpoint)
+    monkeypatch.setattr(W, "CacheWriter", StopsTheServer.__mro__[1])
+    assert 0 < CacheReader(url).num_samples < ROWS  # the first commit is there
+    dump(DumpConfig(out=url, **cfg))
+    assert CacheReader(url).num_samples == ROWS and verify_cache(url).ok

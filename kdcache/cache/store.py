@@ -223,6 +223,25 @@ def _filesystem(loc: CacheLocation):
     return fsspec.filesystem(loc.protocol, use_listings_cache=False, **loc.storage_options)
 
 
+def store_errors() -> tuple[type[BaseException], ...]:
+    """Exception types a remote store raises when it is unreachable or failing (after the
+    client's own retries with backoff: botocore's and s3fs')."""
+    errs: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errs += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError as AiohttpError
+
+        errs.append(AiohttpError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
 def parse_storage_options(items: list[str] | tuple[str, ...] | None) -> dict:
     """``--storage-option key=value`` flags -> a storage_options dict. Values are YAML scalars
     (``anon=true`` is a bool, ``max_concurrency=8`` an int); dotted keys nest
@@ -301,6 +320,7 @@ until death), deleted on release. A lease past its expiry, or one
             except FileExistsError:
                 continue  # someone took it between our read and our PUT: read who, refuse
             if (lease._holder() or {}).get("token") == lease.token:
+                _LIVE_TOKENS.add(lease.token)
                 lease._start_heartbeat()
                 return lease
         held = lease._holder() or {"host": "?", "pid": "?", "expires": 0}
@@ -340,12 +360,20 @@ until death), deleted on release. A lease past its expiry, or one
         threading.Thread(target=beat, name=f"kdcache-lease-{self.key}", daemon=True).start()
 
     def close(self) -> None:
-        """Stop renewing and delete the lease if it is still this writer's."""
+        """Stop renewing and delete the lease if it is still this writer's (best effort: with the
+        store down it stays, and expires, or is taken by the next writer, see ``_stale``)."""
         if self._stop is not None:
             self._stop.set()
             self._stop = None
-            if (self._holder() or {}).get("token") == self.token:
-                self.location.delete(self.key)
+            _LIVE_TOKENS.discard(self.token)
+            try:
+                if (self._holder() or {}).get("token") == self.token:
+                    self.location.delete(self.key)
+            except store_errors():
+                pass
+
+
+_LIVE_TOKENS: set[str] = set()  # tokens of the leases this process holds now
 
 
 def _stale(held: dict) -> bool:
@@ -354,6 +382,8 @@ def _stale(held: dict) -> bool:
 
     if float(held.get("expires", 0)) < time.time():
         return True
+    if held.get("host") == socket.gethostname() and held.get("pid") == os.getpid():
+        return held.get("token") not in _LIVE_TOKENS  # this process, but no writer of it holds it now
     if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
         try:
             os.kill(held["pid"], 0)  # signal 0: does that process exist?
@@ -375,4 +405,4 @@ def _held_message(location: CacheLocation, rank: int, key: str, held: dict) -> s
 
 __all__ = ["CacheLocation", "CacheLocationError", "CacheLocked", "LEASE_TTL_S", "LOCAL_SCHEMES", "Lease", "cache_location",
            "merged_options",
-           "parse_storage_options"]
+           "parse_storage_options", "store_errors"]
