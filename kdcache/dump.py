@@ -40,7 +40,6 @@ computes the visual hidden states on each sample's prefix up to the image's end
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -408,35 +407,6 @@ class Skipped:
     error: str
 
 
-def collate_or_skip(items, pad_token_id: int):
-    """The dump's collate: (``collate`` of the items whose image decoded or None, [Skipped] for the
-    others: ``LlavaTorchDataset(image_errors="skip")`` items)."""
-    from .data.collate import collate
-
-    bad = [Skipped(it["row"], it["sample_id"], it["skipped"], it["error"]) for it in items if "skipped" in it]
-    good = [it for it in items if "skipped" not in it]
-    return (collate(good, pad_token_id) if good else None), bad
-
-
-def in_row_order(record_batches, rows: list[int], drop=frozenset()):
-    """Re-emit records in ``rows`` order: each output batch is the longest run of rows, from the
-    next one due, that has arrived; records of rows in ``drop`` (already committed) are dropped.
-    Batches sorted by length inside windows of consecutive rows (``length_batches``) arrive at
-    most one window early, so that is all this buffers."""
-    pending, nxt = {}, 0
-    for recs in record_batches:
-        for r in recs:
-            if r.row not in drop:
-                pending[r.row] = r
-        out = []
-        while nxt < len(rows) and rows[nxt] in pending:
-            out.append(pending.pop(rows[nxt]))
-            nxt += 1
-        yield out
-    if pending:
-        raise RuntimeError(f"records of rows {sorted(pending)[:5]} arrived but rows {rows[nxt:nxt + 5]} never did")
-
-
 def check_backend(cfg: DumpConfig, world: int) -> None:
     """Refuse settings ``cfg.backend`` cannot honour, and a missing vLLM (BackendUnavailable with
     the install hint), before anything is loaded or written."""
@@ -524,9 +494,12 @@ def _dump_part(cfg: DumpConfig, out: CacheLocation, model, processor, samples, r
     ``vllm_records``: None (HF: ``teacher_records`` on collated batches), or a factory
     ``(kept samples, their Tokenized) -> (chunk of (sample, Tokenized) -> records)`` called once
     the model has served the fingerprints (and freed, with ``free_model``)."""
+    import itertools
+
     from .cache.format import make_attrs
-    from .cache.writer import CacheWriter
+    from .cache.writer import CacheWriter, read_json_attrs
     from .data.collate import prepare_samples
+    from .data.llava import SkipCounter
     from .models import image_token_id, num_image_tokens
 
     n_image = num_image_tokens(model.config, processor)
@@ -535,32 +508,51 @@ def _dump_part(cfg: DumpConfig, out: CacheLocation, model, processor, samples, r
     # Everything that can refuse the run does so before the writer creates (or touches) the cache:
     # a refused setting is never recorded, and a run that would store nothing leaves nothing.
     check_model_settings(cfg, model)
-    prepared = prepare_samples(mine, tok, images_root=cfg.images, template=cfg.template,
-                               image_token_id=image_token_id(model.config), num_image_tokens=n_image,
-                               max_length=cfg.max_length, on_too_long=cfg.on_too_long,
-                               num_proc=max(1, cfg.num_workers))  # the loader's workers: idle until the loop
-    refuse_all_skipped(cfg, prepared[0], prepared[2], world)
+    prepared = windows = None
+    if vllm_records is not None:  # vLLM takes every prompt at once: tokenised up front, in parallel
+        prepared = prepare_samples(mine, tok, images_root=cfg.images, template=cfg.template,
+                                   image_token_id=image_token_id(model.config), num_image_tokens=n_image,
+                                   max_length=cfg.max_length, on_too_long=cfg.on_too_long,
+                                   num_proc=max(1, cfg.num_workers))
+        refuse_all_skipped(cfg, prepared[0], prepared[2], world)
+    elif read_json_attrs(out, f"parts/{rank}") is None:
+        # A fresh part: the HF path streams windows (tokenised in the loader's workers), so windows
+        # are read until one holds a usable sample -- the first, normally -- before the cache is
+        # created; only a dump in which every sample is skipped reads them all, and is refused.
+        W = cfg.batch_size * cfg.bucket_batches
+        it = iter(window_loader(cfg, processor, model.config, [mine[a:a + W] for a in range(0, len(mine), W)],
+                                n_image))
+        peeked, skips = [], SkipCounter()
+        for win in it:
+            peeked.append(win)
+            skips.update(win["skipped"])
+            if win["batches"] or win["failed"]:
+                break
+        usable = bool(peeked) and bool(peeked[-1]["batches"] or peeked[-1]["failed"])
+        refuse_all_skipped(cfg, [None] if usable else [], skips, world)
+        windows = itertools.chain(peeked, it)
+    else:  # resuming a part: it exists, so something was committed or kept (every rank joins the count)
+        refuse_all_skipped(cfg, [None], SkipCounter(), world)
     teacher_fp, tok_fp, data_fp, settings = fingerprints(cfg, model, processor, n_image, len(samples), world)
     attrs = make_attrs(teacher_fp, tok_fp, data_fp, settings)
     writer = CacheWriter(out, attrs, rank=rank, world_size=world)
     try:
-        return _write_part(cfg, out, model, processor, mine, prepared, n_image, tok, writer, rank, interval,
-                           vllm_records, free_model)
+        return _write_part(cfg, out, model, processor, mine, prepared, windows, n_image, tok, writer, rank,
+                           interval, vllm_records, free_model)
     except BaseException:
         writer.abandon()  # keep what is committed; let a rerun (even in this process) take the part
         raise
 
 
-def _write_part(cfg: DumpConfig, out: CacheLocation, model, processor, mine, prepared, n_image: int, tok, writer,
+def _write_part(cfg: DumpConfig, out: CacheLocation, model, processor, mine, prepared, windows, n_image: int, tok, writer,
                 rank: int, interval: float, vllm_records, free_model: bool) -> RunStats:
     """``_dump_part``'s body once the writer holds the part (its lock is released on any error).
-    ``prepared``: ``prepare_samples`` of ``mine`` (kept, their Tokenized, SkipCounter)."""
+    ``prepared``: ``prepare_samples`` of ``mine`` (kept, their Tokenized, SkipCounter) for vLLM, else
+    None; ``windows``: the HF path's window items from row 0 of a fresh part (None: a loader is made
+    from the resume point)."""
     from tqdm.auto import tqdm
 
     from .cache.format import GRAM_ARRAY, LM_HEAD_ARRAY
-    from .data.collate import LlavaTorchDataset, length_batches, padding_fraction
-    from .relation import HIDDEN_TORCH_DTYPES, parse_relation
-    from .teacher import teacher_records
 
     done = set(writer.committed_rows())
     stats = RunStats(already_done=len(done))
@@ -570,6 +562,14 @@ def _write_part(cfg: DumpConfig, out: CacheLocation, model, processor, mine, pre
         n = writer.num_committed
         status = writer.index["status"][:n] if n else []
         skipped_rows = {r for r, st in zip(writer.committed_rows(), status) if int(st) != STATUS_OK}
+        if prepared is None:  # the HF path tokenises as it goes: here, once, to see what is usable now
+            from .data.collate import prepare_samples
+            from .models import image_token_id
+
+            prepared = prepare_samples(mine, tok, images_root=cfg.images, template=cfg.template,
+                                       image_token_id=image_token_id(model.config), num_image_tokens=n_image,
+                                       max_length=cfg.max_length, on_too_long=cfg.on_too_long,
+                                       num_proc=max(1, cfg.num_workers))
         kept_now = {s.row for s in prepared[0]}
         if kept_now and len(skipped_rows) == n and kept_now <= skipped_rows:
             # an older kdcache finished parts whose every row was skipped (a wrong --images, say);
@@ -609,74 +609,36 @@ def _write_part(cfg: DumpConfig, out: CacheLocation, model, processor, mine, pre
     # uninterrupted one.
     W = cfg.batch_size * cfg.bucket_batches
     first_todo = next((i for i, s in enumerate(mine) if s.row not in done), len(mine))
-    start = (first_todo // W) * W if vllm_records is None else first_todo
-    window_of = {s.row: (start + i) // W for i, s in enumerate(mine[start:])}
-    todo_rows = {s.row for s in mine[start:] if s.row not in done or vllm_records is None}
-    kept_all = [s for s in prepared[0] if s.row in todo_rows]
-    toks_all = [t for s, t in zip(*prepared[:2]) if s.row in todo_rows]
-    skipped = prepared[2]
-    skipped.items = [it for it in skipped.items if it[0] in todo_rows and it[0] not in done]
-    skipped.counts = Counter(why for _row, _sid, why in skipped.items)
-    todo = [j for j, s in enumerate(kept_all) if s.row not in done]
-    kept, toks = [kept_all[j] for j in todo], [toks_all[j] for j in todo]
     if vllm_records is None:
-        # an image that fails to decode only in the loader is committed as a skip, not a crash: a
-        # rerun would stop at it again, and dropping it from the JSON would change the dataset's sha256
-        ds = LlavaTorchDataset.from_prepared(kept_all, toks_all, processor.image_processor, cfg.images,
-                                             image_errors="skip")
-        lengths = [len(t.input_ids) for t in toks_all]
-        batches = length_batches(lengths, cfg.batch_size, [window_of[s.row] for s in kept_all])
-        stats.padding = padding_fraction(lengths, batches)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             collate_fn=functools.partial(collate_or_skip,
-                                                                          pad_token_id=tok.pad_token_id),
-                                             prefetch_factor=4 if cfg.num_workers else None)
-        relation = parse_relation(cfg.relation).stored(cfg.hidden)
-        # lowrank: C = sqrt(W^T W) [D, D] once per dump (an eigh), each sample's factor per batch
-        c = relation_sqrt(model) if relation.factored else None
-        record_batches = ((teacher_records(model, batch, kinds=cfg.positions, top_k=kind.top_k(cfg.top_k),
-                                           temperature=cfg.temperature, with_hidden=relation.has_targets,
-                                           chunk_size=cfg.chunk_size, targets=cfg.targets,
-                                           draw_seed=cfg.draw_seed, relation=relation.spec, relation_sqrt=c,
-                                           relation_dtype=HIDDEN_TORCH_DTYPES[cfg.hidden] if c is not None
-                                           else torch.bfloat16)  # not used without a factor
-                           if batch is not None else []) + bad
-                          for batch, bad in loader)
-        record_batches = in_row_order(record_batches, [s.row for s in kept], drop=done)
+        # windows are tokenised in the loader's workers as they are needed: the teacher starts
+        # after one window, whatever the dataset's size
+        if windows is None:
+            start = (first_todo // W) * W
+            windows = window_loader(cfg, processor, model.config, [mine[a:a + W] for a in range(start, len(mine), W)],
+                                    n_image)
+        ops_batches = _hf_ops(cfg, model, windows, done, stats)
     else:
-        if free_model:
-            # vLLM loads its own copy of the weights: drop the CPU copy's storage (every reference
-            # to the module, the caller's included, then sees meta tensors).
-            model.to("meta")
-        vrec = vllm_records(kept, toks)
-        pairs = list(zip(kept, toks))
-        record_batches = (vrec(pairs[i:i + cfg.batch_size]) for i in range(0, len(pairs), cfg.batch_size))
-    # Skips are committed in row order with the data so that a resumed run ends identical.
-    skip_at = {row: (row, sid, why) for row, sid, why in skipped.items}
-    order = sorted([s.row for s in kept] + list(skip_at))
-    stats.skipped = dict(skipped.counts)
+        ops_batches = _vllm_ops(cfg, model, prepared, mine[first_todo:], done, vllm_records, free_model)
 
     bar = tqdm(total=len(mine), initial=len(done), desc=f"dump rank {rank}", unit="sample",
                dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
-    cursor = 0
     # The writer runs on its own thread (cfg.write_thread): while it copies a batch's records to
     # the host, compresses and writes them, this thread already runs the teacher on the next one.
     bg = BackgroundWriter(writer, interval, depth=2 if cfg.write_thread else 0)
     try:
-        for recs in record_batches:
+        for due in ops_batches:  # records, skips and loader-time image failures, in row order
             ops = []
-            for r in recs:
-                while order[cursor] != r.row:  # skipped rows that come before this one
-                    ops.append(skip_at[order[cursor]])
-                    cursor += 1
-                cursor += 1
+            for r in due:
                 if isinstance(r, Skipped):  # its image failed to decode in the loader
                     ops.append((r.row, r.sample_id, r.reason))
                     stats.skipped[r.reason] = stats.skipped.get(r.reason, 0) + 1
                     bar.write(f"skipped: {r.error}", file=sys.stderr)
                     continue
                 ops.append(r)
+                if isinstance(r, tuple):
+                    stats.skipped[r[2]] = stats.skipped.get(r[2], 0) + 1
+                    continue
                 stats.samples += 1
                 stats.tokens += r.num_tokens
                 stats.positions += len(r.positions)
@@ -686,8 +648,6 @@ def _write_part(cfg: DumpConfig, out: CacheLocation, model, processor, mine, pre
                 bar.set_postfix({"tok/s": f"{stats.tokens / dt:.0f}", "pos/s": f"{stats.positions / dt:.0f}"},
                                 refresh=False)
             bar.update(len(ops))
-        bg.submit([skip_at[row] for row in order[cursor:]])
-        bar.update(len(order) - cursor)
     except BaseException:
         bg.join(reraise=False)  # the loop's own error wins; what the thread committed stays
         bar.close()  # before the error is printed, so that the error is the last line
@@ -700,6 +660,83 @@ def _write_part(cfg: DumpConfig, out: CacheLocation, model, processor, mine, pre
     stats.seconds = time.perf_counter() - t0
     stats.bytes_written = max(0, sum(out.nbytes(d) for d in my_keys) - bytes0)
     return stats
+
+
+def window_loader(cfg: DumpConfig, processor, model_config, windows, n_image: int):
+    """DataLoader of ``kdcache.data.collate.WindowDataset`` over ``windows`` (lists of consecutive
+    samples): one item per window, in order, tokenised and collated in ``cfg.num_workers`` worker
+    processes (one window in flight per worker)."""
+    from .data.collate import WindowDataset
+    from .models import image_token_id
+
+    ds = WindowDataset(windows, processor.tokenizer, processor.image_processor, cfg.images, batch_size=cfg.batch_size,
+                       template=cfg.template, image_token_id=image_token_id(model_config),
+                       num_image_tokens=n_image, max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
+                                       prefetch_factor=1 if cfg.num_workers else None)
+
+
+def _hf_ops(cfg: DumpConfig, model, windows, done: set, stats: RunStats):
+    """The HF backend's output: per teacher batch, the records and skips now due, in row order
+    (rows in ``done`` dropped), from ``window_loader``'s items."""
+    from .relation import HIDDEN_TORCH_DTYPES, parse_relation
+    from .target_kinds import parse_targets
+    from .teacher import teacher_records
+
+    kind = parse_targets(cfg.targets)
+    relation = parse_relation(cfg.relation).stored(cfg.hidden)
+    # lowrank: C = sqrt(W^T W) [D, D] once per dump (an eigh), each sample's factor per batch
+    c = relation_sqrt(model) if relation.factored else None
+    tokens = slots = 0
+    for win in windows:
+        tokens, slots = tokens + win["tokens"], slots + win["slots"]
+        stats.padding = 1.0 - tokens / slots if slots else 0.0
+        due = [r for r in win["rows"] if r not in done]
+        pending = {row: (row, sid, why) for row, sid, why in win["skipped"].items if row not in done}
+        pending.update((it["row"], Skipped(it["row"], it["sample_id"], it["skipped"], it["error"]))
+                       for it in win["failed"] if it["row"] not in done)  # images that failed in the loader
+        nxt = 0
+        for batch in win["batches"] + [None]:  # None: what is due after the window's last batch
+            if batch is not None:
+                recs = teacher_records(model, batch, kinds=cfg.positions, top_k=kind.top_k(cfg.top_k),
+                                       temperature=cfg.temperature, with_hidden=relation.has_targets,
+                                       chunk_size=cfg.chunk_size, targets=cfg.targets, draw_seed=cfg.draw_seed,
+                                       relation=relation.spec, relation_sqrt=c,
+                                       relation_dtype=HIDDEN_TORCH_DTYPES[cfg.hidden] if c is not None
+                                       else torch.bfloat16)  # not used without a factor
+                pending.update((r.row, r) for r in recs if r.row not in done)
+            out = []
+            while nxt < len(due) and due[nxt] in pending:
+                out.append(pending.pop(due[nxt]))
+                nxt += 1
+            yield out
+        if nxt < len(due):
+            raise RuntimeError(f"rows {due[nxt:nxt + 5]} of a window got neither a record nor a skip")
+
+
+def _vllm_ops(cfg: DumpConfig, model, prepared, todo, done: set, vllm_records, free_model: bool):
+    """The vLLM backend's output, as ``_hf_ops``: the ``prepared`` samples of ``todo`` not in
+    ``done``, in batches of ``cfg.batch_size`` in row order, each batch's skips before it."""
+    rows = {s.row for s in todo if s.row not in done}
+    pairs = [(s, t) for s, t in zip(prepared[0], prepared[1]) if s.row in rows]
+    kept, toks = [s for s, _ in pairs], [t for _, t in pairs]
+    skips = sorted(it for it in prepared[2].items if it[0] in rows)
+    if free_model:
+        # vLLM loads its own copy of the weights: drop the CPU copy's storage (every reference
+        # to the module, the caller's included, then sees meta tensors).
+        model.to("meta")
+    vrec = vllm_records(kept, toks)
+    j = 0
+    for i in range(0, len(pairs), cfg.batch_size):
+        recs = vrec(pairs[i:i + cfg.batch_size])
+        out = []
+        for r in recs:
+            while j < len(skips) and skips[j][0] < r.row:
+                out.append(skips[j])
+                j += 1
+            out.append(r)
+        yield out
+    yield skips[j:]
 
 
 def _reduce(stats: RunStats, world: int, device: torch.device) -> RunStats:

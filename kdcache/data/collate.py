@@ -328,3 +328,56 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
     slots = sum(len(b) * max(int(lengths[i]) for i in b) for b in batches if b)
     return 1.0 - sum(int(n) for n in lengths) / slots if slots else 0.0
 
+
+class WindowDataset(torch.utils.data.IterableDataset):
+    """The dump's input, streamed: windows of consecutive samples, each tokenised, checked, sorted
+    by length and cut into collated batches by the DataLoader worker that owns it.
+
+    ``windows``: lists of LlavaSample (consecutive rows); window ``w`` goes to worker
+    ``w % num_workers``, so a ``DataLoader(batch_size=None)`` yields the windows in order (it takes
+    the workers' items round-robin). Nothing is tokenised up front: the first batch is ready after
+    one window, whatever the dataset's size, and no process holds more than its windows in flight
+    (memory flat in the sample count). Batches are ``length_batches`` of the window's kept samples,
+    hence the same as tokenising everything first and bucketing by window.
+
+    Item (one per window): rows (every row of the window, in order), skipped (a SkipCounter of its
+    bad samples), failed (items whose image failed to decode here: row, sample_id, skipped = the
+    reason, error), batches (``collate`` of each batch, longest first), tokens and
+    slots (its real and padded token counts). ``on_too_long="error"`` raises ValueError on the
+    window holding an over-long sample (``prepare_samples``).
+    """
+
+    def __init__(self, windows, tokenizer, image_processor, images_root, *, batch_size: int, template: str,
+                 image_token_id: int, num_image_tokens: int, max_length: int | None,
+                 on_too_long: Literal["skip", "error", "truncate"]):
+        super().__init__()
+        self.windows = list(windows)
+        self.tokenizer, self.image_processor, self.images_root = tokenizer, image_processor, images_root
+        self.batch_size = batch_size
+        self.kw = dict(template=template, image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                       max_length=max_length, on_too_long=on_too_long)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def window(self, samples) -> dict[str, Any]:
+        kept, toks, skipped = prepare_samples(samples, self.tokenizer, images_root=self.images_root, **self.kw)
+        # an image that fails to decode only here is reported, not raised (LlavaTorchDataset image_errors)
+        ds = LlavaTorchDataset.from_prepared(kept, toks, self.image_processor, self.images_root, image_errors="skip")
+        lengths = [t.num_tokens for t in toks]
+        batches = length_batches(lengths, self.batch_size, [0] * len(lengths))
+        out, failed = [], []
+        for b in batches:
+            items = [ds[i] for i in b]
+            failed += [it for it in items if "skipped" in it]
+            good = [it for it in items if "skipped" not in it]
+            if good:
+                out.append(collate(good, self.tokenizer.pad_token_id))
+        return {"rows": [s.row for s in samples], "skipped": skipped, "failed": failed, "batches": out,
+                "tokens": sum(lengths), "slots": sum(len(b) * max(lengths[i] for i in b) for b in batches)}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for w in range(worker, len(self.windows), nw):
+            yield self.window(self.windows[w])

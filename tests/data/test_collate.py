@@ -230,3 +230,34 @@ def test_parallel_prepare_equals_serial(syn, tok, monkeypatch, tmp_path):
     with pytest.raises(SampleError) as e2:
         prepare(samples, tok, **kw, on_error="raise", num_proc=3)
     assert (e2.value.sample_id, e2.value.reason, str(e2.value)) == (e1.value.sample_id, e1.value.reason, str(e1.value))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_window_dataset_equals_tokenising_first_then_bucketing(syn, tok, proc, tmp_path, num_workers):
+    from kdcache.data.collate import WindowDataset, length_batches, prepare_samples
+
+    samples = _mixed(syn, tmp_path, copies=3)
+    kw = dict(template="chat", image_token_id=image_placeholder_id(tok), num_image_tokens=N_IMG, max_length=256)
+    W = 12
+    windows = [samples[a:a + W] for a in range(0, len(samples), W)]
+    ds = WindowDataset(windows, tok, proc, syn["images_root"], batch_size=4, on_too_long="skip", **kw)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    got = list(dl)
+    # the reference: everything tokenised first, batches bucketed by window (the dump's old path)
+    kept, toks, skipped = prepare_samples(samples, tok, images_root=syn["images_root"], on_too_long="skip", **kw)
+    ref_ds = LlavaTorchDataset.from_prepared(kept, toks, proc, syn["images_root"])
+    lengths = [t.num_tokens for t in toks]
+    ref = length_batches(lengths, 4, [s.row // W for s in kept])
+    batches = [b for win in got for b in win["batches"]]
+    assert len(got) == len(windows) and len(batches) == len(ref)
+    for b, idx in zip(batches, ref):
+        want = collate([ref_ds[i] for i in idx], tok.pad_token_id)
+        assert b["rows"] == want["rows"] and torch.equal(b["input_ids"], want["input_ids"])
+        assert torch.equal(b["roles"], want["roles"]) and torch.equal(b["has_image"], want["has_image"])
+        pv, wpv = b["pixel_values"], want["pixel_values"]
+        assert (pv is None and wpv is None) or torch.equal(pv, wpv)  # None: a batch of text-only samples
+    assert [r for win in got for r in win["rows"]] == [s.row for s in samples]
+    assert [it for win in got for it in win["skipped"].items] == skipped.items
+    assert all(win["failed"] == [] for win in got)  # every image decodes here
+    slots = sum(len(i) * max(lengths[j] for j in i) for i in ref)
+    assert sum(w["tokens"] for w in got) == sum(lengths) and sum(w["slots"] for w in got) == slots
