@@ -362,6 +362,7 @@ def test_vllm_dump_equals_hf_dump(hidden, tmp_path, synth_data, tiny_teacher):
     from kdcache.cache.verify import verify_cache
     from kdcache.config import DumpConfig, VllmConfig
     from kdcache.backends.vllm_dump import dump_with_vllm
+    from kdcache.cache.store import cache_location
     from kdcache.dump import dump
 
     rows = json.loads(Path(synth_data["instruct"]).read_text())[:4]
@@ -374,7 +375,7 @@ def test_vllm_dump_equals_hf_dump(hidden, tmp_path, synth_data, tiny_teacher):
     vcfg = dataclasses.replace(cfg, out=str(tmp_path / "v.zarr"), backend="vllm", vllm=VllmConfig(dtype="float32", hf_batch_size=1))
     model, processor = load_model(str(tiny_teacher))
     engine = HfShapedEngine(model.eval(), processor)
-    dump_with_vllm(vcfg, Path(vcfg.out), read_llava_json(data), 0.0, torch.device("cpu"), make_engine=lambda: engine)
+    dump_with_vllm(vcfg, cache_location(vcfg.out), read_llava_json(data), 0.0, torch.device("cpu"), make_engine=lambda: engine)
     assert engine.requests == 4
     rep = verify_cache(tmp_path / "v.zarr")
     assert rep.ok, str(rep)
@@ -395,10 +396,12 @@ def test_vllm_dump_equals_hf_dump(hidden, tmp_path, synth_data, tiny_teacher):
         else:
             assert b.visual_hidden.dtype == torch.bfloat16
             assert b.visual_hidden.shape[0] == int((b.roles == ROLE_VISUAL).sum())
-            # The prefix forward computes the same numbers in other shapes: float32 rounding (~1e-6,
-            # see test_visual_hidden_states_equal_teacher_records) flips the bf16 rounding of a rare
-            # element by one bf16 ulp (2^-8 relative); everything else is bit-identical.
-            x, y = a.visual_hidden.float(), b.visual_hidden.float()
+            # The prefix forward computes the same numbers in other shapes: float32 rounding (~1e-6 of
+            # the row's scale, see test_visual_hidden_states_equal_teacher_records) flips the bf16
+            # rounding of a rare element by one bf16 ulp (2^-8 relative), and an element near zero
+            # keeps that float32 noise itself; everything else is bit-identical.
+            x, y = a.visual_hidden.float(), b.visual_hidden.float()  # [N, D]
             same = (x == y).float().mean().item()
             assert same >= 0.999, same
-            assert ((x - y).abs() <= x.abs().clamp_min(1e-30) * 2.0 ** -7).all()
+            noise = 1e-5 * x.abs().amax(dim=1, keepdim=True)  # [N, 1] float32 noise of each row
+            assert ((x - y).abs() <= x.abs() * 2.0 ** -7 + noise).all()
