@@ -41,7 +41,7 @@ app = _App(
         "Offline LLaVA-KD: dump a multimodal teacher's sparse targets to a Zarr cache once "
         "(big GPU box), then distil students from the cache (small GPUs) without the teacher.\n\n"
         "Typical flow (the README's \"The commands\" has every step):\n\n"
-        "  kdcache make-data --out data --num-images 12000 --student-images 1000\n\n"
+        "  kdcache make-data --out data --num-images 6000 --student-images 1000\n\n"
         "  kdcache init-model --preset tiny-teacher --tokenizer data/tokenizer --out models/teacher\n\n"
         "  kdcache dump --teacher runs/t-sft --data data/instruct_small.json --images data/images --out caches/t.zarr "
         "--top-k 64\n\n"
@@ -163,7 +163,7 @@ def make_data(
 ):
     """Write the synthetic shapes dataset (LLaVA format) and its BPE tokenizer.
 
-    Example: kdcache make-data --out data --num-images 12000 --student-images 1000
+    Example: kdcache make-data --out data --num-images 6000 --student-images 1000
     """
     from .data.synthetic import make_synthetic
 
