@@ -163,6 +163,7 @@ def test_vllm_hybrid_dump_stores_the_same_factor(tmp_path, synth_data, tiny_teac
     from kdcache.config import VllmConfig
     from kdcache.data.llava import read_llava_json
     from kdcache.backends.vllm_dump import dump_with_vllm
+    from kdcache.cache.store import cache_location
     from kdcache.models import load_model
     from tests.backends.test_vllm import HfShapedEngine
 
@@ -176,7 +177,7 @@ def test_vllm_hybrid_dump_stores_the_same_factor(tmp_path, synth_data, tiny_teac
     vcfg = dataclasses.replace(cfg, out=str(tmp_path / "v.zarr"), backend="vllm",
                                vllm=VllmConfig(dtype="float32", hf_batch_size=1))
     model, processor = load_model(str(tiny_teacher))
-    dump_with_vllm(vcfg, Path(vcfg.out), read_llava_json(data), 0.0, torch.device("cpu"),
+    dump_with_vllm(vcfg, cache_location(vcfg.out), read_llava_json(data), 0.0, torch.device("cpu"),
                make_engine=lambda: HfShapedEngine(model.eval(), processor))
     assert verify_cache(vcfg.out).ok
     hf, v = _records(cfg.out), _records(vcfg.out)
